@@ -1,0 +1,296 @@
+//! The process console shared by all guests: guest output to one sink (stdout), prefixed with
+//! the guest's name when several guests run, and input lines routed to guests by prefix.
+
+use std::io::{self, BufRead, Read, Write};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::thread::{self, JoinHandle};
+
+use super::serial::SerialPort;
+
+/// Longest output line kept before it is emitted without waiting for its newline.
+const MAX_LINE: usize = 64 << 10;
+
+/// Where guest output goes: one sink for the process, written a whole line at a time.
+pub type Sink = Arc<Mutex<Box<dyn Write + Send>>>;
+
+/// The serial port of one guest, shared by its vCPUs and the console input.
+pub type SharedSerial = Arc<Mutex<SerialPort<ConsoleOut>>>;
+
+/// A sink writing to the process's stdout.
+pub fn stdout_sink() -> Sink {
+    Arc::new(Mutex::new(Box::new(io::stdout())))
+}
+
+/// One guest's console output.
+pub struct ConsoleOut {
+    sink: Sink,
+    prefix: Option<String>,
+    line: Vec<u8>,
+}
+
+impl std::fmt::Debug for ConsoleOut {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ConsoleOut")
+            .field("prefix", &self.prefix)
+            .field("buffered", &self.line.len())
+            .finish()
+    }
+}
+
+impl ConsoleOut {
+    /// Output passed through byte for byte (one guest).
+    pub fn raw(sink: Sink) -> Self {
+        Self {
+            sink,
+            prefix: None,
+            line: Vec::new(),
+        }
+    }
+
+    /// Output emitted line by line as `NAME: line` (several guests).
+    pub fn prefixed(sink: Sink, name: &str) -> Self {
+        Self {
+            sink,
+            prefix: Some(format!("{name}: ")),
+            line: Vec::new(),
+        }
+    }
+
+    fn emit(&mut self, newline: bool) -> io::Result<()> {
+        let mut sink = self.sink.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some(prefix) = &self.prefix {
+            sink.write_all(prefix.as_bytes())?;
+        }
+        sink.write_all(&self.line)?;
+        if newline {
+            sink.write_all(b"\n")?;
+        }
+        sink.flush()?;
+        self.line.clear();
+        Ok(())
+    }
+
+    /// Emits a last unterminated line, if any (when the guest stops).
+    pub fn finish(&mut self) -> io::Result<()> {
+        if self.prefix.is_some() && !self.line.is_empty() {
+            self.emit(true)?;
+        }
+        Ok(())
+    }
+}
+
+impl Write for ConsoleOut {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        if self.prefix.is_none() {
+            let mut sink = self.sink.lock().unwrap_or_else(PoisonError::into_inner);
+            sink.write_all(buf)?;
+            return Ok(buf.len());
+        }
+        for &byte in buf {
+            if byte == b'\n' {
+                self.emit(true)?;
+            } else {
+                self.line.push(byte);
+                if self.line.len() >= MAX_LINE {
+                    self.emit(true)?;
+                }
+            }
+        }
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        if self.prefix.is_none() {
+            self.sink
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .flush()?;
+        }
+        Ok(())
+    }
+}
+
+/// Where an input line goes.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Route<'a> {
+    /// To guest `index`, with its `NAME: ` prefix stripped.
+    Guest(usize, &'a str),
+    /// To every guest, unchanged.
+    All(&'a str),
+}
+
+/// Routes `line`: `NAME: text` goes to guest NAME as `text`, anything else to every guest.
+pub fn route<'a>(names: &[String], line: &'a str) -> Route<'a> {
+    if let Some((name, rest)) = line.split_once(':')
+        && let Some(index) = names.iter().position(|n| n == name)
+    {
+        return Route::Guest(index, rest.strip_prefix(' ').unwrap_or(rest));
+    }
+    Route::All(line)
+}
+
+/// Feeds console input to the guests' serial ports.
+#[derive(Clone)]
+pub struct ConsoleInput {
+    names: Vec<String>,
+    ports: Vec<SharedSerial>,
+}
+
+impl std::fmt::Debug for ConsoleInput {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ConsoleInput")
+            .field("names", &self.names)
+            .finish()
+    }
+}
+
+fn send(port: &SharedSerial, bytes: &[u8]) {
+    port.lock()
+        .unwrap_or_else(PoisonError::into_inner)
+        .enqueue_input(bytes);
+}
+
+impl ConsoleInput {
+    /// Input for the guests `names`, whose serial ports are `ports` (same order).
+    pub fn new(names: Vec<String>, ports: Vec<SharedSerial>) -> Self {
+        Self { names, ports }
+    }
+
+    /// Sends one input line (without its newline) where [`route`] says, newline-terminated.
+    pub fn send_line(&self, line: &str) {
+        match route(&self.names, line) {
+            Route::Guest(i, text) => send(&self.ports[i], format!("{text}\n").as_bytes()),
+            Route::All(text) => {
+                let bytes = format!("{text}\n");
+                self.ports.iter().for_each(|p| send(p, bytes.as_bytes()));
+            }
+        }
+    }
+
+    /// Sends raw bytes to every guest.
+    pub fn send_raw(&self, bytes: &[u8]) {
+        self.ports.iter().for_each(|p| send(p, bytes));
+    }
+
+    /// Forwards `input` until it ends: byte for byte with one guest, line by line (routed by
+    /// prefix) with several.
+    pub fn forward(&self, input: impl Read) -> io::Result<()> {
+        let mut reader = io::BufReader::new(input);
+        if self.ports.len() == 1 {
+            let mut buf = [0u8; 4096];
+            loop {
+                match reader.read(&mut buf) {
+                    Ok(0) => return Ok(()),
+                    Ok(n) => self.send_raw(&buf[..n]),
+                    Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                    Err(e) => return Err(e),
+                }
+            }
+        }
+        let mut line = String::new();
+        loop {
+            line.clear();
+            if reader.read_line(&mut line)? == 0 {
+                return Ok(());
+            }
+            self.send_line(line.trim_end_matches(['\n', '\r']));
+        }
+    }
+
+    /// Forwards the process's stdin on a background thread.
+    pub fn spawn_stdin_reader(self) -> io::Result<JoinHandle<()>> {
+        thread::Builder::new()
+            .name("console-in".into())
+            .spawn(move || {
+                if let Err(e) = self.forward(io::stdin().lock()) {
+                    log::warn!("console: reading stdin failed: {e}");
+                }
+            })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::devices::serial::IrqLine;
+
+    /// A sink whose contents the test can read.
+    #[derive(Clone, Default)]
+    struct Shared(Arc<Mutex<Vec<u8>>>);
+
+    impl Write for Shared {
+        fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+            self.0.lock().unwrap().extend_from_slice(buf);
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> io::Result<()> {
+            Ok(())
+        }
+    }
+
+    fn sink() -> (Sink, Shared) {
+        let shared = Shared::default();
+        (Arc::new(Mutex::new(Box::new(shared.clone()))), shared)
+    }
+
+    fn text(s: &Shared) -> String {
+        String::from_utf8(s.0.lock().unwrap().clone()).unwrap()
+    }
+
+    #[test]
+    fn several_guests_get_whole_prefixed_lines() {
+        let (sink, out) = sink();
+        let mut a = ConsoleOut::prefixed(sink.clone(), "guest0");
+        let mut b = ConsoleOut::prefixed(sink, "guest1");
+        a.write_all(b"hel").unwrap();
+        b.write_all(b"world\n").unwrap();
+        a.write_all(b"lo\npartial").unwrap();
+        assert_eq!(text(&out), "guest1: world\nguest0: hello\n");
+        a.finish().unwrap();
+        assert_eq!(
+            text(&out),
+            "guest1: world\nguest0: hello\nguest0: partial\n"
+        );
+    }
+
+    #[test]
+    fn one_guest_passes_bytes_through() {
+        let (sink, out) = sink();
+        let mut a = ConsoleOut::raw(sink);
+        a.write_all(b"login: ").unwrap();
+        assert_eq!(text(&out), "login: ");
+    }
+
+    #[test]
+    fn input_lines_route_by_prefix() {
+        let names = vec!["guest0".to_string(), "guest1".to_string()];
+        assert_eq!(route(&names, "guest1: R 1000"), Route::Guest(1, "R 1000"));
+        assert_eq!(route(&names, "guest0:X 0"), Route::Guest(0, "X 0"));
+        assert_eq!(route(&names, "guest7: hi"), Route::All("guest7: hi"));
+        assert_eq!(route(&names, "C 2000"), Route::All("C 2000"));
+    }
+
+    fn drain(port: &SharedSerial) -> Vec<u8> {
+        let mut p = port.lock().unwrap();
+        let mut got = Vec::new();
+        while p.read(5) & 1 != 0 {
+            got.push(p.read(0));
+        }
+        got
+    }
+
+    #[test]
+    fn forwarded_input_reaches_the_right_serial_ports() {
+        let (sink, _) = sink();
+        let ports: Vec<SharedSerial> = (0..2)
+            .map(|i| {
+                let out = ConsoleOut::prefixed(sink.clone(), &format!("guest{i}"));
+                Arc::new(Mutex::new(SerialPort::new(IrqLine::new().unwrap(), out)))
+            })
+            .collect();
+        let input = ConsoleInput::new(vec!["guest0".into(), "guest1".into()], ports.clone());
+        input.forward(&b"guest1: W 10 5\nboth\r\n"[..]).unwrap();
+        assert_eq!(drain(&ports[0]), b"both\n");
+        assert_eq!(drain(&ports[1]), b"W 10 5\nboth\n");
+    }
+}

@@ -1,0 +1,254 @@
+//! Loading what a guest runs: a Linux kernel (ELF vmlinux or bzImage, through linux-loader),
+//! an initrd, or a flat binary.
+
+use std::fs::File;
+use std::io::{self, Read};
+use std::path::{Path, PathBuf};
+
+use linux_loader::loader::bootparam::setup_header;
+use linux_loader::loader::{self, KernelLoader};
+use vm_memory::{Bytes, GuestAddress};
+
+use crate::arch::x86_64::layout::HIMEM_START;
+use crate::memory::GuestMem;
+
+/// Offset of the 64-bit entry point from the start of a bzImage's protected-mode kernel.
+const BZIMAGE_ENTRY_64: u64 = 0x200;
+/// `xloadflags`: the kernel has a 64-bit entry point.
+const XLF_KERNEL_64: u16 = 1;
+/// Offset of the "HdrS" magic in a bzImage.
+const BZIMAGE_MAGIC_OFFSET: usize = 0x202;
+
+/// Errors loading guest code.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// A file cannot be opened or read.
+    #[error("cannot read {what} {path}: {source}; check the path and its permissions")]
+    Read {
+        /// Which option named it.
+        what: &'static str,
+        /// The file.
+        path: PathBuf,
+        /// Cause.
+        #[source]
+        source: io::Error,
+    },
+    /// The kernel file is neither an ELF nor a bzImage.
+    #[error("--kernel {0} is not a Linux kernel: give an ELF vmlinux or a bzImage")]
+    NotAKernel(PathBuf),
+    /// linux-loader refused the kernel.
+    #[error("cannot load --kernel {path}: {source}; is it an x86-64 kernel that fits in --mem?")]
+    Kernel {
+        /// The kernel.
+        path: PathBuf,
+        /// Cause.
+        #[source]
+        source: loader::Error,
+    },
+    /// A bzImage without a 64-bit entry point.
+    #[error("--kernel {0} has no 64-bit entry point: give a 64-bit kernel")]
+    Not64Bit(PathBuf),
+    /// A file does not fit in guest RAM where it must go.
+    #[error(
+        "{what} {path} ({len} bytes at {addr:#x}) does not fit in guest RAM: give the guest more --mem"
+    )]
+    DoesNotFit {
+        /// Which option named it.
+        what: &'static str,
+        /// The file.
+        path: PathBuf,
+        /// Its length.
+        len: u64,
+        /// Where it had to go.
+        addr: u64,
+    },
+}
+
+/// Kernel image formats.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum KernelFormat {
+    /// An ELF `vmlinux`.
+    Elf,
+    /// A bzImage.
+    BzImage,
+}
+
+/// Recognises a kernel from the first bytes of its file.
+pub fn detect(head: &[u8]) -> Option<KernelFormat> {
+    if head.starts_with(b"\x7fELF") {
+        Some(KernelFormat::Elf)
+    } else if head.get(BZIMAGE_MAGIC_OFFSET..BZIMAGE_MAGIC_OFFSET + 4) == Some(b"HdrS") {
+        Some(KernelFormat::BzImage)
+    } else {
+        None
+    }
+}
+
+/// A kernel in guest memory.
+#[derive(Debug, Clone, Copy)]
+pub struct LoadedKernel {
+    /// Its format.
+    pub format: KernelFormat,
+    /// The 64-bit entry point.
+    pub entry: u64,
+    /// One past its last byte in guest memory.
+    pub end: u64,
+    /// The bzImage setup header, for the zero page.
+    pub header: Option<setup_header>,
+}
+
+fn open(what: &'static str, path: &Path) -> Result<File, Error> {
+    File::open(path).map_err(|source| Error::Read {
+        what,
+        path: path.to_path_buf(),
+        source,
+    })
+}
+
+/// Loads the kernel at `path` into `mem`.
+pub fn load_kernel(mem: &GuestMem, path: &Path) -> Result<LoadedKernel, Error> {
+    let mut file = open("--kernel", path)?;
+    let mut head = Vec::with_capacity(BZIMAGE_MAGIC_OFFSET + 4);
+    (&mut file)
+        .take(BZIMAGE_MAGIC_OFFSET as u64 + 4)
+        .read_to_end(&mut head)
+        .map_err(|source| Error::Read {
+            what: "--kernel",
+            path: path.to_path_buf(),
+            source,
+        })?;
+    let format = detect(&head).ok_or_else(|| Error::NotAKernel(path.to_path_buf()))?;
+    let himem = Some(GuestAddress(HIMEM_START));
+    let result = match format {
+        KernelFormat::Elf => loader::Elf::load(mem, None, &mut file, himem),
+        KernelFormat::BzImage => loader::BzImage::load(mem, None, &mut file, himem),
+    }
+    .map_err(|source| Error::Kernel {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    let entry = match format {
+        KernelFormat::Elf => result.kernel_load.0,
+        KernelFormat::BzImage => {
+            let xloadflags = result.setup_header.map(|h| h.xloadflags).unwrap_or(0);
+            if xloadflags & XLF_KERNEL_64 == 0 {
+                return Err(Error::Not64Bit(path.to_path_buf()));
+            }
+            result.kernel_load.0 + BZIMAGE_ENTRY_64
+        }
+    };
+    Ok(LoadedKernel {
+        format,
+        entry,
+        end: result.kernel_end,
+        header: result.setup_header,
+    })
+}
+
+/// A file to be copied whole into guest memory.
+#[derive(Debug)]
+pub struct SourceFile {
+    what: &'static str,
+    path: PathBuf,
+    file: File,
+    len: u64,
+}
+
+impl SourceFile {
+    /// Opens the file at `path`; `what` names the option that gave it, for messages.
+    pub fn open(what: &'static str, path: &Path) -> Result<Self, Error> {
+        let file = open(what, path)?;
+        let len = file.metadata().map_err(|source| Error::Read {
+            what,
+            path: path.to_path_buf(),
+            source,
+        })?;
+        Ok(Self {
+            what,
+            path: path.to_path_buf(),
+            file,
+            len: len.len(),
+        })
+    }
+
+    /// Its length in bytes.
+    pub fn len(&self) -> u64 {
+        self.len
+    }
+
+    /// Whether it is empty.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// Copies it into `mem` at `addr`.
+    pub fn load(mut self, mem: &GuestMem, addr: u64) -> Result<(), Error> {
+        let does_not_fit = |path: PathBuf| Error::DoesNotFit {
+            what: self.what,
+            path,
+            len: self.len,
+            addr,
+        };
+        let count = usize::try_from(self.len).map_err(|_| does_not_fit(self.path.clone()))?;
+        mem.read_exact_volatile_from(GuestAddress(addr), &mut self.file, count)
+            .map_err(|e| match e {
+                vm_memory::GuestMemoryError::IOError(source) => Error::Read {
+                    what: self.what,
+                    path: self.path.clone(),
+                    source,
+                },
+                _ => does_not_fit(self.path.clone()),
+            })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::memory::GuestRam;
+    use std::io::Write;
+
+    #[test]
+    fn recognises_elf_and_bzimage() {
+        assert_eq!(detect(b"\x7fELF\x02\x01"), Some(KernelFormat::Elf));
+        let mut bz = vec![0u8; 0x300];
+        bz[0x202..0x206].copy_from_slice(b"HdrS");
+        assert_eq!(detect(&bz), Some(KernelFormat::BzImage));
+        assert_eq!(detect(b"#!/bin/sh\n"), None);
+        assert_eq!(detect(&[]), None);
+    }
+
+    #[test]
+    fn a_text_file_is_not_a_kernel() {
+        let f = vmm_sys_util::tempfile::TempFile::new().unwrap();
+        f.as_file().write_all(b"hello, not a kernel\n").unwrap();
+        let ram = GuestRam::new(4 << 20, false).unwrap();
+        let err = load_kernel(ram.memory(), f.as_path()).unwrap_err();
+        assert!(matches!(err, Error::NotAKernel(_)), "{err}");
+    }
+
+    #[test]
+    fn a_truncated_elf_is_refused_with_its_path() {
+        let f = vmm_sys_util::tempfile::TempFile::new().unwrap();
+        f.as_file().write_all(b"\x7fELF\x02\x01\x01").unwrap();
+        let ram = GuestRam::new(4 << 20, false).unwrap();
+        let err = load_kernel(ram.memory(), f.as_path()).unwrap_err();
+        assert!(matches!(err, Error::Kernel { .. }), "{err}");
+        assert!(err.to_string().contains(&f.as_path().display().to_string()));
+    }
+
+    #[test]
+    fn files_load_where_asked_and_must_fit() {
+        let f = vmm_sys_util::tempfile::TempFile::new().unwrap();
+        f.as_file().write_all(&[0x90, 0xf4]).unwrap();
+        let ram = GuestRam::new(2 << 20, false).unwrap();
+        let src = SourceFile::open("--flat", f.as_path()).unwrap();
+        assert_eq!(src.len(), 2);
+        src.load(ram.memory(), 0x10_0000).unwrap();
+        let b: u8 = ram.memory().read_obj(GuestAddress(0x10_0001)).unwrap();
+        assert_eq!(b, 0xf4);
+        let src = SourceFile::open("--flat", f.as_path()).unwrap();
+        let err = src.load(ram.memory(), (2 << 20) - 1).unwrap_err();
+        assert!(matches!(err, Error::DoesNotFit { .. }), "{err}");
+    }
+}

@@ -1,0 +1,168 @@
+//! A VMM process: several independent guests sharing one KVM handle and one console, run
+//! until all have stopped.
+
+use std::sync::mpsc::{self, Receiver, Sender};
+
+use crate::config::{self, VmmConfig};
+use crate::devices::console::{self, ConsoleInput, Sink};
+use crate::exit::Stop;
+use crate::kvm::{self, Host};
+use crate::vcpu;
+use crate::vm::{self, Event, Guest};
+
+/// Errors of a VMM process.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The configuration is invalid.
+    #[error(transparent)]
+    Config(#[from] config::Error),
+    /// KVM is unusable.
+    #[error(transparent)]
+    Host(#[from] kvm::Error),
+    /// More vCPUs than this host's KVM runs in one VM.
+    #[error("--vcpus {vcpus} is too many for this host: its KVM runs at most {max} per VM")]
+    HostVcpus {
+        /// Requested vCPUs.
+        vcpus: u32,
+        /// KVM's limit.
+        max: u32,
+    },
+    /// More RAM than the host has.
+    #[error("--mem {mem} is larger than this host's {host} bytes of RAM: give less --mem")]
+    HostMem {
+        /// Requested bytes.
+        mem: u64,
+        /// Host RAM.
+        host: u64,
+    },
+    /// A guest could not be built or started.
+    #[error(transparent)]
+    Guest(#[from] vm::Error),
+    /// vCPU threads cannot be interrupted.
+    #[error(transparent)]
+    Vcpu(#[from] vcpu::Error),
+}
+
+impl Error {
+    /// Whether this is a usage error (exit status 2) rather than a runtime error (1).
+    pub fn is_usage(&self) -> bool {
+        match self {
+            Error::Config(_) | Error::HostVcpus { .. } | Error::HostMem { .. } => true,
+            Error::Guest(e) => e.is_usage(),
+            Error::Host(_) | Error::Vcpu(_) => false,
+        }
+    }
+}
+
+/// Asks a running [`Vmm`] to stop every guest.
+#[derive(Debug, Clone)]
+pub struct StopHandle(Sender<Event>);
+
+impl StopHandle {
+    /// Stops every guest; [`Vmm::run`] then returns.
+    pub fn stop_all(&self) {
+        // Nothing to stop once the VMM is gone.
+        let _ = self.0.send(Event::StopAll);
+    }
+}
+
+/// The guests of one process.
+#[derive(Debug)]
+pub struct Vmm {
+    guests: Vec<Guest>,
+    events: Sender<Event>,
+    receiver: Receiver<Event>,
+}
+
+impl Vmm {
+    /// Builds every guest of `config`, with console output on stdout.
+    pub fn new(config: &VmmConfig) -> Result<Self, Error> {
+        Self::with_sink(config, console::stdout_sink())
+    }
+
+    /// Builds every guest of `config`, with console output on `sink`.
+    pub fn with_sink(config: &VmmConfig, sink: Sink) -> Result<Self, Error> {
+        config.validate()?;
+        let host = Host::open()?;
+        for g in &config.guests {
+            if g.vcpus > host.max_vcpus() {
+                return Err(Error::HostVcpus {
+                    vcpus: g.vcpus,
+                    max: host.max_vcpus(),
+                });
+            }
+            if let Some(total) = host.mem_total()
+                && g.mem > total
+            {
+                return Err(Error::HostMem {
+                    mem: g.mem,
+                    host: total,
+                });
+            }
+        }
+        vcpu::install_kick_handler()?;
+        let (events, receiver) = mpsc::channel();
+        let prefixed = config.guests.len() > 1;
+        let guests = config
+            .guests
+            .iter()
+            .enumerate()
+            .map(|(i, g)| Guest::build(&host, g, i, sink.clone(), prefixed, events.clone()))
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(Self {
+            guests,
+            events,
+            receiver,
+        })
+    }
+
+    /// The guests, in configuration order.
+    pub fn guests(&self) -> &[Guest] {
+        &self.guests
+    }
+
+    /// A handle to stop every guest from another thread.
+    pub fn stop_handle(&self) -> StopHandle {
+        StopHandle(self.events.clone())
+    }
+
+    /// Console input for the guests.
+    pub fn console_input(&self) -> ConsoleInput {
+        ConsoleInput::new(
+            self.guests.iter().map(|g| g.name().to_string()).collect(),
+            self.guests.iter().map(|g| g.serial().clone()).collect(),
+        )
+    }
+
+    /// Runs every guest until all have stopped; returns the highest guest status (0 when
+    /// all stopped cleanly or were stopped on request).
+    pub fn run(mut self) -> Result<u8, Error> {
+        let mut stops: Vec<Option<Stop>> = vec![None; self.guests.len()];
+        for i in 0..self.guests.len() {
+            if let Err(e) = self.guests[i].start() {
+                self.stop_remaining(&mut stops);
+                return Err(e.into());
+            }
+        }
+        while stops.iter().any(Option::is_none) {
+            match self.receiver.recv() {
+                Ok(Event::GuestStopping(i)) if stops[i].is_none() => {
+                    let stop = self.guests[i].stop(Stop::Requested);
+                    log::info!("{}: {stop}", self.guests[i].name());
+                    stops[i] = Some(stop);
+                }
+                Ok(Event::GuestStopping(_)) => {}
+                Ok(Event::StopAll) | Err(_) => self.stop_remaining(&mut stops),
+            }
+        }
+        Ok(stops.iter().flatten().map(Stop::status).max().unwrap_or(0))
+    }
+
+    fn stop_remaining(&mut self, stops: &mut [Option<Stop>]) {
+        for (guest, stop) in self.guests.iter_mut().zip(stops.iter_mut()) {
+            if stop.is_none() {
+                *stop = Some(guest.stop(Stop::Requested));
+            }
+        }
+    }
+}
