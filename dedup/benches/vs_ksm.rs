@@ -1,0 +1,2 @@
+//! Comparison with kernel KSM (lands in a later commit).
+fn main() {}

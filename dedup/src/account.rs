@@ -1,0 +1,148 @@
+//! Statistics from the engine state, and unmerging (turning merged pages private again).
+
+use crate::engine::EngineError;
+use crate::meta::PageState;
+use crate::state::State;
+use crate::stats::{GuestStats, Stats};
+use crate::sys::PAGE_SIZE;
+use crate::sys::mem;
+use crate::sys::pagemap::{PAGE_IS_FILE, PAGE_IS_PRESENT, PageRegion};
+
+impl State {
+    /// Computes all statistics. Gauges come from page metadata, which pagemap keeps exact.
+    pub(crate) fn stats(&self) -> Stats {
+        let mut s = Stats::default();
+        let mut seen = vec![0u64; (self.slots.high_water() as usize).div_ceil(64)];
+        let mut metadata = self.slots.memory_bytes() + self.index.memory_bytes();
+        for g in self.guests.iter().flatten() {
+            let mut gs = GuestStats {
+                id: g.id.0,
+                name: g.name.clone(),
+                domain: self
+                    .domains
+                    .get(usize::from(g.domain))
+                    .cloned()
+                    .unwrap_or_default(),
+                pages_scanned: g.pages_scanned,
+                cow_breaks: g.cow_breaks,
+                ..GuestStats::default()
+            };
+            let mut merged = 0u64;
+            let mut meta_bytes = 0usize;
+            for r in &g.regions {
+                if !r.active() {
+                    gs.pages_skipped += r.pages as u64;
+                    continue;
+                }
+                gs.pages += r.pages as u64;
+                meta_bytes += r.metas.capacity() * std::mem::size_of::<crate::meta::Meta>();
+                for m in &r.metas {
+                    match m.state() {
+                        PageState::Merged => {
+                            merged += 1;
+                            let slot = m.payload() as usize;
+                            if let Some(w) = seen.get_mut(slot / 64) {
+                                if *w & (1 << (slot % 64)) == 0 {
+                                    *w |= 1 << (slot % 64);
+                                    gs.pages_shared += 1;
+                                }
+                            }
+                        }
+                        PageState::Zero => gs.zero_pages += 1,
+                        PageState::Stable => gs.pages_unshared += 1,
+                        PageState::Volatile => gs.pages_volatile += 1,
+                        _ => {}
+                    }
+                }
+            }
+            gs.pages_sharing = merged - gs.pages_shared;
+            gs.bytes_saved = (gs.pages_sharing + gs.zero_pages) * PAGE_SIZE as u64;
+            gs.general_profit = gs.bytes_saved as i64 - meta_bytes as i64;
+            metadata += meta_bytes;
+            s.pages_shared += gs.pages_shared;
+            s.pages_sharing += gs.pages_sharing;
+            s.pages_unshared += gs.pages_unshared;
+            s.pages_volatile += gs.pages_volatile;
+            s.pages_scanned += gs.pages_scanned;
+            s.zero_pages += gs.zero_pages;
+            s.cow_breaks += gs.cow_breaks;
+            s.pages += gs.pages;
+            s.pages_skipped += gs.pages_skipped;
+            s.guests.push(gs);
+        }
+        let t = &self.totals;
+        s.full_scans = t.full_scans;
+        s.merge_attempts = t.merge_attempts;
+        s.merges = t.merges;
+        s.failures = t.failures;
+        s.guard_repairs = t.guard_repairs;
+        s.guarded_writes = t.guarded_writes;
+        s.cpu_ns = t.cpu_ns;
+        s.wall_ns = t.wall_ns;
+        s.pool_errors = t.pool_errors;
+        s.bytes_saved = (s.pages_sharing + s.zero_pages) * PAGE_SIZE as u64;
+        s.metadata_bytes = metadata as u64;
+        s.general_profit = s.bytes_saved as i64 - metadata as i64;
+        if let Ok(b) = self.budget.lock() {
+            s.vmas_used = b.used();
+            s.vma_budget = b.limit();
+            s.vma_budget_reached = b.tight() || b.denied() > 0;
+        }
+        s
+    }
+
+    /// Turns the merged and zero pages of guest `gi` back into private pages with the same
+    /// content: `MADV_POPULATE_WRITE` breaks the sharing without changing a byte, so it is safe
+    /// against concurrent writers. Pagemap then confirms each page; slot references are rebuilt
+    /// by the caller.
+    pub(crate) fn unmerge_guest(&mut self, gi: usize) -> Result<(), EngineError> {
+        let State {
+            guests, pagemap, ..
+        } = self;
+        let Some(g) = guests.get_mut(gi).and_then(Option::as_mut) else {
+            return Ok(());
+        };
+        let mut failed = 0u64;
+        for r in g.regions.iter_mut().filter(|r| r.active()) {
+            let mut i = 0;
+            while i < r.pages {
+                let merged =
+                    |k: usize| matches!(r.metas[k].state(), PageState::Merged | PageState::Zero);
+                if !merged(i) {
+                    i += 1;
+                    continue;
+                }
+                let mut j = i + 1;
+                while j < r.pages && merged(j) {
+                    j += 1;
+                }
+                let (addr, len) = (r.hva + i * PAGE_SIZE, (j - i) * PAGE_SIZE);
+                if let Err(e) = mem::populate_write(addr, len) {
+                    log::warn!("vm-dedup: unmerging {len} bytes failed: {e}");
+                }
+                let mut cats: Vec<PageRegion> = Vec::new();
+                if let Err(e) = pagemap.scan(addr, addr + len, &mut cats) {
+                    log::warn!("vm-dedup: PAGEMAP_SCAN failed while unmerging: {e}");
+                }
+                for k in i..j {
+                    let a = (r.hva + k * PAGE_SIZE) as u64;
+                    let cat = cats
+                        .iter()
+                        .find(|c| c.start <= a && a < c.end)
+                        .map_or(0, |c| c.categories);
+                    let private = cat & PAGE_IS_PRESENT != 0 && cat & PAGE_IS_FILE == 0;
+                    if private {
+                        r.metas[k] = r.metas[k].with(PageState::New, 0);
+                    } else {
+                        failed += 1;
+                    }
+                }
+                i = j;
+            }
+        }
+        if failed > 0 {
+            return Err(EngineError::Unmerge(failed));
+        }
+        Ok(())
+    }
+}

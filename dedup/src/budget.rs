@@ -1,0 +1,133 @@
+//! The VMA budget. Each remap of guest pages onto pool slots can cost up to two VMAs (the new
+//! mapping and the split of the old one), and the whole process fails `mmap` and `mprotect` with
+//! ENOMEM past `vm.max_map_count`. The budget counts VMAs inside guest memory, is measured from
+//! /proc/self/maps once per pass, charges two VMAs per remap in between, and is never exceeded.
+//! Past three quarters of it, only runs (several consecutive pages in one remap) are admitted;
+//! zero pages cost no VMA and always continue.
+
+/// VMAs one remap may add.
+pub const VMAS_PER_REMAP: u64 = 2;
+/// Shortest run admitted once the budget is three quarters used.
+pub const MIN_RUN_WHEN_TIGHT: usize = 4;
+
+/// A budget of VMAs inside guest memory.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct VmaBudget {
+    limit: u64,
+    used: u64,
+    denied: u64,
+}
+
+/// What the budget says about one remap.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Admission {
+    /// Go ahead; two VMAs were charged.
+    Admitted,
+    /// Refused: the budget is tight and the run too short.
+    TooShort,
+    /// Refused: the budget is spent.
+    Exhausted,
+}
+
+impl VmaBudget {
+    /// A budget of `limit` VMAs of which `used` are in use now.
+    pub fn new(limit: u64, used: u64) -> Self {
+        VmaBudget {
+            limit,
+            used,
+            denied: 0,
+        }
+    }
+
+    /// The default limit: what `vm.max_map_count` leaves after the rest of the process, minus
+    /// an eighth (at least 1024) of headroom for the process's own later mappings.
+    pub fn default_limit(max_map_count: u64, other_vmas: u64) -> u64 {
+        let headroom = (max_map_count / 8).max(1024);
+        max_map_count
+            .saturating_sub(other_vmas)
+            .saturating_sub(headroom)
+    }
+
+    /// Asks to remap a run of `run_pages` pages.
+    pub fn admit(&mut self, run_pages: usize) -> Admission {
+        if self.used + VMAS_PER_REMAP > self.limit {
+            self.denied += 1;
+            return Admission::Exhausted;
+        }
+        if self.tight() && run_pages < MIN_RUN_WHEN_TIGHT {
+            self.denied += 1;
+            return Admission::TooShort;
+        }
+        self.used += VMAS_PER_REMAP;
+        Admission::Admitted
+    }
+
+    /// Replaces the running charge by a measurement.
+    pub fn measured(&mut self, used: u64) {
+        self.used = used;
+    }
+
+    /// Changes the limit.
+    pub fn set_limit(&mut self, limit: u64) {
+        self.limit = limit;
+    }
+
+    /// Whether only runs are admitted now.
+    pub fn tight(&self) -> bool {
+        self.used.saturating_mul(4) >= self.limit.saturating_mul(3)
+    }
+
+    /// The limit.
+    pub fn limit(&self) -> u64 {
+        self.limit
+    }
+
+    /// VMAs counted as used.
+    pub fn used(&self) -> u64 {
+        self.used
+    }
+
+    /// Remaps refused so far.
+    pub fn denied(&self) -> u64 {
+        self.denied
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn never_exceeds_limit() {
+        let mut b = VmaBudget::new(10, 1);
+        let mut admitted = 0;
+        for _ in 0..100 {
+            if b.admit(64) == Admission::Admitted {
+                admitted += 1;
+            }
+            assert!(b.used() <= b.limit());
+        }
+        assert_eq!(admitted, 4);
+        assert_eq!(b.admit(64), Admission::Exhausted);
+        assert_eq!(b.denied(), 97);
+    }
+
+    #[test]
+    fn tight_budget_admits_only_runs() {
+        let mut b = VmaBudget::new(100, 74);
+        assert_eq!(b.admit(1), Admission::Admitted);
+        assert!(b.tight());
+        assert_eq!(b.admit(1), Admission::TooShort);
+        assert_eq!(b.admit(MIN_RUN_WHEN_TIGHT), Admission::Admitted);
+        b.measured(10);
+        assert!(!b.tight());
+        assert_eq!(b.admit(1), Admission::Admitted);
+    }
+
+    #[test]
+    fn default_limit_keeps_headroom() {
+        assert_eq!(VmaBudget::default_limit(65530, 100), 65530 - 100 - 8191);
+        assert_eq!(VmaBudget::default_limit(2000, 100), 2000 - 100 - 1024);
+        assert_eq!(VmaBudget::default_limit(1000, 900), 0);
+    }
+}

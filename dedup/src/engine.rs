@@ -1,0 +1,447 @@
+//! The engine: registration of guest memory, blocking scan passes, statistics, unmerge-all and
+//! page inspection. The background scanner is in `scanner`.
+
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+
+use vm_memory::bitmap::Bitmap;
+use vm_memory::{GuestAddress, GuestMemoryBackend, GuestRegionMmap};
+
+use crate::budget::VmaBudget;
+use crate::config::{Config, ConfigError, RunMode};
+use crate::fault::Faults;
+use crate::guest::{self, Guest, GuestConfig, GuestId};
+use crate::index::ContentIndex;
+use crate::meta::PageState;
+use crate::numa::{HostTopology, Topology, TopologyError};
+use crate::plan::Rules;
+use crate::pool::Pools;
+use crate::slots::{MAX_NODES, SlotTable};
+use crate::state::{Cursor, State, Totals};
+use crate::step::StepCtx;
+use crate::sys::PAGE_SIZE;
+use crate::sys::pagemap::Pagemap;
+use crate::sys::procfs;
+
+/// Errors from the engine.
+#[derive(Debug, thiserror::Error)]
+pub enum EngineError {
+    /// The configuration is invalid.
+    #[error("invalid configuration")]
+    Config(#[from] ConfigError),
+    /// The NUMA topology could not be read.
+    #[error("reading the NUMA topology")]
+    Topology(#[from] TopologyError),
+    /// The topology has more nodes than slots can name.
+    #[error("{0} NUMA nodes, at most 16 supported")]
+    TooManyNodes(usize),
+    /// The worker threads could not be started.
+    #[error("starting worker threads")]
+    Threads(#[source] rayon::ThreadPoolBuildError),
+    /// /proc/self/pagemap could not be opened.
+    #[error("opening /proc/self/pagemap")]
+    Pagemap(#[source] std::io::Error),
+    /// userfaultfd could not guard the guest's memory.
+    #[error("registering guest memory with userfaultfd")]
+    Userfaultfd(#[source] std::io::Error),
+    /// Too many guests or trust domains.
+    #[error("too many guests or trust domains")]
+    TooMany,
+    /// No guest with that id.
+    #[error("no guest {0:?}")]
+    NoGuest(GuestId),
+    /// The address is not in the guest's memory.
+    #[error("address {0:#x} is not in the guest's memory")]
+    NoAddress(u64),
+    /// A knob that can only change while nothing is merged (like KSM's EBUSY).
+    #[error("{0} can only change while no page is merged")]
+    Busy(&'static str),
+    /// The engine's lock was poisoned by a panic.
+    #[error("engine state poisoned by an earlier panic")]
+    Poisoned,
+    /// Unmerging could not break the sharing of some pages.
+    #[error("unmerging failed for {0} pages")]
+    Unmerge(u64),
+    /// The background scanner could not be started.
+    #[error("starting the background scanner")]
+    Spawn(#[source] std::io::Error),
+    /// A background scanner is already running.
+    #[error("a background scanner is already running")]
+    AlreadyRunning,
+}
+
+pub(crate) struct Inner {
+    pub state: Mutex<State>,
+    pub config: Mutex<Config>,
+    pub wake: Condvar,
+    pub stats: Mutex<crate::stats::Stats>,
+    pub faults: Faults,
+    pub topology: Arc<dyn Topology>,
+    pub threads: rayon::ThreadPool,
+    pub scanner_running: std::sync::atomic::AtomicBool,
+}
+
+/// The dedup engine. Cheap to clone: clones share one engine.
+#[derive(Clone)]
+pub struct Engine {
+    pub(crate) inner: Arc<Inner>,
+}
+
+impl std::fmt::Debug for Engine {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Engine").finish_non_exhaustive()
+    }
+}
+
+/// What a page is, for tests and inspection.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PageInfo {
+    /// The engine's state of the page.
+    pub state: PageState,
+    /// `(node, slot)` when mapped to a pool slot.
+    pub slot: Option<(u8, u32)>,
+    /// Host page frame number now mapped there (`None` when not present, 0 without
+    /// CAP_SYS_ADMIN).
+    pub host_pfn: Option<u64>,
+    /// Host virtual address of the page.
+    pub hva: usize,
+}
+
+/// A guest page that is merged.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct MergedPage {
+    /// Guest physical address.
+    pub gpa: GuestAddress,
+    /// `(node, slot)`, or `None` for the zero page.
+    pub slot: Option<(u8, u32)>,
+}
+
+fn rules_of(c: &Config) -> Rules {
+    Rules {
+        use_zero_pages: c.use_zero_pages,
+        merge_across_nodes: c.merge_across_nodes,
+        max_page_sharing: c.max_page_sharing,
+    }
+}
+
+impl Engine {
+    /// An engine on the host's NUMA topology.
+    pub fn new(config: Config) -> Result<Engine, EngineError> {
+        Self::with_topology(config, Arc::new(HostTopology::new()?))
+    }
+
+    /// An engine on a given topology (e.g. [`crate::FakeTopology`] in tests).
+    pub fn with_topology(
+        config: Config,
+        topology: Arc<dyn Topology>,
+    ) -> Result<Engine, EngineError> {
+        config.validate()?;
+        let nodes = topology.node_count();
+        if nodes > MAX_NODES {
+            return Err(EngineError::TooManyNodes(nodes));
+        }
+        let threads = rayon::ThreadPoolBuilder::new()
+            .num_threads(config.threads)
+            .thread_name(|i| format!("vm-dedup-{i}"))
+            .build()
+            .map_err(EngineError::Threads)?;
+        let state = State {
+            guests: Vec::new(),
+            domains: Vec::new(),
+            pools: Pools::new(nodes),
+            slots: SlotTable::new(),
+            index: ContentIndex::new(),
+            budget: Mutex::new(VmaBudget::new(config.vma_budget.unwrap_or(0), 0)),
+            budget_auto: config.vma_budget.is_none(),
+            cursor: Cursor::default(),
+            in_pass: false,
+            pagemap: Pagemap::open().map_err(EngineError::Pagemap)?,
+            rules: rules_of(&config),
+            totals: Totals::default(),
+            next_id: 1,
+        };
+        let engine = Engine {
+            inner: Arc::new(Inner {
+                state: Mutex::new(state),
+                config: Mutex::new(config),
+                wake: Condvar::new(),
+                stats: Mutex::new(crate::stats::Stats::default()),
+                faults: Faults::default(),
+                topology,
+                threads,
+                scanner_running: std::sync::atomic::AtomicBool::new(false),
+            }),
+        };
+        {
+            let mut st = engine.state()?;
+            st.measure_vmas();
+            engine.publish(&st);
+        }
+        Ok(engine)
+    }
+
+    pub(crate) fn state(&self) -> Result<MutexGuard<'_, State>, EngineError> {
+        self.inner.state.lock().map_err(|_| EngineError::Poisoned)
+    }
+
+    /// The current configuration.
+    pub fn config(&self) -> Config {
+        match self.inner.config.lock() {
+            Ok(c) => c.clone(),
+            Err(p) => p.into_inner().clone(),
+        }
+    }
+
+    /// Replaces the configuration (takes effect at the next step). `merge_across_nodes` and
+    /// `max_page_sharing` can only change while nothing is merged, like KSM's.
+    pub fn set_config(&self, config: Config) -> Result<(), EngineError> {
+        config.validate()?;
+        let mut st = self.state()?;
+        let merged = st.slots.allocated_count() > 0;
+        if merged && config.merge_across_nodes != st.rules.merge_across_nodes {
+            return Err(EngineError::Busy("merge_across_nodes"));
+        }
+        if merged && config.max_page_sharing < st.rules.max_page_sharing {
+            return Err(EngineError::Busy("max_page_sharing"));
+        }
+        st.rules = rules_of(&config);
+        st.budget_auto = config.vma_budget.is_none();
+        if let (Some(limit), Ok(mut b)) = (config.vma_budget, st.budget.lock()) {
+            b.set_limit(limit);
+        }
+        if st.budget_auto {
+            st.measure_vmas();
+        }
+        drop(st);
+        *self
+            .inner
+            .config
+            .lock()
+            .map_err(|_| EngineError::Poisoned)? = config;
+        self.inner.wake.notify_all();
+        Ok(())
+    }
+
+    /// Sets one knob by its KSM name (see [`Config::set`]).
+    pub fn set_knob(&self, name: &str, value: &str) -> Result<(), EngineError> {
+        let mut c = self.config();
+        c.set(name, value)?;
+        self.set_config(c)
+    }
+
+    /// Registers a guest's memory. Regions that are not private anonymous memory (file-backed,
+    /// shared, hugetlb) are listed but never touched. The engine keeps `memory` alive until the
+    /// guest is unregistered.
+    ///
+    /// Guest memory registered here must not be discarded with `MADV_DONTNEED` (balloon,
+    /// reset): a merged page would read back pool content. Replace it with fresh anonymous
+    /// memory instead.
+    pub fn register<M, B>(&self, guest: GuestConfig, memory: Arc<M>) -> Result<GuestId, EngineError>
+    where
+        M: GuestMemoryBackend<R = GuestRegionMmap<B>> + Send + Sync + 'static,
+        B: Bitmap + 'static,
+    {
+        let regions = guest::regions_of(&*memory).map_err(EngineError::Userfaultfd)?;
+        if regions.len() > 0x7fff {
+            return Err(EngineError::TooMany);
+        }
+        let mut st = self.state()?;
+        let domain = st.domain_id(&guest.domain).ok_or(EngineError::TooMany)?;
+        let id = GuestId(st.next_id);
+        st.next_id += 1;
+        let g = Guest {
+            id,
+            name: guest.name,
+            domain,
+            regions,
+            keep: guest::keep_alive(memory),
+            dirty: guest.dirty,
+            exclusion: guest.exclusion,
+            pages_scanned: 0,
+            cow_breaks: 0,
+        };
+        match st.guests.iter().position(Option::is_none) {
+            Some(i) => st.guests[i] = Some(g),
+            None if st.guests.len() < usize::from(u16::MAX) => st.guests.push(Some(g)),
+            None => return Err(EngineError::TooMany),
+        }
+        st.measure_vmas();
+        self.publish(&st);
+        Ok(id)
+    }
+
+    /// Unregisters a guest. If anyone else still holds its memory, its merged pages are first
+    /// turned back into private pages; otherwise the memory goes away with the engine's hold.
+    pub fn unregister(&self, id: GuestId) -> Result<(), EngineError> {
+        let mut st = self.state()?;
+        let gi = st.guest_index(id).ok_or(EngineError::NoGuest(id))?;
+        let shared = st.guests[gi]
+            .as_ref()
+            .is_some_and(|g| Arc::strong_count(&g.keep) > 1);
+        let result = if shared { st.unmerge_guest(gi) } else { Ok(()) };
+        if let Some(g) = st.guests[gi].take() {
+            for r in &g.regions {
+                if let Some(u) = &r.uffd {
+                    let _ = u.unregister(r.hva, r.pages * PAGE_SIZE);
+                }
+            }
+        }
+        st.index.remove_guest(gi as u16);
+        if st.cursor.guest == gi {
+            st.cursor = Cursor {
+                guest: gi + 1,
+                ..Cursor::default()
+            };
+        }
+        st.rebuild_refs(&self.inner.faults);
+        st.measure_vmas();
+        self.publish(&st);
+        result
+    }
+
+    pub(crate) fn step_ctx(&self) -> StepCtx<'_> {
+        StepCtx {
+            topology: &*self.inner.topology,
+            faults: &self.inner.faults,
+            threads: &self.inner.threads,
+            batch_pages: self.config().batch_pages,
+        }
+    }
+
+    /// Runs one step of at most `pages` pages (the background scanner's unit of work); returns
+    /// true when it completed a full pass.
+    pub fn step(&self, pages: usize) -> Result<bool, EngineError> {
+        let ctx = self.step_ctx();
+        let mut st = self.state()?;
+        let done = st.step(&ctx, pages);
+        self.publish(&st);
+        Ok(done)
+    }
+
+    /// Scans all guest memory once, merging what is stable, and returns the statistics. A
+    /// page must be seen unchanged twice (or be reported clean by the dirty-page source)
+    /// before it merges, so a fresh engine needs two passes.
+    pub fn scan_pass(&self) -> Result<crate::stats::Stats, EngineError> {
+        let ctx = self.step_ctx();
+        let step_pages = 1 << 16;
+        loop {
+            let mut st = self.state()?;
+            let done = st.step(&ctx, step_pages);
+            self.publish(&st);
+            if done {
+                break;
+            }
+        }
+        Ok(self.stats())
+    }
+
+    /// Turns every merged page of every guest back into a private page with the same content
+    /// (KSM's `run=2`), frees the pool and returns the statistics.
+    pub fn unmerge_all(&self) -> Result<crate::stats::Stats, EngineError> {
+        let mut st = self.state()?;
+        let mut failed = 0;
+        for gi in 0..st.guests.len() {
+            if st.guests[gi].is_some() {
+                if let Err(EngineError::Unmerge(n)) = st.unmerge_guest(gi) {
+                    failed += n;
+                }
+            }
+        }
+        st.index.clear_pages();
+        st.rebuild_refs(&self.inner.faults);
+        st.measure_vmas();
+        self.publish(&st);
+        drop(st);
+        if failed > 0 {
+            return Err(EngineError::Unmerge(failed));
+        }
+        Ok(self.stats())
+    }
+
+    /// The latest statistics (updated after every step).
+    pub fn stats(&self) -> crate::stats::Stats {
+        match self.inner.stats.lock() {
+            Ok(s) => s.clone(),
+            Err(p) => p.into_inner().clone(),
+        }
+    }
+
+    pub(crate) fn publish(&self, st: &State) {
+        let s = st.stats();
+        if let Ok(mut out) = self.inner.stats.lock() {
+            *out = s;
+        }
+    }
+
+    /// What the engine knows about the guest page at `gpa`, with its host PFN from pagemap.
+    pub fn page_info(&self, id: GuestId, gpa: GuestAddress) -> Result<PageInfo, EngineError> {
+        let st = self.state()?;
+        let gi = st.guest_index(id).ok_or(EngineError::NoGuest(id))?;
+        let g = st.guests[gi].as_ref().ok_or(EngineError::NoGuest(id))?;
+        let r = g
+            .regions
+            .iter()
+            .find(|r| gpa.0 >= r.gpa && gpa.0 < r.gpa + (r.pages * PAGE_SIZE) as u64)
+            .ok_or(EngineError::NoAddress(gpa.0))?;
+        let page = ((gpa.0 - r.gpa) / PAGE_SIZE as u64) as usize;
+        let hva = r.hva + page * PAGE_SIZE;
+        let meta = r.metas.get(page).copied().unwrap_or_default();
+        let slot = (meta.state() == PageState::Merged)
+            .then(|| (st.slots.node(meta.payload()), meta.payload()));
+        Ok(PageInfo {
+            state: if r.active() {
+                meta.state()
+            } else {
+                PageState::Empty
+            },
+            slot,
+            host_pfn: st.pagemap.pfn(hva).ok().flatten(),
+            hva,
+        })
+    }
+
+    /// Every merged page of a guest, in address order.
+    pub fn merged_pages(&self, id: GuestId) -> Result<Vec<MergedPage>, EngineError> {
+        let st = self.state()?;
+        let gi = st.guest_index(id).ok_or(EngineError::NoGuest(id))?;
+        let g = st.guests[gi].as_ref().ok_or(EngineError::NoGuest(id))?;
+        let mut out = Vec::new();
+        for r in &g.regions {
+            for (i, m) in r.metas.iter().enumerate() {
+                let slot = match m.state() {
+                    PageState::Merged => Some((st.slots.node(m.payload()), m.payload())),
+                    PageState::Zero => None,
+                    _ => continue,
+                };
+                out.push(MergedPage {
+                    gpa: GuestAddress(r.gpa + (i * PAGE_SIZE) as u64),
+                    slot,
+                });
+            }
+        }
+        Ok(out)
+    }
+
+    /// The pool's copy of a slot (for tests: it must never change while mapped).
+    pub fn pool_page(&self, node: u8, slot: u32) -> Result<Vec<u8>, EngineError> {
+        let st = self.state()?;
+        st.pools
+            .slot_bytes(node, slot)
+            .map(<[u8]>::to_vec)
+            .map_err(|_| EngineError::NoAddress(u64::from(slot)))
+    }
+
+    /// Failure injection points of this engine (feature `fault-injection`).
+    pub fn faults(&self) -> &Faults {
+        &self.inner.faults
+    }
+
+    /// Whether the configured run mode is [`RunMode::Run`].
+    pub fn running(&self) -> bool {
+        self.config().run == RunMode::Run
+    }
+
+    /// CPU time of the whole process so far, in nanoseconds (for benchmarks).
+    pub fn process_cpu_ns() -> u64 {
+        procfs::process_cpu_ns()
+    }
+}

@@ -1,0 +1,173 @@
+//! Failure injection (cargo feature `fault-injection`, for tests only): every merge-commit step
+//! and pool operation asks [`Faults`] before its system call, and an armed point makes it fail
+//! with a realistic errno instead. Without the feature every check is a constant `Ok`.
+
+use std::io;
+#[cfg(feature = "fault-injection")]
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+
+/// A place where a failure can be injected.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum FaultPoint {
+    /// Write-protecting a batch (`UFFDIO_WRITEPROTECT`).
+    Protect,
+    /// Remapping pages onto a pool slot (`mmap`), failing with EIO.
+    Remap,
+    /// Remapping at the VMA limit (`mmap` failing with ENOMEM).
+    RemapNoMem,
+    /// Dropping a zero page (`MADV_DONTNEED`).
+    ZeroPage,
+    /// Removing write protection from pages not merged.
+    Unprotect,
+    /// Waking blocked writers (`UFFDIO_WAKE`).
+    Wake,
+    /// Registering remapped pages with userfaultfd again.
+    Reregister,
+    /// Creating a node's pool (`memfd_create` failing with EMFILE).
+    PoolCreate,
+    /// Growing a pool file (ENOSPC).
+    PoolGrow,
+    /// Filling a pool slot (`pwrite`).
+    PoolFill,
+    /// Punching a freed pool slot.
+    PoolPunch,
+}
+
+/// Every fault point.
+pub const FAULT_POINTS: [FaultPoint; 11] = [
+    FaultPoint::Protect,
+    FaultPoint::Remap,
+    FaultPoint::RemapNoMem,
+    FaultPoint::ZeroPage,
+    FaultPoint::Unprotect,
+    FaultPoint::Wake,
+    FaultPoint::Reregister,
+    FaultPoint::PoolCreate,
+    FaultPoint::PoolGrow,
+    FaultPoint::PoolFill,
+    FaultPoint::PoolPunch,
+];
+
+impl FaultPoint {
+    fn errno(self) -> i32 {
+        match self {
+            FaultPoint::RemapNoMem => libc::ENOMEM,
+            FaultPoint::PoolCreate => libc::EMFILE,
+            FaultPoint::PoolGrow => libc::ENOSPC,
+            _ => libc::EIO,
+        }
+    }
+
+    #[cfg(feature = "fault-injection")]
+    fn index(self) -> usize {
+        FAULT_POINTS.iter().position(|&p| p == self).unwrap_or(0)
+    }
+}
+
+/// Armed failures of one engine.
+#[derive(Debug, Default)]
+pub struct Faults {
+    #[cfg(feature = "fault-injection")]
+    skip: [AtomicU64; 11],
+    #[cfg(feature = "fault-injection")]
+    fail: [AtomicU64; 11],
+    #[cfg(feature = "fault-injection")]
+    injected: [AtomicU64; 11],
+    #[cfg(feature = "fault-injection")]
+    collide: AtomicBool,
+}
+
+impl Faults {
+    /// Makes `point` fail `times` times, after letting `after` calls through.
+    #[cfg(feature = "fault-injection")]
+    pub fn arm(&self, point: FaultPoint, after: u64, times: u64) {
+        let i = point.index();
+        self.skip[i].store(after, Ordering::SeqCst);
+        self.fail[i].store(times, Ordering::SeqCst);
+    }
+
+    /// Disarms every point.
+    #[cfg(feature = "fault-injection")]
+    pub fn disarm_all(&self) {
+        for p in FAULT_POINTS {
+            self.arm(p, 0, 0);
+        }
+    }
+
+    /// How many failures were injected at `point`.
+    #[cfg(feature = "fault-injection")]
+    pub fn injected(&self, point: FaultPoint) -> u64 {
+        self.injected[point.index()].load(Ordering::SeqCst)
+    }
+
+    /// Makes every page hash equal, so that only byte comparison separates contents.
+    #[cfg(feature = "fault-injection")]
+    pub fn set_collide_hashes(&self, on: bool) {
+        self.collide.store(on, Ordering::SeqCst);
+    }
+
+    /// Whether every page hash is forced equal.
+    pub fn collide_hashes(&self) -> bool {
+        #[cfg(feature = "fault-injection")]
+        {
+            self.collide.load(Ordering::Relaxed)
+        }
+        #[cfg(not(feature = "fault-injection"))]
+        {
+            false
+        }
+    }
+
+    /// `Err` with the point's errno when a failure is armed there.
+    #[cfg_attr(not(feature = "fault-injection"), allow(unused_variables))]
+    pub fn check(&self, point: FaultPoint) -> io::Result<()> {
+        #[cfg(feature = "fault-injection")]
+        {
+            let i = point.index();
+            if self.fail[i].load(Ordering::Relaxed) == 0 {
+                return Ok(());
+            }
+            let take = |c: &AtomicU64| {
+                c.fetch_update(Ordering::SeqCst, Ordering::SeqCst, |v| v.checked_sub(1))
+                    .is_ok()
+            };
+            if take(&self.skip[i]) {
+                return Ok(());
+            }
+            if take(&self.fail[i]) {
+                self.injected[i].fetch_add(1, Ordering::SeqCst);
+                return Err(io::Error::from_raw_os_error(point.errno()));
+            }
+            Ok(())
+        }
+        #[cfg(not(feature = "fault-injection"))]
+        {
+            let _ = point.errno();
+            Ok(())
+        }
+    }
+}
+
+#[cfg(all(test, feature = "fault-injection"))]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn armed_point_fails_after_skips() {
+        let f = Faults::default();
+        assert!(f.check(FaultPoint::Remap).is_ok());
+        f.arm(FaultPoint::Remap, 1, 2);
+        assert!(f.check(FaultPoint::Remap).is_ok());
+        assert!(f.check(FaultPoint::Protect).is_ok());
+        let e = f.check(FaultPoint::Remap).unwrap_err();
+        assert_eq!(e.raw_os_error(), Some(libc::EIO));
+        assert!(f.check(FaultPoint::Remap).is_err());
+        assert!(f.check(FaultPoint::Remap).is_ok());
+        assert_eq!(f.injected(FaultPoint::Remap), 2);
+        f.arm(FaultPoint::RemapNoMem, 0, 1);
+        assert_eq!(
+            f.check(FaultPoint::RemapNoMem).unwrap_err().raw_os_error(),
+            Some(libc::ENOMEM)
+        );
+    }
+}

@@ -1,0 +1,421 @@
+//! The exact merge: a batch of pages is write-protected with userfaultfd, compared byte by byte
+//! with its pool slot (or checked all-zero), remapped onto the slot in runs (or dropped to the
+//! zero page), and released: fault messages are drained, pages not merged are un-protected
+//! without waking, the whole batch is woken, and remapped pages are registered again. A writer
+//! that hits a page in the batch waits until the end and then writes to what the page has become
+//! (its own copy of the slot, or a fresh zero page): no write is ever lost.
+//!
+//! Every step can fail (or be made to fail, see `fault`). A failure refuses the pages it
+//! concerns and leaves them private with their content; the guard is always released, falling
+//! back to unregistering a range (which wakes its writers and clears its protection) when
+//! un-protecting or waking fails.
+
+use std::sync::Mutex;
+
+use crate::budget::{Admission, VmaBudget};
+use crate::fault::{FaultPoint, Faults};
+use crate::hash::is_zero;
+use crate::hooks::ExclusionSource;
+use crate::plan::Target;
+use crate::pool::Pools;
+use crate::sys::PAGE_SIZE;
+use crate::sys::mem;
+use crate::sys::uffd::Uffd;
+use vm_memory::GuestAddress;
+
+/// Why a planned merge did not happen.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Cause {
+    /// The bytes differed under the guard (the page changed, or the hashes collided).
+    Differed,
+    /// The exclusion source reported device I/O in flight.
+    Excluded,
+    /// The page is not under userfaultfd's guard (an earlier registration failed).
+    Unguarded,
+    /// The VMA budget refused the remap.
+    VmaBudget,
+    /// Write-protecting failed.
+    Protect,
+    /// Remapping failed (other than at the VMA limit).
+    Remap,
+    /// Remapping failed with ENOMEM: `vm.max_map_count` reached.
+    VmaLimit,
+    /// Dropping a zero page failed.
+    ZeroPage,
+    /// The pool slot could not be read or filled.
+    Pool,
+}
+
+/// Result of one planned merge.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Outcome {
+    /// Merged.
+    Merged,
+    /// Not merged; the page is private and unchanged.
+    Refused(Cause),
+}
+
+/// One page to merge in a region.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Item {
+    /// Page index in the region.
+    pub page: u32,
+    /// Where it goes.
+    pub target: Target,
+    /// Node of the slot's pool.
+    pub node: u8,
+}
+
+/// A guest region as the committer sees it.
+#[derive(Debug)]
+pub struct RegionGuard<'a> {
+    /// Host address of the region.
+    pub hva: usize,
+    /// Guest physical address of the region.
+    pub gpa: u64,
+    /// The userfaultfd the region is registered with.
+    pub uffd: &'a Uffd,
+    /// Host ranges `(start, end)` that lost their registration and are not merged into.
+    pub unguarded: &'a mut Vec<(usize, usize)>,
+}
+
+/// Guard operations that failed and were repaired by unregistering (counted, not fatal).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Repairs {
+    /// Un-protect failures.
+    pub unprotect: u64,
+    /// Wake failures.
+    pub wake: u64,
+    /// Re-registration failures (the range is left out of merging until registered again).
+    pub reregister: u64,
+}
+
+/// What committing a region's items did.
+#[derive(Debug, Default)]
+pub struct RegionReport {
+    /// One outcome per item.
+    pub outcomes: Vec<Outcome>,
+    /// Per item: a writer hit the page while it was guarded.
+    pub written: Vec<bool>,
+    /// Guard repairs.
+    pub repairs: Repairs,
+    /// Write-protect ioctls issued.
+    pub protects: u64,
+    /// Remap calls issued.
+    pub remaps: u64,
+}
+
+/// Shared context of a commit.
+pub struct Committer<'a> {
+    /// Pools holding the slots.
+    pub pools: &'a Pools,
+    /// Failure injection.
+    pub faults: &'a Faults,
+    /// VMA budget, shared by all regions.
+    pub budget: &'a Mutex<VmaBudget>,
+    /// Pages with I/O in flight.
+    pub exclusion: Option<&'a dyn ExclusionSource>,
+    /// Most pages per guard.
+    pub batch_pages: usize,
+}
+
+fn page_bytes<'a>(addr: usize) -> &'a [u8] {
+    // SAFETY: `addr` is a page of registered guest memory, which stays mapped while the engine
+    // holds the guest's memory; while the page is write-protected nobody can change it, and
+    // racing writers elsewhere only make a comparison fail.
+    unsafe { std::slice::from_raw_parts(addr as *const u8, PAGE_SIZE) }
+}
+
+/// Maximal runs `[i, j)` of items with consecutive page numbers.
+fn runs<T>(items: &[T], page: impl Fn(&T) -> u32) -> Vec<(usize, usize)> {
+    let mut out = Vec::new();
+    let mut i = 0;
+    while i < items.len() {
+        let mut j = i + 1;
+        while j < items.len() && page(&items[j]) == page(&items[j - 1]) + 1 {
+            j += 1;
+        }
+        out.push((i, j));
+        i = j;
+    }
+    out
+}
+
+impl std::fmt::Debug for Committer<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Committer")
+            .field("batch_pages", &self.batch_pages)
+            .field("exclusion", &self.exclusion.is_some())
+            .finish_non_exhaustive()
+    }
+}
+
+impl Committer<'_> {
+    /// Commits `items` (sorted by page) of one region.
+    pub fn commit(&self, r: &mut RegionGuard<'_>, items: &[Item]) -> RegionReport {
+        let mut rep = RegionReport {
+            outcomes: vec![Outcome::Refused(Cause::Unguarded); items.len()],
+            written: vec![false; items.len()],
+            ..RegionReport::default()
+        };
+        r.unguarded
+            .retain(|&(s, e)| r.uffd.register(s, e - s).is_err());
+        let span = self.batch_pages.max(1);
+        let mut i = 0;
+        while i < items.len() {
+            let mut j = i + 1;
+            while j < items.len()
+                && j - i < span
+                && ((items[j].page - items[i].page) as usize) < 4 * span
+            {
+                j += 1;
+            }
+            self.commit_batch(r, &items[i..j], i, &mut rep);
+            i = j;
+        }
+        rep
+    }
+
+    fn commit_batch(
+        &self,
+        r: &mut RegionGuard<'_>,
+        items: &[Item],
+        base: usize,
+        rep: &mut RegionReport,
+    ) {
+        let hva = r.hva;
+        let addr_of = |it: &Item| hva + it.page as usize * PAGE_SIZE;
+        let unguarded = r.unguarded.clone();
+        let guarded = |it: &Item| {
+            let a = addr_of(it);
+            !unguarded.iter().any(|&(s, e)| a >= s && a < e)
+        };
+        // 1. Write-protect each run of consecutive pages.
+        let mut protected: Vec<(usize, usize)> = Vec::new();
+        for (i0, i1) in runs(items, |it| it.page) {
+            if !items[i0..i1].iter().all(guarded) {
+                continue;
+            }
+            let (addr, len) = (addr_of(&items[i0]), (i1 - i0) * PAGE_SIZE);
+            rep.protects += 1;
+            match self
+                .faults
+                .check(FaultPoint::Protect)
+                .and_then(|()| r.uffd.protect(addr, len))
+            {
+                Ok(()) => protected.push((i0, i1)),
+                Err(e) => {
+                    log::warn!("vm-dedup: write-protect failed: {e}");
+                    for k in i0..i1 {
+                        rep.outcomes[base + k] = Outcome::Refused(Cause::Protect);
+                    }
+                    self.release(r, addr, len, &mut rep.repairs);
+                }
+            }
+        }
+        // 2. Compare under the guard.
+        let mut equal = vec![false; items.len()];
+        for &(i0, i1) in &protected {
+            for k in i0..i1 {
+                let it = &items[k];
+                let gpa = GuestAddress(r.gpa + u64::from(it.page) * PAGE_SIZE as u64);
+                if self.exclusion.is_some_and(|x| x.is_excluded(gpa)) {
+                    rep.outcomes[base + k] = Outcome::Refused(Cause::Excluded);
+                    continue;
+                }
+                let bytes = page_bytes(addr_of(it));
+                let same = match it.target {
+                    Target::Zero => Ok(is_zero(bytes)),
+                    Target::Slot(s) => self.pools.slot_bytes(it.node, s).map(|p| p == bytes),
+                };
+                match same {
+                    Ok(true) => equal[k] = true,
+                    Ok(false) => rep.outcomes[base + k] = Outcome::Refused(Cause::Differed),
+                    Err(_) => rep.outcomes[base + k] = Outcome::Refused(Cause::Pool),
+                }
+            }
+        }
+        // 3. Remap runs of equal pages onto consecutive slots; drop zero pages.
+        let mut remapped: Vec<(usize, usize)> = Vec::new();
+        let mut on_slot = vec![false; items.len()];
+        for &(i0, i1) in &protected {
+            let mut k = i0;
+            while k < i1 {
+                if !equal[k] {
+                    k += 1;
+                    continue;
+                }
+                let it = items[k];
+                let mut j = k + 1;
+                while j < i1
+                    && equal[j]
+                    && items[j].node == it.node
+                    && match (it.target, items[j].target) {
+                        (Target::Zero, Target::Zero) => true,
+                        (Target::Slot(a), Target::Slot(b)) => b == a + (j - k) as u32,
+                        _ => false,
+                    }
+                {
+                    j += 1;
+                }
+                let (addr, len) = (addr_of(&it), (j - k) * PAGE_SIZE);
+                let result = match it.target {
+                    Target::Zero => self
+                        .faults
+                        .check(FaultPoint::ZeroPage)
+                        // SAFETY: the pages are guest memory in an anonymous mapping (zero
+                        // targets are never planned for remapped pages), write-protected and
+                        // just checked all-zero.
+                        .and_then(|()| unsafe { mem::dont_need(addr, len) })
+                        .map_err(|_| Cause::ZeroPage),
+                    Target::Slot(s) => self.remap(addr, len, it.node, s, j - k),
+                };
+                for m in k..j {
+                    rep.outcomes[base + m] = match result {
+                        Ok(()) => Outcome::Merged,
+                        Err(c) => Outcome::Refused(c),
+                    };
+                }
+                if result.is_ok() && matches!(it.target, Target::Slot(_)) {
+                    rep.remaps += 1;
+                    remapped.push((addr, len));
+                    on_slot[k..j].iter_mut().for_each(|b| *b = true);
+                }
+                k = j;
+            }
+        }
+        // 4. Drain fault messages: those pages were written during the guard.
+        let mut faulted = Vec::new();
+        if let Err(e) = r.uffd.drain(&mut faulted) {
+            log::warn!("vm-dedup: reading userfaultfd messages failed: {e}");
+        }
+        for a in faulted {
+            let page = ((a.wrapping_sub(r.hva)) / PAGE_SIZE) as u32;
+            if let Ok(k) = items.binary_search_by_key(&page, |it| it.page) {
+                rep.written[base + k] = true;
+            }
+        }
+        // 5. Un-protect, without waking, what was not remapped.
+        for &(i0, i1) in &protected {
+            for (a, b) in runs_where(i0, i1, |k| !on_slot[k]) {
+                let (addr, len) = (addr_of(&items[a]), (b - a) * PAGE_SIZE);
+                let ok = self
+                    .faults
+                    .check(FaultPoint::Unprotect)
+                    .and_then(|()| r.uffd.unprotect_nowake(addr, len));
+                if let Err(e) = ok {
+                    log::warn!("vm-dedup: un-protect failed, unregistering: {e}");
+                    rep.repairs.unprotect += 1;
+                    self.release(r, addr, len, &mut rep.repairs);
+                }
+            }
+        }
+        // 7 (before 6, so a wake failure can fall back to unregistering everything). Register
+        // the remapped ranges again.
+        for &(addr, len) in &remapped {
+            let ok = self
+                .faults
+                .check(FaultPoint::Reregister)
+                .and_then(|()| r.uffd.register(addr, len));
+            if let Err(e) = ok {
+                log::warn!("vm-dedup: registering merged pages failed: {e}");
+                rep.repairs.reregister += 1;
+                r.unguarded.push((addr, addr + len));
+            }
+        }
+        // 6. Wake the whole batch.
+        for &(i0, i1) in &protected {
+            let (addr, len) = (addr_of(&items[i0]), (i1 - i0) * PAGE_SIZE);
+            let woke = (0..2).any(|_| {
+                self.faults
+                    .check(FaultPoint::Wake)
+                    .and_then(|()| r.uffd.wake(addr, len))
+                    .is_ok()
+            });
+            if !woke {
+                log::warn!("vm-dedup: waking writers failed, unregistering");
+                rep.repairs.wake += 1;
+                self.release(r, addr, len, &mut rep.repairs);
+            }
+        }
+    }
+
+    fn remap(
+        &self,
+        addr: usize,
+        len: usize,
+        node: u8,
+        slot: u32,
+        pages: usize,
+    ) -> Result<(), Cause> {
+        let admitted = match self.budget.lock() {
+            Ok(mut b) => b.admit(pages),
+            Err(_) => Admission::Exhausted,
+        };
+        if admitted != Admission::Admitted {
+            return Err(Cause::VmaBudget);
+        }
+        let fd = self.pools.fd(node).map_err(|_| Cause::Pool)?;
+        self.faults
+            .check(FaultPoint::RemapNoMem)
+            .and_then(|()| self.faults.check(FaultPoint::Remap))
+            // SAFETY: `[addr, addr + len)` is guest memory of a registered region, write-protected,
+            // and every page in it was just found equal to the slot it is mapped onto.
+            .and_then(|()| unsafe {
+                mem::map_private_fixed(addr, len, fd, u64::from(slot) * PAGE_SIZE as u64)
+            })
+            .map_err(|e| {
+                log::warn!("vm-dedup: remap failed: {e}");
+                if e.raw_os_error() == Some(libc::ENOMEM) {
+                    Cause::VmaLimit
+                } else {
+                    Cause::Remap
+                }
+            })
+    }
+
+    /// Last resort to release a guarded range: unregistering wakes its writers and clears its
+    /// write protection; then it is registered again (or left out of merging).
+    fn release(&self, r: &mut RegionGuard<'_>, addr: usize, len: usize, repairs: &mut Repairs) {
+        if let Err(e) = r.uffd.unregister(addr, len) {
+            log::error!("vm-dedup: unregistering a guarded range failed: {e}");
+        }
+        if r.uffd.register(addr, len).is_err() {
+            repairs.reregister += 1;
+            r.unguarded.push((addr, addr + len));
+        }
+    }
+}
+
+/// Maximal runs `[a, b)` within `[i0, i1)` where `keep` holds.
+fn runs_where(i0: usize, i1: usize, keep: impl Fn(usize) -> bool) -> Vec<(usize, usize)> {
+    let mut out = Vec::new();
+    let mut k = i0;
+    while k < i1 {
+        if !keep(k) {
+            k += 1;
+            continue;
+        }
+        let mut j = k + 1;
+        while j < i1 && keep(j) {
+            j += 1;
+        }
+        out.push((k, j));
+        k = j;
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn runs_split_on_gaps() {
+        let pages = [1u32, 2, 3, 7, 9, 10];
+        assert_eq!(runs(&pages, |p| *p), vec![(0, 3), (3, 4), (4, 6)]);
+        assert!(runs(&[] as &[u32], |p| *p).is_empty());
+        assert_eq!(runs_where(0, 6, |k| k != 2), vec![(0, 2), (3, 6)]);
+        assert_eq!(runs_where(2, 4, |_| false), vec![]);
+    }
+}

@@ -1,0 +1,222 @@
+//! The pool: one sealed memfd per host NUMA node, its memory bound to that node, holding the
+//! single copy of each merged content at `slot * 4096`. Slots are written only while nobody
+//! maps them (a private mapping does not snapshot the file) and punched only when nobody maps
+//! them any more. The file can grow but never shrink (`F_SEAL_SHRINK`), so no sharer can ever
+//! fault on a truncated page.
+
+use std::io;
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+
+use crate::fault::{FaultPoint, Faults};
+use crate::meta::PAYLOAD_MASK;
+use crate::numa::{Topology, TopologyError};
+use crate::sys::PAGE_SIZE;
+use crate::sys::mem::{self, ReadView};
+
+/// Address space reserved for each node's read-only view: every possible slot.
+const VIEW_BYTES: usize = (PAYLOAD_MASK as usize + 1) * PAGE_SIZE;
+/// The pool file grows by this much at a time.
+const GROW_BYTES: u64 = 64 << 20;
+
+/// Errors from pool operations.
+#[derive(Debug, thiserror::Error)]
+pub enum PoolError {
+    /// No node with that number.
+    #[error("no NUMA node {0}")]
+    NoNode(u8),
+    /// `memfd_create` or sealing failed.
+    #[error("creating the pool of node {node}")]
+    Create {
+        /// Node.
+        node: u8,
+        /// Cause.
+        #[source]
+        source: io::Error,
+    },
+    /// Mapping the pool's view failed.
+    #[error("mapping the pool of node {node}")]
+    Map {
+        /// Node.
+        node: u8,
+        /// Cause.
+        #[source]
+        source: io::Error,
+    },
+    /// Binding the pool to its node failed.
+    #[error("binding the pool")]
+    Bind(#[source] TopologyError),
+    /// Growing the pool file failed.
+    #[error("growing the pool of node {node}")]
+    Grow {
+        /// Node.
+        node: u8,
+        /// Cause.
+        #[source]
+        source: io::Error,
+    },
+    /// Writing a slot failed.
+    #[error("filling pool slot {slot}")]
+    Fill {
+        /// Slot.
+        slot: u32,
+        /// Cause.
+        #[source]
+        source: io::Error,
+    },
+    /// Punching a slot failed.
+    #[error("punching pool slot {slot}")]
+    Punch {
+        /// Slot.
+        slot: u32,
+        /// Cause.
+        #[source]
+        source: io::Error,
+    },
+    /// The pool of that node was never created.
+    #[error("the pool of node {0} does not exist")]
+    Missing(u8),
+}
+
+/// One node's pool file and its read-only view.
+#[derive(Debug)]
+struct NodePool {
+    fd: OwnedFd,
+    view: ReadView,
+    size: u64,
+}
+
+/// All node pools, created on first use.
+#[derive(Debug)]
+pub struct Pools {
+    nodes: Vec<Option<NodePool>>,
+}
+
+impl Pools {
+    /// Pools for `node_count` nodes, none created yet.
+    pub fn new(node_count: usize) -> Self {
+        Pools {
+            nodes: (0..node_count.max(1)).map(|_| None).collect(),
+        }
+    }
+
+    /// Makes sure the pool of `node` exists and can hold slot `last_slot`.
+    pub fn ensure(
+        &mut self,
+        node: u8,
+        last_slot: u32,
+        topology: &dyn Topology,
+        faults: &Faults,
+    ) -> Result<(), PoolError> {
+        let entry = self
+            .nodes
+            .get_mut(usize::from(node))
+            .ok_or(PoolError::NoNode(node))?;
+        if entry.is_none() {
+            *entry = Some(create(node, topology, faults)?);
+        }
+        let pool = entry.as_mut().ok_or(PoolError::Missing(node))?;
+        let need = (u64::from(last_slot) + 1) * PAGE_SIZE as u64;
+        if need > pool.size {
+            let size = need.div_ceil(GROW_BYTES) * GROW_BYTES;
+            faults
+                .check(FaultPoint::PoolGrow)
+                .and_then(|()| mem::set_len(pool.fd.as_fd(), size))
+                .map_err(|source| PoolError::Grow { node, source })?;
+            pool.size = size;
+        }
+        Ok(())
+    }
+
+    fn get(&self, node: u8) -> Result<&NodePool, PoolError> {
+        self.nodes
+            .get(usize::from(node))
+            .and_then(Option::as_ref)
+            .ok_or(PoolError::Missing(node))
+    }
+
+    /// Writes `src` (whole pages) into consecutive slots from `slot` on.
+    pub fn fill(&self, node: u8, slot: u32, src: &[u8], faults: &Faults) -> Result<(), PoolError> {
+        let pool = self.get(node)?;
+        faults
+            .check(FaultPoint::PoolFill)
+            .and_then(|()| mem::write_at(pool.fd.as_fd(), src, u64::from(slot) * PAGE_SIZE as u64))
+            .map_err(|source| PoolError::Fill { slot, source })
+    }
+
+    /// The pool's copy of `slot`, read-only.
+    ///
+    /// The slot must have been filled (see [`Pools::fill`]); it never changes while mapped.
+    pub fn slot_bytes(&self, node: u8, slot: u32) -> Result<&[u8], PoolError> {
+        let pool = self.get(node)?;
+        let off = slot as usize * PAGE_SIZE;
+        if (off + PAGE_SIZE) as u64 > pool.size || off + PAGE_SIZE > pool.view.len() {
+            return Err(PoolError::Missing(node));
+        }
+        // SAFETY: the view maps the whole file read-only and `off + PAGE_SIZE` lies within both
+        // the view and the file, so the page is readable; slots are not written while they can
+        // be compared against (the engine fills a slot before any comparison with it).
+        Ok(unsafe { std::slice::from_raw_parts((pool.view.addr() + off) as *const u8, PAGE_SIZE) })
+    }
+
+    /// The pool file of `node`, for remapping guest pages onto it.
+    pub fn fd(&self, node: u8) -> Result<BorrowedFd<'_>, PoolError> {
+        Ok(self.get(node)?.fd.as_fd())
+    }
+
+    /// Frees the memory of `count` slots from `slot` on. Only for slots nobody maps.
+    pub fn punch(&self, node: u8, slot: u32, count: u32, faults: &Faults) -> Result<(), PoolError> {
+        let pool = self.get(node)?;
+        let off = u64::from(slot) * PAGE_SIZE as u64;
+        faults
+            .check(FaultPoint::PoolPunch)
+            .and_then(|()| {
+                mem::punch_hole(pool.fd.as_fd(), off, u64::from(count) * PAGE_SIZE as u64)
+            })
+            .map_err(|source| PoolError::Punch { slot, source })
+    }
+
+    /// Whether the pool of `node` exists.
+    pub fn exists(&self, node: u8) -> bool {
+        self.get(node).is_ok()
+    }
+}
+
+fn create(node: u8, topology: &dyn Topology, faults: &Faults) -> Result<NodePool, PoolError> {
+    let name = c"vm-dedup-pool";
+    let fd = faults
+        .check(FaultPoint::PoolCreate)
+        .and_then(|()| mem::memfd_create(name))
+        .map_err(|source| PoolError::Create { node, source })?;
+    mem::add_seals(fd.as_fd(), libc::F_SEAL_SHRINK | libc::F_SEAL_SEAL)
+        .map_err(|source| PoolError::Create { node, source })?;
+    let view =
+        ReadView::new(fd.as_fd(), VIEW_BYTES).map_err(|source| PoolError::Map { node, source })?;
+    topology
+        .bind(node, view.addr(), view.len())
+        .map_err(PoolError::Bind)?;
+    Ok(NodePool { fd, view, size: 0 })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::numa::HostTopology;
+
+    #[test]
+    fn fill_read_punch() {
+        let topo = HostTopology::new().unwrap();
+        let faults = Faults::default();
+        let mut pools = Pools::new(1);
+        assert!(pools.slot_bytes(0, 0).is_err());
+        pools.ensure(0, 3, &topo, &faults).unwrap();
+        let mut src = vec![0u8; 2 * PAGE_SIZE];
+        src[..PAGE_SIZE].fill(7);
+        src[PAGE_SIZE..].fill(9);
+        pools.fill(0, 2, &src, &faults).unwrap();
+        assert!(pools.slot_bytes(0, 2).unwrap().iter().all(|&b| b == 7));
+        assert!(pools.slot_bytes(0, 3).unwrap().iter().all(|&b| b == 9));
+        pools.punch(0, 2, 2, &faults).unwrap();
+        assert!(pools.slot_bytes(0, 2).unwrap().iter().all(|&b| b == 0));
+        assert!(pools.ensure(1, 0, &topo, &faults).is_err());
+    }
+}

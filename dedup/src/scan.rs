@@ -1,0 +1,188 @@
+//! One chunk of a scan step, run on a worker thread: read the chunk's page categories with
+//! `PAGEMAP_SCAN`, notice merged pages that a write made private (copy-on-write breaks), hash
+//! the private present pages that need it, apply the stability rule, and list the stable ones
+//! as merge candidates.
+
+use std::sync::OnceLock;
+
+use crate::hash::{is_zero, page_hash};
+use crate::index::PageLoc;
+use crate::meta::{Meta, PageState, short_hash};
+use crate::numa::Topology;
+use crate::plan::Candidate;
+use crate::stability::{self, Observation};
+use crate::sys::PAGE_SIZE;
+use crate::sys::pagemap::{
+    PAGE_IS_FILE, PAGE_IS_PFNZERO, PAGE_IS_PRESENT, PAGE_IS_SWAPPED, PageRegion, Pagemap,
+};
+use crate::sys::procfs::thread_cpu_ns;
+
+/// Pages per chunk: the unit of parallel work.
+pub const CHUNK_PAGES: usize = 512;
+
+/// The 28-bit hash of an all-zero page.
+pub fn zero_hash() -> u32 {
+    static ZERO: OnceLock<u32> = OnceLock::new();
+    *ZERO.get_or_init(|| short_hash(page_hash(&[0u8; PAGE_SIZE])))
+}
+
+/// A chunk of one region.
+#[derive(Debug)]
+pub struct Chunk<'a> {
+    /// Guest number.
+    pub guest: u16,
+    /// Region number.
+    pub region: u16,
+    /// Page index of `metas[0]` in the region.
+    pub first: u32,
+    /// Host address of the region.
+    pub hva: usize,
+    /// Trust domain of the guest.
+    pub domain: u16,
+    /// Metadata of the chunk's pages.
+    pub metas: &'a mut [Meta],
+    /// The region's dirty bitmap for this pass, when the guest has a dirty-page source.
+    pub dirty: Option<&'a [u64]>,
+}
+
+/// What scanning a chunk found.
+#[derive(Debug, Default)]
+pub struct ChunkOut {
+    /// Stable private pages.
+    pub cands: Vec<Candidate>,
+    /// Slots that lost a sharer to a write.
+    pub broken_slots: Vec<u32>,
+    /// Zero pages written since they were dropped.
+    pub zero_broken: u64,
+    /// Pages hashed.
+    pub scanned: u64,
+    /// CPU time spent.
+    pub cpu_ns: u64,
+    /// The pagemap query failed: the chunk was left untouched.
+    pub failed: bool,
+}
+
+fn page_slice<'a>(addr: usize) -> &'a [u8] {
+    // SAFETY: `addr` is a present page of registered guest memory, mapped for as long as the
+    // engine holds the guest. Guest writes may race with this read; the bytes only feed a hash
+    // or a zero check, and nothing is merged without a comparison under write protection.
+    unsafe { std::slice::from_raw_parts(addr as *const u8, PAGE_SIZE) }
+}
+
+/// Scans one chunk.
+pub fn scan_chunk(
+    c: &mut Chunk<'_>,
+    pagemap: &Pagemap,
+    topology: &dyn Topology,
+    collide: bool,
+) -> ChunkOut {
+    let cpu0 = thread_cpu_ns();
+    let mut out = ChunkOut::default();
+    let start = c.hva + c.first as usize * PAGE_SIZE;
+    let end = start + c.metas.len() * PAGE_SIZE;
+    let mut cats: Vec<PageRegion> = Vec::with_capacity(16);
+    if let Err(e) = pagemap.scan(start, end, &mut cats) {
+        log::warn!("vm-dedup: PAGEMAP_SCAN failed: {e}");
+        out.failed = true;
+        return out;
+    }
+    let zero = zero_hash();
+    let mut ri = 0;
+    for (i, meta) in c.metas.iter_mut().enumerate() {
+        let addr = start + i * PAGE_SIZE;
+        while ri < cats.len() && cats[ri].end as usize <= addr {
+            ri += 1;
+        }
+        let cat = cats
+            .get(ri)
+            .filter(|r| r.start as usize <= addr)
+            .map_or(0, |r| r.categories);
+        let present = cat & PAGE_IS_PRESENT != 0;
+        let m = *meta;
+        match m.state() {
+            PageState::Merged => {
+                if (present && cat & PAGE_IS_FILE == 0) || cat & PAGE_IS_SWAPPED != 0 {
+                    out.broken_slots.push(m.payload());
+                    *meta = m.with(PageState::New, 0);
+                }
+                continue;
+            }
+            PageState::Zero => {
+                if present && cat & PAGE_IS_PFNZERO == 0 {
+                    out.zero_broken += 1;
+                    *meta = m.with(PageState::New, 0);
+                }
+                continue;
+            }
+            _ => {}
+        }
+        if cat & PAGE_IS_SWAPPED != 0 {
+            continue;
+        }
+        if !present || cat & PAGE_IS_PFNZERO != 0 {
+            // Nothing in memory, or the shared zero page already: nothing to save. (A page of
+            // a pool mapping that is not present still reads pool content; it was counted as
+            // merged above, so only anonymous pages get here.)
+            *meta = m.with(PageState::Empty, 0);
+            continue;
+        }
+        let page = c.first as usize + i;
+        let written = c.dirty.is_some_and(|d| {
+            d.get(page / 64)
+                .is_some_and(|w| w & (1 << (page % 64)) != 0)
+        });
+        let m = if m.state() == PageState::Empty {
+            m.with(PageState::New, 0)
+        } else {
+            m
+        };
+        let next = if stability::needs_hash(m, c.dirty.is_some(), written) {
+            out.scanned += 1;
+            let hash = if collide {
+                zero
+            } else {
+                short_hash(page_hash(page_slice(addr)))
+            };
+            stability::observe(m, Observation::Hashed { hash, written })
+        } else {
+            stability::observe(m, Observation::Clean)
+        };
+        *meta = next;
+        if next.state() == PageState::Stable {
+            let is_zero_page =
+                next.payload() == zero && !next.remapped() && is_zero(page_slice(addr));
+            out.cands.push(Candidate {
+                loc: PageLoc {
+                    guest: c.guest,
+                    region: c.region,
+                    page: page as u32,
+                },
+                hash: next.payload(),
+                domain: c.domain,
+                node: 0,
+                zero: is_zero_page,
+            });
+        }
+    }
+    if topology.node_count() > 1 && !out.cands.is_empty() {
+        let addrs: Vec<usize> = out
+            .cands
+            .iter()
+            .map(|k| c.hva + k.loc.page as usize * PAGE_SIZE)
+            .collect();
+        let mut nodes = vec![0u8; addrs.len()];
+        match topology.nodes_of(&addrs, &mut nodes) {
+            Ok(()) => {
+                for (k, n) in out.cands.iter_mut().zip(nodes) {
+                    k.node = n;
+                }
+            }
+            Err(e) => {
+                log::warn!("vm-dedup: NUMA query failed, chunk skipped: {e}");
+                out.cands.clear();
+            }
+        }
+    }
+    out.cpu_ns = thread_cpu_ns().saturating_sub(cpu0);
+    out
+}

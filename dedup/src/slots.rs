@@ -1,0 +1,263 @@
+//! Pool slots: 8 bytes each (28-bit content hash, node, reference count, trust domain) plus one
+//! bit of allocation state. Slot numbers are global; slot `n` lives at byte offset `n * 4096` in
+//! the pool file of its node.
+
+use crate::meta::PAYLOAD_MASK;
+
+/// Highest number of NUMA nodes a slot can name.
+pub const MAX_NODES: usize = 16;
+/// Highest number of sharers one slot can count.
+pub const MAX_REFS: u16 = u16::MAX;
+
+#[derive(Clone, Copy, Debug, Default)]
+struct SlotRec {
+    /// 28-bit hash in the low bits, node in the top 4.
+    hash_node: u32,
+    refs: u16,
+    domain: u16,
+}
+
+/// The table of pool slots.
+#[derive(Debug, Default)]
+pub struct SlotTable {
+    recs: Vec<SlotRec>,
+    /// One bit per slot, set when allocated.
+    used: Vec<u64>,
+    allocated: u64,
+    /// Slots with at least one reference.
+    live: u64,
+    /// Sum of all reference counts.
+    total_refs: u64,
+    search_from: usize,
+}
+
+impl SlotTable {
+    /// An empty table.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    fn is_used(&self, slot: u32) -> bool {
+        let i = slot as usize;
+        self.used
+            .get(i / 64)
+            .is_some_and(|w| w & (1 << (i % 64)) != 0)
+    }
+
+    /// Allocates a slot for content with `hash` on `node` in `domain`, at `prefer` when that slot
+    /// is free (so that consecutive pages get consecutive slots), else the lowest free one.
+    /// Returns `None` when slot numbers are exhausted.
+    pub fn alloc(&mut self, hash: u32, node: u8, domain: u16, prefer: Option<u32>) -> Option<u32> {
+        let slot = match prefer.filter(|&p| p <= PAYLOAD_MASK && !self.is_used(p)) {
+            Some(p) => p,
+            None => self.first_free()?,
+        };
+        let i = slot as usize;
+        if i >= self.recs.len() {
+            self.recs.resize(i + 1, SlotRec::default());
+        }
+        if i / 64 >= self.used.len() {
+            self.used.resize(i / 64 + 1, 0);
+        }
+        self.used[i / 64] |= 1 << (i % 64);
+        self.recs[i] = SlotRec {
+            hash_node: (hash & PAYLOAD_MASK) | (u32::from(node & 0xf) << 28),
+            refs: 0,
+            domain,
+        };
+        self.allocated += 1;
+        Some(slot)
+    }
+
+    fn first_free(&mut self) -> Option<u32> {
+        let start = self.search_from.min(self.used.len());
+        for w in start..self.used.len() {
+            let word = self.used[w];
+            if word != u64::MAX {
+                self.search_from = w;
+                let slot = w * 64 + (!word).trailing_zeros() as usize;
+                return u32::try_from(slot).ok().filter(|&s| s <= PAYLOAD_MASK);
+            }
+        }
+        self.search_from = self.used.len();
+        u32::try_from(self.used.len() * 64)
+            .ok()
+            .filter(|&s| s <= PAYLOAD_MASK)
+    }
+
+    /// Frees a slot (its pool page must have been punched, or never mapped).
+    pub fn free(&mut self, slot: u32) {
+        if !self.is_used(slot) {
+            return;
+        }
+        let i = slot as usize;
+        let refs = self.recs[i].refs;
+        if refs > 0 {
+            self.live -= 1;
+            self.total_refs -= u64::from(refs);
+        }
+        self.recs[i] = SlotRec::default();
+        self.used[i / 64] &= !(1 << (i % 64));
+        self.allocated -= 1;
+        self.search_from = self.search_from.min(i / 64);
+    }
+
+    /// Whether `slot` is allocated.
+    pub fn allocated(&self, slot: u32) -> bool {
+        self.is_used(slot)
+    }
+
+    /// Reference count of `slot`.
+    pub fn refs(&self, slot: u32) -> u16 {
+        self.recs.get(slot as usize).map_or(0, |r| r.refs)
+    }
+
+    /// Sets the reference count of `slot` (from a pagemap rebuild).
+    pub fn set_refs(&mut self, slot: u32, refs: u16) {
+        if !self.is_used(slot) {
+            return;
+        }
+        let r = &mut self.recs[slot as usize];
+        let old = r.refs;
+        r.refs = refs;
+        self.total_refs = self.total_refs - u64::from(old) + u64::from(refs);
+        match (old > 0, refs > 0) {
+            (false, true) => self.live += 1,
+            (true, false) => self.live -= 1,
+            _ => {}
+        }
+    }
+
+    /// Adds one reference; returns false when the count would overflow.
+    pub fn inc(&mut self, slot: u32) -> bool {
+        let refs = self.refs(slot);
+        if refs == MAX_REFS || !self.is_used(slot) {
+            return false;
+        }
+        self.set_refs(slot, refs + 1);
+        true
+    }
+
+    /// Drops one reference; returns the new count.
+    pub fn dec(&mut self, slot: u32) -> u16 {
+        let refs = self.refs(slot).saturating_sub(1);
+        self.set_refs(slot, refs);
+        refs
+    }
+
+    /// 28-bit content hash of `slot`.
+    pub fn hash(&self, slot: u32) -> u32 {
+        self.recs
+            .get(slot as usize)
+            .map_or(0, |r| r.hash_node & PAYLOAD_MASK)
+    }
+
+    /// Node whose pool holds `slot`.
+    pub fn node(&self, slot: u32) -> u8 {
+        self.recs
+            .get(slot as usize)
+            .map_or(0, |r| (r.hash_node >> 28) as u8)
+    }
+
+    /// Trust domain of `slot`.
+    pub fn domain(&self, slot: u32) -> u16 {
+        self.recs.get(slot as usize).map_or(0, |r| r.domain)
+    }
+
+    /// Allocated slots.
+    pub fn allocated_count(&self) -> u64 {
+        self.allocated
+    }
+
+    /// Slots with at least one reference (KSM's `pages_shared`).
+    pub fn live(&self) -> u64 {
+        self.live
+    }
+
+    /// Sum of reference counts.
+    pub fn total_refs(&self) -> u64 {
+        self.total_refs
+    }
+
+    /// One past the highest slot number ever allocated.
+    pub fn high_water(&self) -> u32 {
+        self.recs.len() as u32
+    }
+
+    /// Allocated slots with no reference (to punch and free).
+    pub fn unreferenced(&self) -> Vec<u32> {
+        let mut out = Vec::new();
+        for (w, &word) in self.used.iter().enumerate() {
+            let mut bits = word;
+            while bits != 0 {
+                let b = bits.trailing_zeros() as usize;
+                bits &= bits - 1;
+                let slot = (w * 64 + b) as u32;
+                if self.recs[slot as usize].refs == 0 {
+                    out.push(slot);
+                }
+            }
+        }
+        out
+    }
+
+    /// Every allocated slot.
+    pub fn all_allocated(&self) -> Vec<u32> {
+        let mut out = Vec::new();
+        for (w, &word) in self.used.iter().enumerate() {
+            let mut bits = word;
+            while bits != 0 {
+                let b = bits.trailing_zeros() as usize;
+                bits &= bits - 1;
+                out.push((w * 64 + b) as u32);
+            }
+        }
+        out
+    }
+
+    /// Bytes of memory this table holds.
+    pub fn memory_bytes(&self) -> usize {
+        self.recs.capacity() * std::mem::size_of::<SlotRec>() + self.used.capacity() * 8
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn alloc_prefers_hint_then_lowest_free() {
+        let mut t = SlotTable::new();
+        assert_eq!(t.alloc(1, 0, 0, None), Some(0));
+        assert_eq!(t.alloc(2, 0, 0, Some(1)), Some(1));
+        assert_eq!(t.alloc(3, 1, 5, Some(1)), Some(2));
+        assert_eq!(t.alloc(4, 0, 0, Some(10)), Some(10));
+        assert_eq!(t.alloc(5, 0, 0, None), Some(3));
+        t.free(1);
+        assert_eq!(t.alloc(6, 0, 0, None), Some(1));
+        assert_eq!(t.hash(2), 3);
+        assert_eq!(t.node(2), 1);
+        assert_eq!(t.domain(2), 5);
+        assert_eq!(t.allocated_count(), 5);
+    }
+
+    #[test]
+    fn counts_refs_live_and_unreferenced() {
+        let mut t = SlotTable::new();
+        let a = t.alloc(1, 0, 0, None).unwrap();
+        let b = t.alloc(2, 0, 0, None).unwrap();
+        assert!(t.inc(a));
+        assert!(t.inc(a));
+        assert!(t.inc(b));
+        assert_eq!((t.live(), t.total_refs()), (2, 3));
+        assert_eq!(t.dec(b), 0);
+        assert_eq!(t.unreferenced(), vec![b]);
+        assert_eq!((t.live(), t.total_refs()), (1, 2));
+        t.free(a);
+        assert_eq!((t.live(), t.total_refs()), (0, 0));
+        assert!(!t.inc(a));
+        t.set_refs(b, MAX_REFS);
+        assert!(!t.inc(b));
+        assert_eq!(t.all_allocated(), vec![b]);
+    }
+}

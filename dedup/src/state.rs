@@ -1,0 +1,185 @@
+//! The engine's mutable state, guarded by one mutex: guests, pools, slots, index, VMA budget,
+//! scan cursor and cumulative counters.
+
+use std::sync::Mutex;
+
+use crate::budget::VmaBudget;
+use crate::guest::{Guest, GuestId};
+use crate::index::{ContentIndex, PageLoc};
+use crate::meta::PageState;
+use crate::plan::{self, PlanView, Rules};
+use crate::pool::Pools;
+use crate::slots::SlotTable;
+use crate::stats::Failures;
+use crate::sys::PAGE_SIZE;
+use crate::sys::pagemap::Pagemap;
+
+/// Where the scan is.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub(crate) struct Cursor {
+    pub guest: usize,
+    pub region: usize,
+    pub page: usize,
+}
+
+/// Cumulative counters.
+#[derive(Clone, Debug, Default)]
+pub(crate) struct Totals {
+    pub full_scans: u64,
+    pub merge_attempts: u64,
+    pub merges: u64,
+    pub failures: Failures,
+    pub guard_repairs: u64,
+    pub guarded_writes: u64,
+    pub cpu_ns: u64,
+    pub wall_ns: u64,
+    pub pool_errors: u64,
+}
+
+#[derive(Debug)]
+pub(crate) struct State {
+    pub guests: Vec<Option<Guest>>,
+    pub domains: Vec<String>,
+    pub pools: Pools,
+    pub slots: SlotTable,
+    pub index: ContentIndex,
+    pub budget: Mutex<VmaBudget>,
+    pub budget_auto: bool,
+    pub cursor: Cursor,
+    pub in_pass: bool,
+    pub pagemap: Pagemap,
+    pub rules: Rules,
+    pub totals: Totals,
+    pub next_id: u32,
+}
+
+impl State {
+    pub fn guest_index(&self, id: GuestId) -> Option<usize> {
+        self.guests
+            .iter()
+            .position(|g| g.as_ref().is_some_and(|g| g.id == id))
+    }
+
+    pub fn domain_id(&mut self, name: &str) -> Option<u16> {
+        if let Some(i) = self.domains.iter().position(|d| d == name) {
+            return u16::try_from(i).ok();
+        }
+        let i = u16::try_from(self.domains.len()).ok()?;
+        self.domains.push(name.to_string());
+        Some(i)
+    }
+
+    /// Host address of a page.
+    pub fn addr(&self, loc: PageLoc) -> Option<usize> {
+        let g = self.guests.get(usize::from(loc.guest))?.as_ref()?;
+        let r = g.regions.get(usize::from(loc.region))?;
+        ((loc.page as usize) < r.pages && r.active()).then(|| r.addr(loc.page))
+    }
+
+    /// Address ranges of every active region.
+    pub fn active_ranges(&self) -> Vec<(usize, usize)> {
+        self.guests
+            .iter()
+            .flatten()
+            .flat_map(|g| g.regions.iter())
+            .filter(|r| r.active())
+            .map(|r| (r.hva, r.hva + r.pages * PAGE_SIZE))
+            .collect()
+    }
+
+    /// Frees slots nobody maps: punches their pool pages, then forgets them. Slots whose punch
+    /// fails stay allocated and are tried again later.
+    pub fn release_slots(&mut self, mut slots: Vec<u32>, faults: &crate::fault::Faults) {
+        slots.sort_unstable();
+        let mut i = 0;
+        while i < slots.len() {
+            let node = self.slots.node(slots[i]);
+            let mut j = i + 1;
+            while j < slots.len()
+                && slots[j] == slots[j - 1] + 1
+                && self.slots.node(slots[j]) == node
+            {
+                j += 1;
+            }
+            let ok = if self.pools.exists(node) {
+                self.pools
+                    .punch(node, slots[i], (j - i) as u32, faults)
+                    .map_err(|e| log::warn!("vm-dedup: {e}"))
+                    .is_ok()
+            } else {
+                true
+            };
+            if ok {
+                for &s in &slots[i..j] {
+                    plan::release(s, &self.rules, &mut self.index, &mut self.slots);
+                }
+            } else {
+                self.totals.pool_errors += 1;
+            }
+            i = j;
+        }
+    }
+
+    /// Recounts every slot's references from page metadata (kept exact by the pagemap checks of
+    /// each pass) and frees the slots nobody maps.
+    pub fn rebuild_refs(&mut self, faults: &crate::fault::Faults) {
+        let mut counts: hashbrown::HashMap<u32, u32> = hashbrown::HashMap::new();
+        for g in self.guests.iter().flatten() {
+            for r in &g.regions {
+                for m in &r.metas {
+                    if m.state() == PageState::Merged {
+                        *counts.entry(m.payload()).or_insert(0) += 1;
+                    }
+                }
+            }
+        }
+        for s in self.slots.all_allocated() {
+            let n = counts.get(&s).copied().unwrap_or(0);
+            let n = u16::try_from(n).unwrap_or(u16::MAX);
+            if self.slots.refs(s) != n {
+                log::debug!(
+                    "vm-dedup: slot {s} had {} refs, counted {n}",
+                    self.slots.refs(s)
+                );
+                self.slots.set_refs(s, n);
+            }
+        }
+        let unref = self.slots.unreferenced();
+        self.release_slots(unref, faults);
+    }
+}
+
+/// The planner's view of guest pages.
+pub(crate) struct EngineView<'a> {
+    pub state: &'a State,
+}
+
+impl PlanView for EngineView<'_> {
+    fn stable_hash(&self, loc: PageLoc) -> Option<u32> {
+        let g = self.state.guests.get(usize::from(loc.guest))?.as_ref()?;
+        let m = g
+            .regions
+            .get(usize::from(loc.region))?
+            .metas
+            .get(loc.page as usize)?;
+        (m.state() == PageState::Stable).then(|| m.payload())
+    }
+
+    fn same_content(&self, a: PageLoc, b: PageLoc) -> bool {
+        match (self.state.addr(a), self.state.addr(b)) {
+            (Some(x), Some(y)) => {
+                // SAFETY: both are pages of registered, active guest regions, mapped while the
+                // engine holds the guests; racing writes only make the comparison fail, and this
+                // comparison decides nothing on its own (the commit compares again under guard).
+                let (pa, pb) = unsafe {
+                    (
+                        std::slice::from_raw_parts(x as *const u8, PAGE_SIZE),
+                        std::slice::from_raw_parts(y as *const u8, PAGE_SIZE),
+                    )
+                };
+                pa == pb
+            }
+            _ => false,
+        }
+    }
+}

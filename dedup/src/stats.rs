@@ -1,0 +1,154 @@
+//! Statistics, global and per guest, with kernel KSM's names and meanings where they exist.
+
+use crate::merge::{Cause, Repairs};
+
+/// Merges refused, by cause.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Failures {
+    /// Bytes differed under the guard (page changed, or hash collision).
+    pub differed: u64,
+    /// Page had device I/O in flight.
+    pub excluded: u64,
+    /// Page was outside userfaultfd's guard.
+    pub unguarded: u64,
+    /// VMA budget refused the remap.
+    pub vma_budget: u64,
+    /// Write-protect failed.
+    pub protect: u64,
+    /// Remap failed.
+    pub remap: u64,
+    /// Remap failed with ENOMEM at `vm.max_map_count`.
+    pub vma_limit: u64,
+    /// Dropping a zero page failed.
+    pub zero_page: u64,
+    /// Pool could not be created, grown, filled or read.
+    pub pool: u64,
+}
+
+impl Failures {
+    /// Counts one refusal.
+    pub fn count(&mut self, cause: Cause) {
+        let c = match cause {
+            Cause::Differed => &mut self.differed,
+            Cause::Excluded => &mut self.excluded,
+            Cause::Unguarded => &mut self.unguarded,
+            Cause::VmaBudget => &mut self.vma_budget,
+            Cause::Protect => &mut self.protect,
+            Cause::Remap => &mut self.remap,
+            Cause::VmaLimit => &mut self.vma_limit,
+            Cause::ZeroPage => &mut self.zero_page,
+            Cause::Pool => &mut self.pool,
+        };
+        *c += 1;
+    }
+
+    /// All refusals.
+    pub fn total(&self) -> u64 {
+        self.differed
+            + self.excluded
+            + self.unguarded
+            + self.vma_budget
+            + self.protect
+            + self.remap
+            + self.vma_limit
+            + self.zero_page
+            + self.pool
+    }
+}
+
+/// Statistics of one guest. Page counts are gauges as of the last step; `pages_scanned` and
+/// `cow_breaks` are cumulative.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct GuestStats {
+    /// The guest's id.
+    pub id: u32,
+    /// The guest's name.
+    pub name: String,
+    /// The guest's trust domain.
+    pub domain: String,
+    /// Guest pages registered (private anonymous regions only).
+    pub pages: u64,
+    /// Pages in regions that are not private anonymous memory, never touched.
+    pub pages_skipped: u64,
+    /// Pool slots this guest counts as the owner of (for each slot, the first guest mapping it).
+    pub pages_shared: u64,
+    /// This guest's pages mapped to a pool slot, minus `pages_shared`.
+    pub pages_sharing: u64,
+    /// Stable pages not shared with anyone.
+    pub pages_unshared: u64,
+    /// Pages whose content changed between the last two looks.
+    pub pages_volatile: u64,
+    /// Pages hashed so far.
+    pub pages_scanned: u64,
+    /// Pages dropped to the host zero page.
+    pub zero_pages: u64,
+    /// Merged or zero pages that a write turned private again.
+    pub cow_breaks: u64,
+    /// `(pages_sharing + zero_pages) * 4096`.
+    pub bytes_saved: u64,
+    /// `bytes_saved` minus this guest's per-page metadata.
+    pub general_profit: i64,
+}
+
+/// Engine statistics.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Stats {
+    /// Pool slots in use: how many shared copies exist (KSM's `pages_shared`).
+    pub pages_shared: u64,
+    /// Guest pages mapped to those copies beyond the first of each (KSM's `pages_sharing`).
+    pub pages_sharing: u64,
+    /// Stable pages not shared with anyone (KSM's `pages_unshared`).
+    pub pages_unshared: u64,
+    /// Pages changing too fast to merge (KSM's `pages_volatile`).
+    pub pages_volatile: u64,
+    /// Pages hashed so far (KSM's `pages_scanned`).
+    pub pages_scanned: u64,
+    /// Completed passes over all guest memory (KSM's `full_scans`).
+    pub full_scans: u64,
+    /// Pages dropped to the host zero page (KSM's `ksm_zero_pages`).
+    pub zero_pages: u64,
+    /// Bytes saved minus the engine's metadata (KSM's `general_profit`).
+    pub general_profit: i64,
+    /// Merged or zero pages turned private again by a write (KSM's vmstat `cow_ksm`, plus
+    /// zero pages).
+    pub cow_breaks: u64,
+    /// `(pages_sharing + zero_pages) * 4096`.
+    pub bytes_saved: u64,
+    /// Merges attempted under the guard.
+    pub merge_attempts: u64,
+    /// Merges that happened (cumulative).
+    pub merges: u64,
+    /// Merges refused, by cause.
+    pub failures: Failures,
+    /// Guard releases that had to fall back to unregistering.
+    pub guard_repairs: u64,
+    /// Pages that a writer hit while they were guarded.
+    pub guarded_writes: u64,
+    /// VMAs inside guest memory (measured each pass, charged per remap in between).
+    pub vmas_used: u64,
+    /// Most VMAs the engine may use inside guest memory.
+    pub vma_budget: u64,
+    /// Whether the VMA budget is tight: only zero pages and runs are merged now.
+    pub vma_budget_reached: bool,
+    /// Bytes of engine metadata (page metadata, slots, index).
+    pub metadata_bytes: u64,
+    /// Guest pages registered.
+    pub pages: u64,
+    /// Pages in regions that are not private anonymous memory, never touched.
+    pub pages_skipped: u64,
+    /// CPU time spent by the engine, in nanoseconds.
+    pub cpu_ns: u64,
+    /// Wall time spent in scan steps, in nanoseconds.
+    pub wall_ns: u64,
+    /// Pool operations that failed (create, grow, fill, punch).
+    pub pool_errors: u64,
+    /// Per guest.
+    pub guests: Vec<GuestStats>,
+}
+
+impl Stats {
+    /// Adds guard repairs.
+    pub fn add_repairs(&mut self, r: &Repairs) {
+        self.guard_repairs += r.unprotect + r.wake + r.reregister;
+    }
+}

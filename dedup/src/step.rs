@@ -1,0 +1,442 @@
+//! One scan step: hash a slice of guest memory in parallel, plan merges, fill new pool slots,
+//! commit region by region in parallel under the write-protect guard, and account for it all.
+//! At the end of a full pass, slot references are rebuilt and the VMA budget is measured.
+
+use std::time::Instant;
+
+use rayon::prelude::*;
+use vm_memory::GuestAddress;
+
+use crate::budget::VmaBudget;
+use crate::fault::Faults;
+use crate::merge::{Committer, Item, Outcome, RegionGuard, Repairs};
+use crate::meta::{Meta, PageState};
+use crate::numa::Topology;
+use crate::plan::{self, Assign, Target};
+use crate::scan::{CHUNK_PAGES, Chunk, scan_chunk};
+use crate::state::{Cursor, EngineView, State};
+use crate::sys::PAGE_SIZE;
+use crate::sys::procfs::{self, thread_cpu_ns};
+
+/// What a step needs besides the state.
+pub(crate) struct StepCtx<'a> {
+    pub topology: &'a dyn Topology,
+    pub faults: &'a Faults,
+    pub threads: &'a rayon::ThreadPool,
+    pub batch_pages: usize,
+}
+
+/// One chunk to scan: guest, region, first page, page count.
+type Spec = (usize, usize, usize, usize);
+
+impl State {
+    fn begin_pass(&mut self) {
+        self.index.clear_pages();
+        for g in self.guests.iter_mut().flatten() {
+            for r in &mut g.regions {
+                r.dirty = None;
+            }
+        }
+        self.cursor = Cursor::default();
+        self.in_pass = true;
+    }
+
+    /// Picks up to `max_pages` pages from the cursor on; returns the chunks and whether the pass
+    /// is complete after them.
+    fn take_specs(&mut self, max_pages: usize) -> (Vec<Spec>, bool) {
+        let mut specs = Vec::new();
+        let mut taken = 0;
+        let mut c = self.cursor;
+        while taken < max_pages {
+            let Some(slot) = self.guests.get_mut(c.guest) else {
+                self.cursor = c;
+                return (specs, true);
+            };
+            let Some(g) = slot.as_mut() else {
+                c = Cursor {
+                    guest: c.guest + 1,
+                    ..Cursor::default()
+                };
+                continue;
+            };
+            let Some(r) = g.regions.get_mut(c.region) else {
+                c = Cursor {
+                    guest: c.guest + 1,
+                    ..Cursor::default()
+                };
+                continue;
+            };
+            if !r.active() || c.page >= r.pages {
+                c.region += 1;
+                c.page = 0;
+                continue;
+            }
+            if c.page == 0 {
+                r.dirty = g.dirty.as_ref().and_then(|src| {
+                    let mut bm = vec![0u64; r.pages.div_ceil(64)];
+                    src.take_dirty(c.region, GuestAddress(r.gpa), r.pages, &mut bm)
+                        .then_some(bm)
+                });
+            }
+            let n = CHUNK_PAGES.min(r.pages - c.page).min(max_pages - taken);
+            specs.push((c.guest, c.region, c.page, n));
+            taken += n;
+            c.page += n;
+        }
+        self.cursor = c;
+        let done = self.at_end();
+        (specs, done)
+    }
+
+    /// Whether the cursor is past the last page of the last guest.
+    fn at_end(&self) -> bool {
+        let c = self.cursor;
+        for (gi, g) in self.guests.iter().enumerate().skip(c.guest) {
+            let Some(g) = g else { continue };
+            for (ri, r) in g.regions.iter().enumerate() {
+                let from = if gi == c.guest && ri == c.region {
+                    c.page
+                } else if gi == c.guest && ri < c.region {
+                    continue;
+                } else {
+                    0
+                };
+                if r.active() && from < r.pages {
+                    return false;
+                }
+            }
+        }
+        true
+    }
+
+    /// Runs one step over at most `max_pages` pages; returns true when it completed a pass.
+    pub(crate) fn step(&mut self, ctx: &StepCtx<'_>, max_pages: usize) -> bool {
+        let wall0 = Instant::now();
+        let cpu0 = thread_cpu_ns();
+        let mut worker_cpu = 0u64;
+        if !self.in_pass {
+            self.begin_pass();
+        }
+        let (specs, done) = self.take_specs(max_pages.max(1));
+        let collide = ctx.faults.collide_hashes();
+
+        // Scan chunks in parallel.
+        let outs = {
+            let State {
+                guests, pagemap, ..
+            } = self;
+            let mut chunks: Vec<Chunk<'_>> = Vec::with_capacity(specs.len());
+            for (gi, slot) in guests.iter_mut().enumerate() {
+                let Some(g) = slot else { continue };
+                let domain = g.domain;
+                for (ri, region) in g.regions.iter_mut().enumerate() {
+                    let mut here = specs.iter().filter(|s| s.0 == gi && s.1 == ri).peekable();
+                    if here.peek().is_none() {
+                        continue;
+                    }
+                    let hva = region.hva;
+                    let dirty = region.dirty.as_deref();
+                    let mut rest: &mut [Meta] = region.metas.as_mut_slice();
+                    let mut offset = 0;
+                    for &(_, _, first, len) in here {
+                        let (_, tail) = std::mem::take(&mut rest).split_at_mut(first - offset);
+                        let (mine, tail) = tail.split_at_mut(len);
+                        rest = tail;
+                        offset = first + len;
+                        chunks.push(Chunk {
+                            guest: gi as u16,
+                            region: ri as u16,
+                            first: first as u32,
+                            hva,
+                            domain,
+                            metas: mine,
+                            dirty,
+                        });
+                    }
+                }
+            }
+            let pagemap = &*pagemap;
+            ctx.threads.install(|| {
+                chunks
+                    .par_iter_mut()
+                    .map(|c| scan_chunk(c, pagemap, ctx.topology, collide))
+                    .collect::<Vec<_>>()
+            })
+        };
+        let mut cands = Vec::new();
+        for (out, spec) in outs.into_iter().zip(&specs) {
+            worker_cpu += out.cpu_ns;
+            if let Some(g) = self.guests.get_mut(spec.0).and_then(Option::as_mut) {
+                g.pages_scanned += out.scanned;
+                g.cow_breaks += out.broken_slots.len() as u64 + out.zero_broken;
+            }
+            for s in out.broken_slots {
+                self.slots.dec(s);
+            }
+            cands.extend(out.cands);
+        }
+
+        // Plan.
+        let plan = {
+            let mut index = std::mem::take(&mut self.index);
+            let mut slots = std::mem::take(&mut self.slots);
+            let rules = self.rules;
+            let p = plan::plan(
+                &cands,
+                &rules,
+                &mut index,
+                &mut slots,
+                &EngineView { state: self },
+            );
+            self.index = index;
+            self.slots = slots;
+            p
+        };
+
+        // Fill new slots.
+        let failed_slots = self.fill_slots(ctx, &plan.new_slots, &mut worker_cpu);
+
+        // Commit region by region, in parallel.
+        let mut outcomes = vec![Outcome::Refused(crate::merge::Cause::Pool); plan.assigns.len()];
+        let mut written = vec![false; plan.assigns.len()];
+        let mut repairs = Repairs::default();
+        {
+            let groups = group_assigns(&plan.assigns);
+            let State {
+                guests,
+                pools,
+                budget,
+                slots,
+                ..
+            } = self;
+            let mut work = Vec::new();
+            for (gi, slot) in guests.iter_mut().enumerate() {
+                let Some(g) = slot else { continue };
+                let exclusion = g.exclusion.as_deref();
+                for (ri, region) in g.regions.iter_mut().enumerate() {
+                    let Some(&(_, _, from, to)) = groups.iter().find(|x| x.0 == gi && x.1 == ri)
+                    else {
+                        continue;
+                    };
+                    let Some(uffd) = region.uffd.as_ref() else {
+                        continue;
+                    };
+                    let mut items = Vec::with_capacity(to - from);
+                    let mut index_of = Vec::with_capacity(to - from);
+                    for (k, a) in plan.assigns[from..to].iter().enumerate() {
+                        let node = match a.target {
+                            Target::Slot(s) if failed_slots.contains(&s) => continue,
+                            Target::Slot(s) => slots.node(s),
+                            Target::Zero => 0,
+                        };
+                        items.push(Item {
+                            page: a.loc.page,
+                            target: a.target,
+                            node,
+                        });
+                        index_of.push(from + k);
+                    }
+                    let guard = RegionGuard {
+                        hva: region.hva,
+                        gpa: region.gpa,
+                        uffd,
+                        unguarded: &mut region.unguarded,
+                    };
+                    work.push((guard, items, index_of, exclusion));
+                }
+            }
+            let pools = &*pools;
+            let budget = &*budget;
+            let reports = ctx.threads.install(|| {
+                work.par_iter_mut()
+                    .map(|(guard, items, _, exclusion)| {
+                        let cpu = thread_cpu_ns();
+                        let committer = Committer {
+                            pools,
+                            faults: ctx.faults,
+                            budget,
+                            exclusion: *exclusion,
+                            batch_pages: ctx.batch_pages,
+                        };
+                        let rep = committer.commit(guard, items);
+                        (rep, thread_cpu_ns().saturating_sub(cpu))
+                    })
+                    .collect::<Vec<_>>()
+            });
+            for ((rep, cpu), (_, _, index_of, _)) in reports.into_iter().zip(&work) {
+                worker_cpu += cpu;
+                repairs.unprotect += rep.repairs.unprotect;
+                repairs.wake += rep.repairs.wake;
+                repairs.reregister += rep.repairs.reregister;
+                for (k, &i) in index_of.iter().enumerate() {
+                    outcomes[i] = rep.outcomes[k];
+                    written[i] = rep.written[k];
+                }
+            }
+        }
+
+        // Account.
+        let mut merged = vec![false; plan.assigns.len()];
+        for (i, a) in plan.assigns.iter().enumerate() {
+            self.totals.merge_attempts += 1;
+            if written[i] {
+                self.totals.guarded_writes += 1;
+            }
+            let Some(meta) = self.meta_mut(a.loc) else {
+                continue;
+            };
+            let m = *meta;
+            match outcomes[i] {
+                Outcome::Merged => {
+                    merged[i] = true;
+                    *meta = match a.target {
+                        Target::Slot(s) => Meta::new(PageState::Merged, s).remapped_now(),
+                        Target::Zero => m.with(PageState::Zero, 0),
+                    };
+                    self.totals.merges += 1;
+                }
+                Outcome::Refused(cause) => {
+                    if cause == crate::merge::Cause::Differed {
+                        *meta = m.with(PageState::Volatile, m.payload());
+                    }
+                    self.totals.failures.count(cause);
+                }
+            }
+        }
+        self.totals.guard_repairs += repairs.unprotect + repairs.wake + repairs.reregister;
+        let unref = plan::settle(&plan, &merged, &mut self.slots);
+        self.release_slots(unref, ctx.faults);
+
+        if done {
+            self.end_pass(ctx.faults);
+        }
+        self.totals.cpu_ns += thread_cpu_ns().saturating_sub(cpu0) + worker_cpu;
+        self.totals.wall_ns += wall0.elapsed().as_nanos() as u64;
+        done
+    }
+
+    fn meta_mut(&mut self, loc: crate::index::PageLoc) -> Option<&mut Meta> {
+        self.guests
+            .get_mut(usize::from(loc.guest))?
+            .as_mut()?
+            .regions
+            .get_mut(usize::from(loc.region))?
+            .metas
+            .get_mut(loc.page as usize)
+    }
+
+    /// Creates and grows pools, and fills new slots from their donors (runs of consecutive
+    /// slots with consecutive donors in one write). Returns the slots that could not be filled.
+    fn fill_slots(
+        &mut self,
+        ctx: &StepCtx<'_>,
+        new_slots: &[plan::NewSlot],
+        worker_cpu: &mut u64,
+    ) -> hashbrown::HashSet<u32> {
+        let mut failed = hashbrown::HashSet::new();
+        if new_slots.is_empty() {
+            return failed;
+        }
+        let mut top: hashbrown::HashMap<u8, u32> = hashbrown::HashMap::new();
+        for n in new_slots {
+            let node = self.slots.node(n.slot);
+            let t = top.entry(node).or_insert(0);
+            *t = (*t).max(n.slot);
+        }
+        for (&node, &last) in &top {
+            if let Err(e) = self.pools.ensure(node, last, ctx.topology, ctx.faults) {
+                log::warn!("vm-dedup: {e}");
+                self.totals.pool_errors += 1;
+                for n in new_slots {
+                    if self.slots.node(n.slot) == node {
+                        failed.insert(n.slot);
+                    }
+                }
+            }
+        }
+        // Runs: (node, first slot, donor address, pages).
+        let mut runs: Vec<(u8, u32, usize, usize)> = Vec::new();
+        let mut sorted: Vec<&plan::NewSlot> = new_slots
+            .iter()
+            .filter(|n| !failed.contains(&n.slot))
+            .collect();
+        sorted.sort_by_key(|n| n.slot);
+        for n in sorted {
+            let node = self.slots.node(n.slot);
+            let Some(addr) = self.addr(n.donor) else {
+                failed.insert(n.slot);
+                continue;
+            };
+            if let Some(last) = runs.last_mut() {
+                if last.0 == node
+                    && last.1 + last.3 as u32 == n.slot
+                    && last.2 + last.3 * PAGE_SIZE == addr
+                {
+                    last.3 += 1;
+                    continue;
+                }
+            }
+            runs.push((node, n.slot, addr, 1));
+        }
+        let pools = &self.pools;
+        let results = ctx.threads.install(|| {
+            runs.par_iter()
+                .map(|&(node, slot, addr, pages)| {
+                    let cpu = thread_cpu_ns();
+                    // SAFETY: `addr` is the start of `pages` consecutive pages of a registered
+                    // guest region (the donors); racing writes only make the slot differ from
+                    // the pages, which the guarded comparison then refuses.
+                    let src =
+                        unsafe { std::slice::from_raw_parts(addr as *const u8, pages * PAGE_SIZE) };
+                    let r = pools.fill(node, slot, src, ctx.faults);
+                    (r, thread_cpu_ns().saturating_sub(cpu))
+                })
+                .collect::<Vec<_>>()
+        });
+        for ((r, cpu), &(_, slot, _, pages)) in results.into_iter().zip(&runs) {
+            *worker_cpu += cpu;
+            if let Err(e) = r {
+                log::warn!("vm-dedup: {e}");
+                self.totals.pool_errors += 1;
+                failed.extend(slot..slot + pages as u32);
+            }
+        }
+        failed
+    }
+
+    fn end_pass(&mut self, faults: &Faults) {
+        self.totals.full_scans += 1;
+        self.in_pass = false;
+        self.cursor = Cursor::default();
+        self.rebuild_refs(faults);
+        self.measure_vmas();
+    }
+
+    /// Measures VMAs inside guest memory and, when automatic, the budget's limit.
+    pub(crate) fn measure_vmas(&mut self) {
+        let ranges = self.active_ranges();
+        let Ok((total, inside)) = procfs::count_vmas(&ranges) else {
+            return;
+        };
+        let max = procfs::max_map_count().unwrap_or(65530);
+        if let Ok(mut b) = self.budget.lock() {
+            b.measured(inside as u64);
+            if self.budget_auto {
+                b.set_limit(VmaBudget::default_limit(max, (total - inside) as u64));
+            }
+        }
+    }
+}
+
+/// Consecutive assigns of the same region: `(guest, region, from, to)`.
+fn group_assigns(assigns: &[Assign]) -> Vec<(usize, usize, usize, usize)> {
+    let mut out: Vec<(usize, usize, usize, usize)> = Vec::new();
+    for (i, a) in assigns.iter().enumerate() {
+        let (g, r) = (usize::from(a.loc.guest), usize::from(a.loc.region));
+        match out.last_mut() {
+            Some(last) if last.0 == g && last.1 == r => last.3 = i + 1,
+            _ => out.push((g, r, i, i + 1)),
+        }
+    }
+    out
+}

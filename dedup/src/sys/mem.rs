@@ -1,0 +1,200 @@
+//! mmap, madvise and memfd: remapping guest pages onto pool slots, zero pages, and the pool's
+//! backing file.
+
+use std::ffi::CStr;
+use std::io;
+use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
+
+use super::last_os_error;
+
+/// `MADV_POPULATE_WRITE` (Linux 5.14): fault pages in as if written, breaking copy-on-write
+/// without changing their content.
+const MADV_POPULATE_WRITE: i32 = 23;
+
+/// Maps `len` bytes of `fd` at `offset` over `[addr, addr + len)`, private and copy-on-write.
+///
+/// # Safety
+/// `[addr, addr + len)` must be memory the caller owns (guest memory registered with the engine)
+/// whose current content equals the file range, so that no reader can observe the switch.
+pub unsafe fn map_private_fixed(
+    addr: usize,
+    len: usize,
+    fd: BorrowedFd<'_>,
+    offset: u64,
+) -> io::Result<()> {
+    let off =
+        libc::off_t::try_from(offset).map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))?;
+    // SAFETY: the caller guarantees the range is ours to replace; MAP_FIXED replaces exactly
+    // `[addr, addr + len)` and nothing else.
+    let p = unsafe {
+        libc::mmap(
+            addr as *mut libc::c_void,
+            len,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_PRIVATE | libc::MAP_FIXED | libc::MAP_NORESERVE,
+            fd.as_raw_fd(),
+            off,
+        )
+    };
+    if p == libc::MAP_FAILED {
+        return Err(last_os_error());
+    }
+    Ok(())
+}
+
+/// Drops the pages of `[addr, addr + len)`; anonymous memory reads back as the zero page.
+///
+/// # Safety
+/// The range must be private anonymous memory owned by the caller whose content is all zeros.
+pub unsafe fn dont_need(addr: usize, len: usize) -> io::Result<()> {
+    // SAFETY: the caller guarantees the range is ours and already all zeros, so dropping its
+    // pages changes nothing a reader can see.
+    let rc = unsafe { libc::madvise(addr as *mut libc::c_void, len, libc::MADV_DONTNEED) };
+    if rc != 0 {
+        return Err(last_os_error());
+    }
+    Ok(())
+}
+
+/// Faults `[addr, addr + len)` in writable: every shared page gets a private copy with the same
+/// content. Concurrent writers are safe: no byte changes.
+pub fn populate_write(addr: usize, len: usize) -> io::Result<()> {
+    // SAFETY: MADV_POPULATE_WRITE never changes memory content; on an unmapped or read-only
+    // range it fails with an error instead of touching anything.
+    let rc = unsafe { libc::madvise(addr as *mut libc::c_void, len, MADV_POPULATE_WRITE) };
+    if rc != 0 {
+        return Err(last_os_error());
+    }
+    Ok(())
+}
+
+/// Creates a memfd that allows sealing.
+pub fn memfd_create(name: &CStr) -> io::Result<OwnedFd> {
+    // SAFETY: `name` is a valid NUL-terminated string; memfd_create returns a new descriptor.
+    let raw =
+        unsafe { libc::memfd_create(name.as_ptr(), libc::MFD_CLOEXEC | libc::MFD_ALLOW_SEALING) };
+    if raw < 0 {
+        return Err(last_os_error());
+    }
+    // SAFETY: `raw` was just returned by the kernel and is owned by nobody else.
+    Ok(unsafe { OwnedFd::from_raw_fd(raw) })
+}
+
+/// Adds `seals` (`F_SEAL_*`) to a memfd.
+pub fn add_seals(fd: BorrowedFd<'_>, seals: i32) -> io::Result<()> {
+    // SAFETY: F_ADD_SEALS takes an int and only changes the file's seal set.
+    let rc = unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_ADD_SEALS, seals) };
+    if rc != 0 {
+        return Err(last_os_error());
+    }
+    Ok(())
+}
+
+/// Sets the size of a file.
+pub fn set_len(fd: BorrowedFd<'_>, len: u64) -> io::Result<()> {
+    let len = libc::off_t::try_from(len).map_err(|_| io::Error::from_raw_os_error(libc::EFBIG))?;
+    // SAFETY: ftruncate only changes the size of the file behind `fd`.
+    let rc = unsafe { libc::ftruncate(fd.as_raw_fd(), len) };
+    if rc != 0 {
+        return Err(last_os_error());
+    }
+    Ok(())
+}
+
+/// Writes all of `buf` at `offset`.
+pub fn write_at(fd: BorrowedFd<'_>, buf: &[u8], offset: u64) -> io::Result<()> {
+    let mut done = 0usize;
+    while done < buf.len() {
+        let off = libc::off_t::try_from(offset + done as u64)
+            .map_err(|_| io::Error::from_raw_os_error(libc::EFBIG))?;
+        let rest = &buf[done..];
+        // SAFETY: `rest` is a readable buffer of `rest.len()` bytes.
+        let n = unsafe { libc::pwrite(fd.as_raw_fd(), rest.as_ptr().cast(), rest.len(), off) };
+        if n < 0 {
+            let err = last_os_error();
+            if err.raw_os_error() == Some(libc::EINTR) {
+                continue;
+            }
+            return Err(err);
+        }
+        if n == 0 {
+            return Err(io::Error::from(io::ErrorKind::WriteZero));
+        }
+        done += n as usize;
+    }
+    Ok(())
+}
+
+/// Frees the file pages of `[offset, offset + len)`, keeping the file size.
+pub fn punch_hole(fd: BorrowedFd<'_>, offset: u64, len: u64) -> io::Result<()> {
+    let off =
+        libc::off_t::try_from(offset).map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))?;
+    let len = libc::off_t::try_from(len).map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))?;
+    // SAFETY: fallocate only changes the file behind `fd`.
+    let rc = unsafe {
+        libc::fallocate(
+            fd.as_raw_fd(),
+            libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+            off,
+            len,
+        )
+    };
+    if rc != 0 {
+        return Err(last_os_error());
+    }
+    Ok(())
+}
+
+/// A read-only shared view of a file, unmapped on drop.
+#[derive(Debug)]
+pub struct ReadView {
+    addr: usize,
+    len: usize,
+}
+
+impl ReadView {
+    /// Maps `len` bytes of `fd` shared and read-only (beyond the file end reads fault, so the
+    /// caller reads only what the file holds).
+    pub fn new(fd: BorrowedFd<'_>, len: usize) -> io::Result<Self> {
+        // SAFETY: a fresh mapping chosen by the kernel; it replaces nothing.
+        let p = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                libc::PROT_READ,
+                libc::MAP_SHARED | libc::MAP_NORESERVE,
+                fd.as_raw_fd(),
+                0,
+            )
+        };
+        if p == libc::MAP_FAILED {
+            return Err(last_os_error());
+        }
+        Ok(ReadView {
+            addr: p as usize,
+            len,
+        })
+    }
+
+    /// Start address of the view.
+    pub fn addr(&self) -> usize {
+        self.addr
+    }
+
+    /// Length of the view in bytes.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    /// Whether the view is empty.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+}
+
+impl Drop for ReadView {
+    fn drop(&mut self) {
+        // SAFETY: `addr`/`len` is the mapping this view created and still owns.
+        unsafe { libc::munmap(self.addr as *mut libc::c_void, self.len) };
+    }
+}
