@@ -23,7 +23,7 @@ pub enum Error {
     #[error("--mem {0} is not a whole number of 4 KiB pages: use a multiple of 4096 bytes")]
     NotPageMultiple(u64),
     /// Too little memory.
-    #[error("--mem {mem} is too small: a guest needs at least {min} bytes (2M)")]
+    #[error("--mem {} is too small: a guest needs at least {}", format_size(*.mem), format_size(*.min))]
     MemTooSmall {
         /// Requested bytes.
         mem: u64,
@@ -31,7 +31,7 @@ pub enum Error {
         min: u64,
     },
     /// More memory than the boot page tables can map.
-    #[error("--mem {mem} is too large: this VMM maps at most {max} bytes per guest")]
+    #[error("--mem {} is too large: this VMM maps at most {} per guest", format_size(*.mem), format_size(*.max))]
     MemTooLarge {
         /// Requested bytes.
         mem: u64,
@@ -122,6 +122,17 @@ pub struct VmmConfig {
 /// The name of guest `index`.
 pub fn guest_name(index: u32) -> String {
     format!("guest{index}")
+}
+
+/// Formats a byte count as [`parse_size`] reads it, in the largest binary unit that divides it
+/// (`64M`, `3G`, `4097`).
+pub fn format_size(bytes: u64) -> String {
+    for (shift, unit) in [(40, 'T'), (30, 'G'), (20, 'M'), (10, 'K')] {
+        if bytes != 0 && bytes % (1 << shift) == 0 {
+            return format!("{}{unit}", bytes >> shift);
+        }
+    }
+    bytes.to_string()
 }
 
 /// Parses a size: bytes (decimal or 0x hex) or a number with a binary suffix K, M, G or T
@@ -268,6 +279,18 @@ mod tests {
         assert_eq!(parse_size("1T"), Ok(1 << 40));
         assert_eq!(parse_size("0x1000"), Ok(4096));
         assert_eq!(parse_size("512B"), Ok(512));
+    }
+
+    #[test]
+    fn sizes_format_in_the_largest_whole_unit() {
+        assert_eq!(format_size(64 << 20), "64M");
+        assert_eq!(format_size(3 << 30), "3G");
+        assert_eq!(format_size(1536 << 10), "1536K");
+        assert_eq!(format_size(4097), "4097");
+        assert_eq!(format_size(0), "0");
+        for n in [4096, 64 << 20, 5 << 40, 12345] {
+            assert_eq!(parse_size(&format_size(n)), Ok(n));
+        }
     }
 
     #[test]

@@ -3,8 +3,8 @@
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use clap::Parser;
 use clap::error::ErrorKind;
+use clap::{ArgGroup, Parser};
 use vmm::config::{self, Boot, DEFAULT_CMDLINE, GuestConfig, VmmConfig};
 
 /// Exit status for usage errors.
@@ -14,15 +14,11 @@ const RUNTIME: u8 = 1;
 
 /// Runs Linux kernels or flat binaries as KVM guests; the serial console is stdin/stdout.
 #[derive(Debug, Parser)]
-#[command(name = "vmm", version, about)]
+#[command(name = "vmm", version)]
+#[command(group(ArgGroup::new("boot").required(true).args(["kernel", "flat"])))]
 struct Cli {
     /// Linux kernel to boot: a bzImage or an ELF vmlinux.
-    #[arg(
-        long,
-        value_name = "PATH",
-        required_unless_present = "flat",
-        conflicts_with = "flat"
-    )]
+    #[arg(long, value_name = "PATH")]
     kernel: Option<PathBuf>,
     /// Initramfs for the kernel.
     #[arg(long, value_name = "PATH", requires = "kernel")]
@@ -84,6 +80,22 @@ impl Cli {
     }
 }
 
+/// clap's error message on one line: its first paragraph (the error and, for missing
+/// arguments, their list), without the `error: ` tag.
+fn one_line(e: &clap::Error) -> String {
+    let text = e.to_string();
+    let paragraph: Vec<&str> = text
+        .lines()
+        .take_while(|l| !l.trim().is_empty())
+        .map(str::trim)
+        .collect();
+    let joined = paragraph.join(" ");
+    joined
+        .strip_prefix("error: ")
+        .unwrap_or(&joined)
+        .to_string()
+}
+
 /// Prints one error line and returns the exit status.
 fn fail(message: impl std::fmt::Display, status: u8) -> ExitCode {
     eprintln!("vmm: error: {message}");
@@ -100,10 +112,10 @@ fn main() -> ExitCode {
             return ExitCode::SUCCESS;
         }
         Err(e) => {
-            let text = e.to_string();
-            let first = text.lines().next().unwrap_or_default();
-            let what = first.strip_prefix("error: ").unwrap_or(first);
-            return fail(format!("{what}; run `vmm --help` for usage"), USAGE);
+            return fail(
+                format!("{}; run `vmm --help` for usage", one_line(&e)),
+                USAGE,
+            );
         }
     };
     let config = match cli.into_config() {

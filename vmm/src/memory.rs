@@ -76,7 +76,8 @@ pub enum Error {
     },
     /// The memory image is larger than guest RAM.
     #[error(
-        "--mem-image {path} is {len} bytes, larger than the guest's {mem} bytes of RAM: give the guest more --mem"
+        "--mem-image {path} is {len} bytes, larger than the guest's {} of RAM: give the guest more --mem",
+        crate::config::format_size(*.mem)
     )]
     ImageTooLarge {
         /// The image.

@@ -28,7 +28,11 @@ pub enum Error {
         max: u32,
     },
     /// More RAM than the host has.
-    #[error("--mem {mem} is larger than this host's {host} bytes of RAM: give less --mem")]
+    #[error(
+        "--mem {} is larger than this host's {} of RAM: give less --mem",
+        config::format_size(*.mem),
+        config::format_size(*.host)
+    )]
     HostMem {
         /// Requested bytes.
         mem: u64,
