@@ -252,13 +252,28 @@ impl GuestRam {
         }
         Ok(slots)
     }
+}
 
-    /// Reads and clears KVM's dirty log of every slot (tracking must be on).
-    pub fn dirty_log(&self, vm: &VmFd) -> Result<Vec<SlotDirtyLog>, Error> {
-        self.slots()
-            .into_iter()
-            .map(|slot| {
-                vm.get_dirty_log(slot.slot, slot.size as usize)
+/// Reads a guest's KVM dirty log, from any thread, while the guest runs.
+#[derive(Debug, Clone)]
+pub struct DirtyLogReader {
+    vm: Arc<VmFd>,
+    slots: Vec<MemorySlot>,
+}
+
+impl DirtyLogReader {
+    /// A reader for the `slots` of `vm` (registered with dirty logging).
+    pub fn new(vm: Arc<VmFd>, slots: Vec<MemorySlot>) -> Self {
+        Self { vm, slots }
+    }
+
+    /// Returns and clears, per slot, the pages the guest wrote since the previous call.
+    pub fn read(&self) -> Result<Vec<SlotDirtyLog>, Error> {
+        self.slots
+            .iter()
+            .map(|&slot| {
+                self.vm
+                    .get_dirty_log(slot.slot, slot.size as usize)
                     .map(|bitmap| SlotDirtyLog { slot, bitmap })
                     .map_err(|source| Error::DirtyLog {
                         slot: slot.slot,

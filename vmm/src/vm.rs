@@ -18,7 +18,7 @@ use crate::devices::console::{ConsoleOut, SharedSerial, Sink};
 use crate::devices::serial::{self, COM1_GSI, IrqLine, SerialPort};
 use crate::exit::Stop;
 use crate::kvm::Host;
-use crate::memory::{self, GuestMem, GuestRam, MemorySlot, SlotDirtyLog};
+use crate::memory::{self, DirtyLogReader, GuestMem, GuestRam, MemorySlot};
 use crate::setup;
 use crate::vcpu;
 
@@ -260,9 +260,12 @@ impl Guest {
         &self.slots
     }
 
-    /// Reads and clears KVM's dirty log (the guest must have been built with `track_dirty`).
-    pub fn dirty_log(&self) -> Result<Vec<SlotDirtyLog>, memory::Error> {
-        self.ram.dirty_log(&self.vm)
+    /// A reader of KVM's dirty log, usable while the guest runs (`None` unless the guest was
+    /// built with `track_dirty`).
+    pub fn dirty_log_reader(&self) -> Option<DirtyLogReader> {
+        self.ram
+            .tracks_dirty()
+            .then(|| DirtyLogReader::new(Arc::clone(&self.vm), self.slots.clone()))
     }
 
     /// Its serial port (for console input).

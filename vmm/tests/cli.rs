@@ -1,0 +1,172 @@
+//! The `vmm` command line: exit statuses, one-line errors, clean stops and signals.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)] // test code: a failed setup is a failed test
+
+use std::io::{BufRead, BufReader, Write};
+use std::process::{Command, Output, Stdio};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use test_guests::{LOAD_ADDRESS, PROBE, RESET, TRIPLE_FAULT};
+use vmm_sys_util::tempfile::TempFile;
+
+/// Upper bound for a guest to start or stop; only guards against a hang.
+const TIMEOUT: Duration = Duration::from_secs(120);
+
+fn vmm() -> Command {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_vmm"));
+    cmd.stdin(Stdio::null());
+    cmd
+}
+
+fn file_with(bytes: &[u8]) -> TempFile {
+    let f = TempFile::new().unwrap();
+    f.as_file().write_all(bytes).unwrap();
+    f
+}
+
+fn run(args: &[&str]) -> Output {
+    vmm().args(args).output().unwrap()
+}
+
+/// Asserts a usage error: status 2 and one stderr line naming `expected`.
+fn assert_usage_error(args: &[&str], expected: &str) {
+    let out = run(args);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{args:?}: {stderr}");
+    assert_eq!(stderr.lines().count(), 1, "{args:?}: {stderr}");
+    assert!(stderr.starts_with("vmm: error: "), "{args:?}: {stderr}");
+    assert!(stderr.contains(expected), "{args:?}: {stderr}");
+}
+
+#[test]
+fn usage_errors_are_one_line_and_exit_2() {
+    let flat = ["--flat", "/unused", "--entry", "0x100000"];
+    let with = |extra: &[&'static str]| -> Vec<&'static str> {
+        flat.iter().chain(extra).copied().collect()
+    };
+    assert_usage_error(&["--frobnicate"], "--frobnicate");
+    assert_usage_error(&[], "--kernel");
+    assert_usage_error(&["--flat", "x"], "--entry");
+    assert_usage_error(
+        &["--kernel", "k", "--flat", "x", "--entry", "0x100000"],
+        "cannot be used",
+    );
+    assert_usage_error(&with(&["--mem", "1000"]), "4 KiB pages");
+    assert_usage_error(&with(&["--mem", "64Q"]), "64Q");
+    assert_usage_error(&with(&["--mem", "1M"]), "too small");
+    assert_usage_error(&with(&["--mem", "1T"]), "too large");
+    assert_usage_error(&with(&["--vcpus", "0"]), "--vcpus 0");
+    assert_usage_error(&with(&["--vcpus", "999"]), "too many");
+    assert_usage_error(&with(&["--guests", "0"]), "--guests 0");
+    assert_usage_error(
+        &with(&["--guests", "3", "--mem-image", "a", "--mem-image", "b"]),
+        "once per guest",
+    );
+    assert_usage_error(&["--flat", "x", "--entry", "0x1000"], "0x100000");
+    assert_usage_error(&["--flat", "x", "--entry", "zz"], "zz");
+}
+
+#[test]
+fn bad_files_are_usage_errors() {
+    if !vmm_tests::require_kvm() {
+        return;
+    }
+    let text = file_with(b"#!/bin/sh\necho not a kernel\n");
+    let text = text.as_path().to_str().unwrap();
+    let probe = file_with(PROBE);
+    let probe = probe.as_path().to_str().unwrap();
+    let big = file_with(&vec![1u8; 3 << 20]);
+    let big = big.as_path().to_str().unwrap();
+
+    assert_usage_error(
+        &["--kernel", "/nonexistent/vmlinux"],
+        "/nonexistent/vmlinux",
+    );
+    assert_usage_error(&["--kernel", text], "not a Linux kernel");
+    assert_usage_error(
+        &["--flat", "/nonexistent/p", "--entry", "0x100000"],
+        "/nonexistent/p",
+    );
+    let image_args = [
+        "--flat",
+        probe,
+        "--entry",
+        "0x100000",
+        "--mem",
+        "2M",
+        "--mem-image",
+        big,
+    ];
+    assert_usage_error(&image_args, "larger than the guest's 2M");
+    assert_usage_error(
+        &["--flat", big, "--entry", "0x100000", "--mem", "2M"],
+        "does not fit",
+    );
+}
+
+#[test]
+fn reset_and_triple_fault_stop_the_guest_with_status_0() {
+    if !vmm_tests::require_kvm() {
+        return;
+    }
+    for (guest, says) in [(RESET, "RESETTING"), (TRIPLE_FAULT, "FAULTING")] {
+        let f = file_with(guest);
+        let entry = format!("{LOAD_ADDRESS:#x}");
+        let out = run(&[
+            "--flat",
+            f.as_path().to_str().unwrap(),
+            "--entry",
+            &entry,
+            "--mem",
+            "16M",
+        ]);
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        assert_eq!(out.status.code(), Some(0), "{says}: {stdout}");
+        assert!(stdout.contains(says), "{stdout}");
+    }
+}
+
+#[test]
+fn sigterm_stops_every_guest_with_status_0() {
+    if !vmm_tests::require_kvm() {
+        return;
+    }
+    let f = file_with(PROBE);
+    let entry = format!("{LOAD_ADDRESS:#x}");
+    let mut child = vmm()
+        .args(["--flat", f.as_path().to_str().unwrap(), "--entry", &entry])
+        .args(["--mem", "16M", "--guests", "2", "--vcpus", "2"])
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Signal once both guests are up (and so the VMM's signal handling is in place).
+    let stdout = child.stdout.take().unwrap();
+    let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+    let reader = thread::spawn(move || {
+        let mut ready = 0;
+        for line in BufReader::new(stdout).lines() {
+            if line.unwrap().ends_with("PROBE READY vcpus=2") {
+                ready += 1;
+                if ready == 2 {
+                    ready_tx.send(()).unwrap();
+                }
+            }
+        }
+    });
+    ready_rx
+        .recv_timeout(TIMEOUT)
+        .expect("guests did not start");
+    // SAFETY: kill(2) on our own child's pid with a valid signal number.
+    assert_eq!(unsafe { libc::kill(child.id() as i32, libc::SIGTERM) }, 0);
+    let start = Instant::now();
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        assert!(start.elapsed() < TIMEOUT, "vmm did not stop on SIGTERM");
+        thread::sleep(Duration::from_millis(10));
+    };
+    assert_eq!(status.code(), Some(0));
+    reader.join().unwrap();
+}
