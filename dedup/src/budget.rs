@@ -62,6 +62,21 @@ impl VmaBudget {
         Admission::Admitted
     }
 
+    /// Asks to remap several runs together (all or none), `run_pages[i]` pages each.
+    pub fn admit_all(&mut self, run_pages: &[usize]) -> Admission {
+        let cost = VMAS_PER_REMAP * run_pages.len() as u64;
+        if self.used + cost > self.limit {
+            self.denied += run_pages.len() as u64;
+            return Admission::Exhausted;
+        }
+        if self.tight() && run_pages.iter().any(|&p| p < MIN_RUN_WHEN_TIGHT) {
+            self.denied += run_pages.len() as u64;
+            return Admission::TooShort;
+        }
+        self.used += cost;
+        Admission::Admitted
+    }
+
     /// Replaces the running charge by a measurement.
     pub fn measured(&mut self, used: u64) {
         self.used = used;
@@ -122,6 +137,17 @@ mod tests {
         b.measured(10);
         assert!(!b.tight());
         assert_eq!(b.admit(1), Admission::Admitted);
+    }
+
+    #[test]
+    fn admit_all_is_all_or_nothing() {
+        let mut b = VmaBudget::new(10, 4);
+        assert_eq!(b.admit_all(&[8, 8, 8, 8]), Admission::Exhausted);
+        assert_eq!(b.used(), 4);
+        assert_eq!(b.admit_all(&[8, 8]), Admission::Admitted);
+        assert_eq!(b.used(), 8);
+        assert_eq!(b.admit_all(&[1]), Admission::TooShort);
+        assert_eq!(b.admit_all(&[]), Admission::Admitted);
     }
 
     #[test]

@@ -64,6 +64,11 @@ pub struct Item {
     pub target: Target,
     /// Node of the slot's pool.
     pub node: u8,
+    /// The planned run (consecutive pages onto consecutive slots) the page belongs to; its
+    /// first remap was paid for in the VMA budget when the plan was admitted.
+    pub run: u32,
+    /// Whether the VMA budget admitted the page's run.
+    pub admitted: bool,
 }
 
 /// A guest region as the committer sees it.
@@ -192,7 +197,19 @@ impl Committer<'_> {
         };
         // 1. Write-protect each run of consecutive pages.
         let mut protected: Vec<(usize, usize)> = Vec::new();
-        for (i0, i1) in runs(items, |it| it.page) {
+        for (k, it) in items.iter().enumerate() {
+            if !it.admitted {
+                rep.outcomes[base + k] = Outcome::Refused(Cause::VmaBudget);
+            }
+        }
+        let wanted: Vec<&Item> = items.iter().filter(|it| it.admitted).collect();
+        for (w0, w1) in runs(&wanted, |it| it.page) {
+            // Indices into `items` of the admitted run.
+            let i0 = items
+                .iter()
+                .position(|it| it.page == wanted[w0].page)
+                .unwrap_or(0);
+            let i1 = i0 + (w1 - w0);
             if !items[i0..i1].iter().all(guarded) {
                 continue;
             }
@@ -238,6 +255,7 @@ impl Committer<'_> {
         // 3. Remap runs of equal pages onto consecutive slots; drop zero pages.
         let mut remapped: Vec<(usize, usize)> = Vec::new();
         let mut on_slot = vec![false; items.len()];
+        let mut prepaid_used: Vec<u32> = Vec::new();
         for &(i0, i1) in &protected {
             let mut k = i0;
             while k < i1 {
@@ -268,7 +286,13 @@ impl Committer<'_> {
                         // just checked all-zero.
                         .and_then(|()| unsafe { mem::dont_need(addr, len) })
                         .map_err(|_| Cause::ZeroPage),
-                    Target::Slot(s) => self.remap(addr, len, it.node, s, j - k),
+                    Target::Slot(s) => {
+                        let prepaid = !prepaid_used.contains(&it.run);
+                        if prepaid {
+                            prepaid_used.push(it.run);
+                        }
+                        self.remap(addr, len, it.node, s, j - k, prepaid)
+                    }
                 };
                 for m in k..j {
                     rep.outcomes[base + m] = match result {
@@ -340,6 +364,8 @@ impl Committer<'_> {
         }
     }
 
+    /// Remaps `pages` pages onto consecutive slots. A remap that was not paid for when the plan
+    /// was admitted (a planned run split by a page that differed) is charged now.
     fn remap(
         &self,
         addr: usize,
@@ -347,13 +373,16 @@ impl Committer<'_> {
         node: u8,
         slot: u32,
         pages: usize,
+        prepaid: bool,
     ) -> Result<(), Cause> {
-        let admitted = match self.budget.lock() {
-            Ok(mut b) => b.admit(pages),
-            Err(_) => Admission::Exhausted,
-        };
-        if admitted != Admission::Admitted {
-            return Err(Cause::VmaBudget);
+        if !prepaid {
+            let admitted = match self.budget.lock() {
+                Ok(mut b) => b.admit(pages),
+                Err(_) => Admission::Exhausted,
+            };
+            if admitted != Admission::Admitted {
+                return Err(Cause::VmaBudget);
+            }
         }
         let fd = self.pools.fd(node).map_err(|_| Cause::Pool)?;
         self.faults

@@ -130,6 +130,7 @@ pub struct Simulation {
 struct SimView<'a> {
     metas: &'a [Meta],
     content: &'a [u64],
+    slot_content: &'a HashMap<u32, u64>,
 }
 
 impl PlanView for SimView<'_> {
@@ -139,6 +140,9 @@ impl PlanView for SimView<'_> {
     }
     fn same_content(&self, a: PageLoc, b: PageLoc) -> bool {
         self.content[a.page as usize] == self.content[b.page as usize]
+    }
+    fn matches_slot(&self, loc: PageLoc, slot: u32) -> bool {
+        self.slot_content.get(&slot) == Some(&self.content[loc.page as usize])
     }
 }
 
@@ -203,6 +207,7 @@ pub fn simulate(
         let view = SimView {
             metas: &metas,
             content: &content,
+            slot_content: &slot_content,
         };
         let p = plan::plan(&cands, rules, &mut index, &mut slots, &view);
         for n in &p.new_slots {

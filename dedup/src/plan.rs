@@ -78,6 +78,9 @@ pub trait PlanView {
     fn stable_hash(&self, loc: PageLoc) -> Option<u32>;
     /// Unguarded byte comparison of two pages, to avoid opening a slot for a hash collision.
     fn same_content(&self, a: PageLoc, b: PageLoc) -> bool;
+    /// Unguarded comparison of a page with a filled slot, used only when several entries share
+    /// a hash, to pick the right one.
+    fn matches_slot(&self, loc: PageLoc, slot: u32) -> bool;
 }
 
 /// The index table a slot or page of `domain` on `node` belongs to.
@@ -112,6 +115,7 @@ pub fn plan(
     let mut pending: HashMap<u32, u32> = HashMap::new();
     let mut assigned: HashSet<PageLoc> = HashSet::new();
     let mut last_new: Option<(PageLoc, u32)> = None;
+    let mut donors: HashMap<u32, PageLoc> = HashMap::new();
     let max = u32::from(rules.max_page_sharing.max(2));
     for c in cands {
         if assigned.contains(&c.loc) {
@@ -127,9 +131,20 @@ pub fn plan(
         }
         let key = index_key(rules, c.domain, c.node);
         let entries = index.lookup(key, c.hash, |e| entry_hash(slots, view, e));
+        // With one entry the hash decides (the guarded comparison catches a collision); with
+        // several, compare now to pick the right one.
+        let several = entries.len() > 1;
+        let same_as_slot = |s: u32| {
+            !several
+                || match donors.get(&s) {
+                    Some(&d) => view.same_content(d, c.loc),
+                    None => view.matches_slot(c.loc, s),
+                }
+        };
         let open = entries.iter().find_map(|&e| match e {
             Entry::Slot(s)
-                if u32::from(slots.refs(s)) + pending.get(&s).copied().unwrap_or(0) < max =>
+                if u32::from(slots.refs(s)) + pending.get(&s).copied().unwrap_or(0) < max
+                    && same_as_slot(s) =>
             {
                 Some(s)
             }
@@ -172,6 +187,7 @@ pub fn plan(
                 assigned.insert(loc);
             }
             pending.insert(s, 2);
+            donors.insert(s, p);
             index.replace(key, c.hash, Entry::Page(p), Entry::Slot(s), |e| {
                 entry_hash(slots, view, e)
             });
@@ -224,6 +240,9 @@ mod tests {
         }
         fn same_content(&self, a: PageLoc, b: PageLoc) -> bool {
             self.0[a.page as usize].1 == self.0[b.page as usize].1
+        }
+        fn matches_slot(&self, _loc: PageLoc, _slot: u32) -> bool {
+            false
         }
     }
 

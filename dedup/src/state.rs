@@ -182,4 +182,19 @@ impl PlanView for EngineView<'_> {
             _ => false,
         }
     }
+
+    fn matches_slot(&self, loc: PageLoc, slot: u32) -> bool {
+        let node = self.state.slots.node(slot);
+        match (
+            self.state.addr(loc),
+            self.state.pools.slot_bytes(node, slot),
+        ) {
+            (Some(x), Ok(pool)) => {
+                // SAFETY: a page of a registered, active guest region (see `same_content`).
+                let page = unsafe { std::slice::from_raw_parts(x as *const u8, PAGE_SIZE) };
+                page == pool
+            }
+            _ => false,
+        }
+    }
 }

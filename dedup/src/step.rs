@@ -7,7 +7,9 @@ use std::time::Instant;
 use rayon::prelude::*;
 use vm_memory::GuestAddress;
 
-use crate::budget::VmaBudget;
+use std::sync::Mutex;
+
+use crate::budget::{Admission, VmaBudget};
 use crate::fault::Faults;
 use crate::merge::{Committer, Item, Outcome, RegionGuard, Repairs};
 use crate::meta::{Meta, PageState};
@@ -233,6 +235,8 @@ impl State {
                             page: a.loc.page,
                             target: a.target,
                             node,
+                            run: 0,
+                            admitted: true,
                         });
                         index_of.push(from + k);
                     }
@@ -244,6 +248,10 @@ impl State {
                     };
                     work.push((guard, items, index_of, exclusion));
                 }
+            }
+            {
+                let mut lists: Vec<&mut Vec<Item>> = work.iter_mut().map(|w| &mut w.1).collect();
+                admit_runs(&mut lists, &plan.new_slots, budget);
             }
             let pools = &*pools;
             let budget = &*budget;
@@ -424,6 +432,78 @@ impl State {
             if self.budget_auto {
                 b.set_limit(VmaBudget::default_limit(max, (total - inside) as u64));
             }
+        }
+    }
+}
+
+/// Splits each region's items into planned runs (consecutive pages onto consecutive slots of one
+/// node: one remap each) and admits them against the VMA budget. The runs holding the pages of
+/// a new slot are admitted together or not at all, so that no slot is left with one sharer
+/// because its partner ran out of budget. Zero pages cost no VMA.
+fn admit_runs(
+    lists: &mut [&mut Vec<Item>],
+    new_slots: &[plan::NewSlot],
+    budget: &Mutex<VmaBudget>,
+) {
+    let mut run_len: Vec<usize> = Vec::new();
+    let mut slot_runs: hashbrown::HashMap<u32, Vec<u32>> = hashbrown::HashMap::new();
+    for items in lists.iter_mut() {
+        let mut prev: Option<Item> = None;
+        for it in items.iter_mut() {
+            let Target::Slot(s) = it.target else {
+                it.run = u32::MAX;
+                prev = None;
+                continue;
+            };
+            let extends = prev.is_some_and(|p| {
+                p.page + 1 == it.page
+                    && p.node == it.node
+                    && matches!(p.target, Target::Slot(ps) if ps + 1 == s)
+            });
+            if extends {
+                *run_len.last_mut().unwrap_or(&mut 0) += 1;
+            } else {
+                run_len.push(1);
+            }
+            it.run = (run_len.len() - 1) as u32;
+            let runs = slot_runs.entry(s).or_default();
+            if !runs.contains(&it.run) {
+                runs.push(it.run);
+            }
+            prev = Some(*it);
+        }
+    }
+    let mut state: Vec<Option<bool>> = vec![None; run_len.len()];
+    let Ok(mut b) = budget.lock() else {
+        return;
+    };
+    for n in new_slots {
+        let Some(runs) = slot_runs.get(&n.slot) else {
+            continue;
+        };
+        let refused = runs.iter().any(|&r| state[r as usize] == Some(false));
+        let need: Vec<u32> = runs
+            .iter()
+            .copied()
+            .filter(|&r| state[r as usize].is_none())
+            .collect();
+        let ok = !refused && {
+            let lens: Vec<usize> = need.iter().map(|&r| run_len[r as usize]).collect();
+            b.admit_all(&lens) == Admission::Admitted
+        };
+        for r in need {
+            state[r as usize] = Some(ok);
+        }
+    }
+    for (r, st) in state.iter_mut().enumerate() {
+        if st.is_none() {
+            *st = Some(b.admit(run_len[r]) == Admission::Admitted);
+        }
+    }
+    drop(b);
+    for items in lists.iter_mut() {
+        for it in items.iter_mut() {
+            it.admitted = it.run == u32::MAX || state[it.run as usize] == Some(true);
         }
     }
 }

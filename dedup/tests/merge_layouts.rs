@@ -88,6 +88,7 @@ fn duplicate_layout_merges_exactly_and_pss_drops() {
     for (g, m) in mems.iter().enumerate() {
         assert_contents(m, &seeds(g as u64));
     }
+    // (The contents were just read back, so the merged pages are present.)
     let pfn_a = pfn(page_ptr(&mems[0], 5));
     assert!(pfn_a.is_some());
     assert_eq!(pfn(page_ptr(&mems[1], 5)), pfn_a);

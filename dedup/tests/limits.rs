@@ -1,0 +1,135 @@
+//! max_page_sharing, the VMA budget and merge_across_nodes with a fake two-node topology.
+
+mod common;
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use common::*;
+use vm_dedup::{Engine, FakeTopology, GuestConfig};
+
+#[test]
+fn max_page_sharing_caps_sharers() {
+    let a = memory(40);
+    fill_all(&a, &[77; 40]);
+    let mut cfg = fast_config();
+    cfg.set("max_page_sharing", "4").unwrap();
+    let (engine, ids) = engine_with(cfg, &[("a", "d", a.clone())]);
+    engine.scan_pass().unwrap();
+    let s = engine.scan_pass().unwrap();
+    assert_eq!(s.pages_shared, 10);
+    assert_eq!(s.pages_sharing, 30);
+    let mut per_slot: HashMap<(u8, u32), usize> = HashMap::new();
+    for p in engine.merged_pages(ids[0]).unwrap() {
+        *per_slot.entry(p.slot.unwrap()).or_default() += 1;
+    }
+    assert_eq!(per_slot.len(), 10);
+    assert!(per_slot.values().all(|&n| n <= 4));
+    assert_contents(&a, &[77; 40]);
+}
+
+#[test]
+fn vma_budget_is_never_exceeded() {
+    let _serial = serial();
+    // Isolated duplicates (every other page) cost VMAs; zero pages cost none.
+    let pages = 600;
+    let a = memory(pages);
+    let b = memory(pages);
+    let seeds: Vec<u64> = (0..pages as u64)
+        .map(|i| match i % 4 {
+            0 => 10 + i,
+            1 => 5000 + i,
+            2 => 0,
+            _ => 9000 + i,
+        })
+        .collect();
+    let seeds_b: Vec<u64> = seeds
+        .iter()
+        .map(|&s| if s >= 5000 { s + 100_000 } else { s })
+        .collect();
+    fill_all(&a, &seeds);
+    fill_all(&b, &seeds_b);
+    let budget = 40u64;
+    let mut cfg = fast_config();
+    cfg.set("vma_budget", &budget.to_string()).unwrap();
+    let (engine, _) = engine_with(cfg, &[("a", "d", a.clone()), ("b", "d", b.clone())]);
+    for _ in 0..3 {
+        let s = engine.scan_pass().unwrap();
+        assert!(s.vmas_used <= budget, "{} VMAs used", s.vmas_used);
+    }
+    let s = engine.stats();
+    let range = |m: &Mem| {
+        (
+            page_ptr(m, 0) as usize,
+            page_ptr(m, pages - 1) as usize + PAGE,
+        )
+    };
+    let (a0, a1) = range(&a);
+    let (b0, b1) = range(&b);
+    let real = vmas_in(a0, a1) + vmas_in(b0, b1);
+    assert!(real as u64 <= budget, "{real} VMAs in guest memory");
+    assert!(s.vma_budget_reached);
+    assert!(s.failures.vma_budget > 0);
+    assert_eq!(s.vma_budget, budget);
+    assert_eq!(
+        s.zero_pages,
+        2 * pages as u64 / 4,
+        "zero pages continue past the budget"
+    );
+    assert!(s.pages_sharing > 0 && s.pages_sharing < pages as u64 / 4);
+    assert_contents(&a, &seeds);
+    assert_contents(&b, &seeds_b);
+}
+
+#[test]
+fn merge_across_nodes_off_keeps_nodes_apart() {
+    let pages = 64;
+    let a = memory(pages);
+    let b = memory(pages);
+    // Seven contents over alternating nodes: every content has copies on both nodes.
+    let seeds: Vec<u64> = (0..pages as u64).map(|i| 300 + i % 7).collect();
+    fill_all(&a, &seeds);
+    fill_all(&b, &seeds);
+    let topo = Arc::new(FakeTopology::new(2, PAGE));
+    for across in [false, true] {
+        let mut cfg = fast_config();
+        cfg.set("merge_across_nodes", if across { "1" } else { "0" })
+            .unwrap();
+        let engine = Engine::with_topology(cfg, topo.clone()).unwrap();
+        let ids = [
+            engine
+                .register(GuestConfig::new("a", "d"), a.clone())
+                .unwrap(),
+            engine
+                .register(GuestConfig::new("b", "d"), b.clone())
+                .unwrap(),
+        ];
+        engine.scan_pass().unwrap();
+        let s = engine.scan_pass().unwrap();
+        let mut nodes_of_slot: HashMap<(u8, u32), Vec<u8>> = HashMap::new();
+        for (id, mem) in [(ids[0], &a), (ids[1], &b)] {
+            for p in engine.merged_pages(id).unwrap() {
+                let node = topo.node_of(page_ptr(mem, (p.gpa.0 as usize) / PAGE) as usize);
+                nodes_of_slot.entry(p.slot.unwrap()).or_default().push(node);
+            }
+        }
+        let mixed = nodes_of_slot
+            .iter()
+            .filter(|(_, n)| n.iter().any(|&x| x != n[0]))
+            .count();
+        if across {
+            assert_eq!(s.pages_shared, 7);
+            assert!(mixed > 0);
+        } else {
+            assert_eq!(mixed, 0, "a copy is shared across nodes");
+            assert_eq!(s.pages_shared, 14);
+            for ((node, _), n) in &nodes_of_slot {
+                assert!(n.iter().all(|x| x == node), "copy lives on its pages' node");
+            }
+        }
+        assert_eq!(s.pages_sharing, 2 * pages as u64 - s.pages_shared);
+        engine.unmerge_all().unwrap();
+        assert_contents(&a, &seeds);
+        assert_contents(&b, &seeds);
+    }
+}
