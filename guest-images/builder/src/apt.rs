@@ -42,10 +42,10 @@ pub enum Error {
         source: io::Error,
     },
     /// The package archive could not be reached.
-    #[error("cannot reach the package archive to {action}: {detail}")]
+    #[error("the package archive is unreachable (`{command}`): {detail}")]
     Unreachable {
-        /// What was being done.
-        action: String,
+        /// The command that failed.
+        command: String,
         /// apt's own message.
         detail: String,
     },
@@ -144,16 +144,20 @@ pub fn parse_show(output: &str) -> Option<PackageInfo> {
     })
 }
 
-/// The most telling line of apt's error output.
+/// The most telling line of apt's error output: the first that says the archive could not be
+/// reached, else the first error (`E:`), else the last line.
 pub fn failure_detail(stderr: &str) -> String {
     let lines: Vec<&str> = stderr
         .lines()
         .map(str::trim)
         .filter(|l| !l.is_empty())
         .collect();
+    let unreachable = |l: &&&str| UNREACHABLE_HINTS.iter().any(|h| l.contains(h));
     lines
         .iter()
-        .find(|l| l.starts_with("E:"))
+        .find(|l| l.starts_with("E:") && unreachable(l))
+        .or_else(|| lines.iter().find(unreachable))
+        .or_else(|| lines.iter().find(|l| l.starts_with("E:")))
         .or(lines.last())
         .map_or_else(|| "no message".to_owned(), |l| (*l).to_owned())
 }
@@ -195,7 +199,7 @@ fn failed(cmd: &Command, out: &Output) -> Error {
     let detail = failure_detail(&stderr);
     if looks_unreachable(&stderr) {
         Error::Unreachable {
-            action: command_line(cmd),
+            command: command_line(cmd),
             detail,
         }
     } else {
@@ -435,6 +439,11 @@ SHA256: 00
         assert!(!looks_unreachable(missing));
         assert_eq!(failure_detail(missing), missing.trim());
         assert_eq!(failure_detail("warning one\nlast words\n"), "last words");
+        let update = "W: Failed to fetch http://deb.debian.org/dists/InRelease  Could not connect\n\
+                      W: Some index files failed to download.\n";
+        assert!(failure_detail(update).starts_with("W: Failed to fetch"));
+        let mixed = "E: Unable to locate package x\nW: Failed to fetch y\n";
+        assert_eq!(failure_detail(mixed), "W: Failed to fetch y");
         assert_eq!(failure_detail(""), "no message");
     }
 }

@@ -6,11 +6,12 @@
 //! (the *body*) hold, per guest:
 //! - `round(unique * body)` pages of unique content, in runs of 1..=32 pages;
 //! - `round(zero * body)` all-zero pages, in runs of 1..=32 pages;
-//! - the rest: whole files, each starting on a page boundary (its last page zero-padded), in a
-//!   seeded random order per guest, repeated in a fresh order when the body is larger than the
-//!   files, the last one cut short where the body ends.
+//! - the rest: whole files, each starting on a page boundary (its last page zero-padded), taken
+//!   in one seeded order that is the same for every guest and repeated when the body is larger
+//!   than the files, the last one cut short where the body ends. Guests of the same size hold
+//!   the same files, as guests running the same distribution would.
 //!
-//! All of these extents are shuffled together with a per-guest seed, so each file sits at a
+//! All of these extents are then shuffled with a per-guest seed, so each file sits at a
 //! different page offset in each guest. The statistics are counted from the page content itself
 //! (a file page that is all zeros counts as a zero page; equal pages of different files count as
 //! duplicates), in Linux KSM's terms: see [`Totals`].
@@ -23,6 +24,8 @@ use serde::{Deserialize, Serialize};
 use thiserror::Error;
 use xxhash_rust::xxh3::xxh3_128;
 
+/// Version of the layout algorithm: part of what identifies a composition's images.
+pub const LAYOUT_VERSION: u32 = 2;
 /// Low memory kept free of content by default: 2 MiB.
 pub const DEFAULT_RESERVED_LOW: u64 = 2 << 20;
 /// Longest run of unique or zero pages.
@@ -30,6 +33,7 @@ const MAX_RUN: u64 = 32;
 /// First bytes of every unique page (followed by the guest and the page's ordinal).
 const UNIQUE_MAGIC: &[u8; 8] = b"GIUNIQ\0\0";
 const TAG_LAYOUT: u64 = 0x6c61_796f_7574;
+const TAG_ORDER: u64 = 0x006f_7264_6572;
 const TAG_UNIQUE: u64 = 0x756e_6971_7565;
 
 const PAGE: u64 = PAGE_SIZE as u64;
@@ -223,32 +227,36 @@ fn file_page(data: &[u8], page: u64, out: &mut [u8; PAGE_SIZE]) {
     out[n..].fill(0);
 }
 
-fn check_params(p: &Params) -> Result<u64, Error> {
-    if p.guests == 0 {
-        return Err(Error::NoGuests);
-    }
-    for (what, value) in [
-        ("image size", p.image_size),
-        ("reserved low memory", p.reserved_low),
-    ] {
-        if value % PAGE != 0 {
-            return Err(Error::NotPageMultiple { what, value });
+impl Params {
+    /// Checks the parameters; returns the number of body pages per image.
+    pub fn body_pages(&self) -> Result<u64, Error> {
+        let p = self;
+        if p.guests == 0 {
+            return Err(Error::NoGuests);
         }
+        for (what, value) in [
+            ("image size", p.image_size),
+            ("reserved low memory", p.reserved_low),
+        ] {
+            if value % PAGE != 0 {
+                return Err(Error::NotPageMultiple { what, value });
+            }
+        }
+        if p.image_size <= p.reserved_low {
+            return Err(Error::TooSmall {
+                size: p.image_size,
+                reserved: p.reserved_low,
+            });
+        }
+        let ok = |f: f64| (0.0..=1.0).contains(&f);
+        if !ok(p.unique) || !ok(p.zero) || p.unique + p.zero > 1.0 + 1e-9 {
+            return Err(Error::Fractions {
+                unique: p.unique,
+                zero: p.zero,
+            });
+        }
+        Ok((p.image_size - p.reserved_low) / PAGE)
     }
-    if p.image_size <= p.reserved_low {
-        return Err(Error::TooSmall {
-            size: p.image_size,
-            reserved: p.reserved_low,
-        });
-    }
-    let ok = |f: f64| (0.0..=1.0).contains(&f);
-    if !ok(p.unique) || !ok(p.zero) || p.unique + p.zero > 1.0 + 1e-9 {
-        return Err(Error::Fractions {
-            unique: p.unique,
-            zero: p.zero,
-        });
-    }
-    Ok((p.image_size - p.reserved_low) / PAGE)
 }
 
 /// Splits `total` pages into runs of 1..=[`MAX_RUN`] pages.
@@ -266,16 +274,17 @@ fn layout(files: &[SourceFile], p: &Params, body: u64, guest: usize) -> Result<V
     let unique = ((p.unique * body as f64).round() as u64).min(body);
     let zero = ((p.zero * body as f64).round() as u64).min(body - unique);
     let mut left = body - unique - zero;
-    let mut rng = SplitMix64::new(key(&[TAG_LAYOUT, p.seed, guest as u64]));
-    let placeable: Vec<usize> = (0..files.len()).filter(|&i| files[i].pages() > 0).collect();
-    if left > 0 && placeable.is_empty() {
+    // which files, in which order: the same for every guest
+    let mut order: Vec<usize> = (0..files.len()).filter(|&i| files[i].pages() > 0).collect();
+    if left > 0 && order.is_empty() {
         return Err(Error::NoFiles);
     }
+    SplitMix64::new(key(&[TAG_ORDER, p.seed])).shuffle(&mut order);
+    // where they go: different in each guest
+    let mut rng = SplitMix64::new(key(&[TAG_LAYOUT, p.seed, guest as u64]));
     let mut extents = Vec::new();
     while left > 0 {
-        let mut order = placeable.clone();
-        rng.shuffle(&mut order);
-        for file in order {
+        for &file in &order {
             let pages = files[file].pages().min(left);
             extents.push(Extent::File {
                 file,
@@ -405,7 +414,7 @@ impl Counter {
 
 /// Lays out `params.guests` images from `files` and counts their expected statistics.
 pub fn compose(files: &[SourceFile], params: Params) -> Result<Composition<'_>, Error> {
-    let body = check_params(&params)?;
+    let body = params.body_pages()?;
     let layouts = (0..params.guests)
         .map(|g| layout(files, &params, body, g))
         .collect::<Result<Vec<_>, _>>()?;

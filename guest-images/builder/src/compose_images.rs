@@ -161,7 +161,8 @@ pub fn image_file(guest: usize) -> String {
 /// sha256 identifying the inputs of a composition.
 fn inputs_key(params: &Params, packages: &[PackageRecord], build: &[FileRecord]) -> String {
     let text = format!(
-        "format={SIDECAR_FORMAT} guests={} size={} unique={} zero={} seed={} reserved={}\n{}\n{}",
+        "format={SIDECAR_FORMAT} layout={} guests={} size={} unique={} zero={} seed={} reserved={}\n{}\n{}",
+        compose::LAYOUT_VERSION,
         params.guests,
         params.image_size,
         params.unique,
@@ -227,14 +228,17 @@ fn up_to_date(dest: &Path, key: &str, image_size: u64) -> Option<Sidecar> {
         .then_some(sidecar)
 }
 
-/// Writes one image to `path` (replacing it), logging progress.
-fn write_image(c: &compose::Composition<'_>, guest: usize, path: &Path) -> Result<(), Error> {
+/// Writes one image to `path` (replacing it); `progress` is told the image's pages done.
+fn write_image(
+    c: &compose::Composition<'_>,
+    guest: usize,
+    path: &Path,
+    progress: &mut dyn FnMut(u64),
+) -> Result<(), Error> {
     let tmp = path.with_extension("img.tmp");
     let file = File::create(&tmp).map_err(io_err(&tmp))?;
     let mut out = BufWriter::with_capacity(1 << 20, file);
-    let total = c.params().image_size / 4096;
-    let mut progress = Progress::new(format!("writing {}", image_file(guest)), total);
-    c.write_image(guest, &mut out, &mut |pages| progress.update(pages))
+    c.write_image(guest, &mut out, progress)
         .map_err(io_err(&tmp))?;
     drop(out);
     fs::rename(&tmp, path).map_err(io_err(path))
@@ -243,6 +247,7 @@ fn write_image(c: &compose::Composition<'_>, guest: usize, path: &Path) -> Resul
 /// Runs the composition.
 pub fn compose_images(config: &ComposeConfig) -> Result<ComposeReport, Error> {
     let started = Instant::now();
+    config.params.body_pages().map_err(Error::Compose)?;
     let build = Manifest::load(&config.out.join(MANIFEST))?
         .filter(|m| m.outputs_match(&config.out).unwrap_or(false))
         .ok_or_else(|| Error::NoBuild(config.out.clone()))?;
@@ -307,9 +312,17 @@ pub fn compose_images(config: &ComposeConfig) -> Result<ComposeReport, Error> {
     fs::create_dir_all(&config.dest).map_err(io_err(&config.dest))?;
     let _ = fs::remove_file(config.dest.join(SIDECAR));
     let mut images = Vec::new();
+    let image_pages = config.params.image_size / 4096;
+    let mut progress = Progress::new("writing images", image_pages * config.params.guests as u64);
     for (guest, stats) in composition.stats().guests.iter().enumerate() {
         let file = image_file(guest);
-        write_image(&composition, guest, &config.dest.join(&file))?;
+        let before = image_pages * guest as u64;
+        write_image(
+            &composition,
+            guest,
+            &config.dest.join(&file),
+            &mut |pages| progress.update(before + pages),
+        )?;
         images.push(ImageRecord {
             guest,
             file,
@@ -453,7 +466,7 @@ mod tests {
         fs::write(dest.join(SIDECAR), &text).unwrap();
         assert!(up_to_date(&dest, "k", params().image_size).is_none());
         for g in 0..2 {
-            write_image(&c, g, &dest.join(image_file(g))).unwrap();
+            write_image(&c, g, &dest.join(image_file(g)), &mut |_| {}).unwrap();
         }
         assert_eq!(up_to_date(&dest, "k", params().image_size), Some(sidecar));
         assert!(up_to_date(&dest, "other", params().image_size).is_none());

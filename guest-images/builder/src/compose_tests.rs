@@ -203,6 +203,28 @@ fn files_are_page_aligned_at_different_offsets_per_guest() {
 }
 
 #[test]
+fn guests_hold_the_same_files_even_when_only_some_fit() {
+    let files = sample_files();
+    // body of 20 pages, 15 for files: one pass over the sources' 13 pages and part of another
+    let c = compose(&files, params(3, 36)).unwrap();
+    let placed = |g: usize| {
+        let mut v: Vec<(usize, u64)> = c
+            .extents(g)
+            .iter()
+            .filter_map(|e| match *e {
+                Extent::File { file, pages, .. } => Some((file, pages)),
+                _ => None,
+            })
+            .collect();
+        v.sort_unstable();
+        v
+    };
+    assert_eq!(placed(0).iter().map(|p| p.1).sum::<u64>(), 15);
+    assert_eq!(placed(0), placed(1));
+    assert_eq!(placed(0), placed(2));
+}
+
+#[test]
 fn files_repeat_when_the_body_is_larger_and_guests_share_them() {
     let files = sample_files();
     let c = compose(&files, params(2, 400)).unwrap();

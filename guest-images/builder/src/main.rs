@@ -194,6 +194,12 @@ fn main() -> ExitCode {
         .format(|buf, record| writeln!(buf, "guest-images: {}", record.args()))
         .init();
     let config = Config::from(Cli::parse());
+    if let Config::Compose(c) = &config
+        && let Err(e) = c.params.body_pages()
+    {
+        eprintln!("guest-images: error: {e}");
+        return ExitCode::from(2);
+    }
     let started = Instant::now();
     let result: Result<(), Box<dyn std::error::Error>> = match &config {
         Config::Build(c) => build_images::build(c)
