@@ -3,9 +3,30 @@
 //! Tests that need KVM start with `if !vmm_tests::require_kvm() { return; }`: on a host without an
 //! accessible `/dev/kvm` they print a loud `skipped:` line and pass, unless `VMM_REQUIRE_KVM=1`
 //! (set by CI), which turns the skip into a failure.
+//!
+//! [`VmmProcess`] runs the `vmm` binary as a child with its console on pipes; [`ProbeGuest`] and
+//! [`ProbeConsole`] run the probe guest in it and speak its line protocol:
+//!
+//! ```no_run
+//! let probe = vmm_tests::ProbeGuest::new();
+//! let mut vmm = probe.spawn("16M", &["--vcpus", "2"]);
+//! assert_eq!(vmm.probe().wait_ready(), 2);
+//! vmm.probe().write(0x20_0000, 0x2a);
+//! assert_eq!(vmm.probe().read(0x20_0000), 0x2a);
+//! vmm.probe().exit(7);
+//! assert_eq!(vmm.exit_code(), 7);
+//! ```
 
 use std::fs::OpenOptions;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
+use std::thread;
+use std::time::Instant;
+
+mod probe;
+mod process;
+
+pub use probe::{ProbeConsole, ProbeGuest, pattern, temp_file_with, u64_at};
+pub use process::{HANG_GUARD, Line, Stream, VmmProcess};
 
 /// The line printed when a KVM test is skipped.
 pub const SKIP_LINE: &str = "skipped: /dev/kvm not accessible";
@@ -24,6 +45,29 @@ pub fn require_kvm() -> bool {
             eprintln!("{SKIP_LINE} ({e})");
             false
         }
+    }
+}
+
+/// Whether this host's KVM is `kvm_pvm` (shadow paging, guest code run by KVM's instruction
+/// emulator: about a thousand times slower than hardware virtualization).
+pub fn is_kvm_pvm() -> bool {
+    Path::new("/sys/module/kvm_pvm").exists()
+}
+
+/// Polls `done` every 10 ms until it returns `true`.
+///
+/// # Panics
+/// When it is still `false` after [`HANG_GUARD`] (a guard against a hang, not a speed check),
+/// with `what` and `details()` in the message.
+pub fn wait_until(what: &str, mut done: impl FnMut() -> bool, details: impl Fn() -> String) {
+    let start = Instant::now();
+    while !done() {
+        assert!(
+            start.elapsed() < HANG_GUARD,
+            "{what} did not happen within {HANG_GUARD:?} (a hang guard)\n{}",
+            details()
+        );
+        thread::sleep(std::time::Duration::from_millis(10));
     }
 }
 

@@ -8,17 +8,13 @@ use std::io::{self, Write};
 use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::thread;
-use std::time::{Duration, Instant};
 
-use test_guests::{LOAD_ADDRESS, PROBE};
+use test_guests::LOAD_ADDRESS;
 use vm_memory::{Bytes, GuestAddress};
 use vmm::config::{Boot, GuestConfig, VmmConfig, guest_name};
 use vmm::devices::console::Sink;
 use vmm::{StopHandle, Vmm};
-use vmm_sys_util::tempfile::TempFile;
-
-/// Upper bound for the guest to answer; only guards against a hang, it is not a speed check.
-const ANSWER_TIMEOUT: Duration = Duration::from_secs(120);
+use vmm_tests::{ProbeGuest, wait_until};
 
 /// Console output shared with the test.
 #[derive(Clone, Default)]
@@ -45,22 +41,12 @@ impl Captured {
 
     /// Waits until a whole output line equals `line`.
     fn wait_line(&self, line: &str) {
-        let start = Instant::now();
-        while !self.text().lines().any(|l| l == line) {
-            assert!(
-                start.elapsed() < ANSWER_TIMEOUT,
-                "no line {line:?} in console output:\n{}",
-                self.text()
-            );
-            thread::sleep(Duration::from_millis(10));
-        }
+        wait_until(
+            &format!("console line {line:?}"),
+            || self.text().lines().any(|l| l == line),
+            || self.text(),
+        );
     }
-}
-
-fn probe_file() -> TempFile {
-    let f = TempFile::new().unwrap();
-    f.as_file().write_all(PROBE).unwrap();
-    f
 }
 
 fn probe_config(probe: &Path, guests: u32, vcpus: u32, track_dirty: bool) -> VmmConfig {
@@ -88,9 +74,9 @@ fn guest_and_host_see_each_others_writes() {
     if !vmm_tests::require_kvm() {
         return;
     }
-    let probe = probe_file();
+    let probe = ProbeGuest::new();
     let out = Captured::default();
-    let vmm = Vmm::with_sink(&probe_config(probe.as_path(), 1, 1, false), out.sink()).unwrap();
+    let vmm = Vmm::with_sink(&probe_config(probe.path(), 1, 1, false), out.sink()).unwrap();
     let memory = vmm.guests()[0].memory().clone();
     let input = vmm.console_input();
     let running = spawn(vmm);
@@ -121,9 +107,9 @@ fn dirty_log_reports_the_pages_the_guest_wrote() {
     if !vmm_tests::require_kvm() {
         return;
     }
-    let probe = probe_file();
+    let probe = ProbeGuest::new();
     let out = Captured::default();
-    let vmm = Vmm::with_sink(&probe_config(probe.as_path(), 1, 1, true), out.sink()).unwrap();
+    let vmm = Vmm::with_sink(&probe_config(probe.path(), 1, 1, true), out.sink()).unwrap();
     let guest = &vmm.guests()[0];
     assert!(guest.ram().tracks_dirty());
     let reader = guest.dirty_log_reader().unwrap();
@@ -161,9 +147,9 @@ fn guests_stop_independently_and_the_highest_status_wins() {
     if !vmm_tests::require_kvm() {
         return;
     }
-    let probe = probe_file();
+    let probe = ProbeGuest::new();
     let out = Captured::default();
-    let vmm = Vmm::with_sink(&probe_config(probe.as_path(), 2, 2, false), out.sink()).unwrap();
+    let vmm = Vmm::with_sink(&probe_config(probe.path(), 2, 2, false), out.sink()).unwrap();
     assert!(vmm.guests()[0].dirty_log_reader().is_none());
     let states: Vec<_> = vmm.guests().iter().map(|g| g.state().clone()).collect();
     let input = vmm.console_input();
@@ -172,11 +158,7 @@ fn guests_stop_independently_and_the_highest_status_wins() {
     out.wait_line("guest1: PROBE READY vcpus=2");
 
     input.send_line("guest1: X 3");
-    let start = Instant::now();
-    while !states[1].stopping() {
-        assert!(start.elapsed() < ANSWER_TIMEOUT, "guest1 did not stop");
-        thread::sleep(Duration::from_millis(10));
-    }
+    wait_until("guest1's stop", || states[1].stopping(), || out.text());
     input.send_line("guest0: W 200000 77");
     out.wait_line("guest0: OK W 200000");
     assert!(!states[0].stopping());
