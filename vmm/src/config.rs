@@ -57,6 +57,11 @@ pub enum Error {
         "--entry {0:#x} is below 0x100000, where the VMM keeps its boot structures: load the flat binary at or above 0x100000"
     )]
     EntryTooLow(u64),
+    /// A duration that does not parse.
+    #[error(
+        "invalid duration {0:?}: use seconds or a number with ms or s (e.g. 500ms, 10s, 0 for off)"
+    )]
+    Duration(String),
     /// `--mem-image` given neither once nor once per guest.
     #[error(
         "--mem-image given {images} times for {guests} guests: give it once (every guest) or once per guest"
@@ -160,6 +165,23 @@ pub fn parse_size(text: &str) -> Result<u64, Error> {
         _ => return Err(bad()),
     };
     number.checked_mul(1 << shift).ok_or_else(bad)
+}
+
+/// Parses a duration: seconds (`10`), or a number with `ms`, `s` or `m` (`500ms`, `10s`, `2m`).
+pub fn parse_duration(text: &str) -> Result<std::time::Duration, Error> {
+    let bad = || Error::Duration(text.to_string());
+    let t = text.trim();
+    let digits_end = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+    let (digits, unit) = t.split_at(digits_end);
+    let n: u64 = digits.parse().map_err(|_| bad())?;
+    let ms = match unit.trim() {
+        "ms" => Some(n),
+        "" | "s" => n.checked_mul(1000),
+        "m" | "min" => n.checked_mul(60_000),
+        _ => None,
+    }
+    .ok_or_else(bad)?;
+    Ok(std::time::Duration::from_millis(ms))
 }
 
 /// Parses a guest-physical address: `0x` hex or decimal.
@@ -306,6 +328,19 @@ mod tests {
             "5x",
         ] {
             assert!(parse_size(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn durations_parse_in_seconds_or_with_units() {
+        use std::time::Duration;
+        assert_eq!(parse_duration("10"), Ok(Duration::from_secs(10)));
+        assert_eq!(parse_duration("10s"), Ok(Duration::from_secs(10)));
+        assert_eq!(parse_duration("250ms"), Ok(Duration::from_millis(250)));
+        assert_eq!(parse_duration("2m"), Ok(Duration::from_secs(120)));
+        assert_eq!(parse_duration("0"), Ok(Duration::ZERO));
+        for bad in ["", "s", "1.5s", "-1", "10h", "99999999999999999999"] {
+            assert!(parse_duration(bad).is_err(), "{bad}");
         }
     }
 

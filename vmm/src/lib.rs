@@ -28,11 +28,15 @@
 
 pub mod arch;
 pub mod config;
+pub mod dedup;
 pub mod devices;
 pub mod exit;
+pub mod hostmem;
 pub mod kvm;
 pub mod loader;
 pub mod memory;
+pub mod overcommit;
+pub mod report;
 pub mod setup;
 pub mod signals;
 pub mod vcpu;

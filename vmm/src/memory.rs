@@ -267,20 +267,30 @@ impl DirtyLogReader {
         Self { vm, slots }
     }
 
+    /// The slots it reads, in the order of the guest's RAM regions.
+    pub fn slots(&self) -> &[MemorySlot] {
+        &self.slots
+    }
+
     /// Returns and clears, per slot, the pages the guest wrote since the previous call.
     pub fn read(&self) -> Result<Vec<SlotDirtyLog>, Error> {
-        self.slots
-            .iter()
-            .map(|&slot| {
-                self.vm
-                    .get_dirty_log(slot.slot, slot.size as usize)
-                    .map(|bitmap| SlotDirtyLog { slot, bitmap })
-                    .map_err(|source| Error::DirtyLog {
-                        slot: slot.slot,
-                        source,
-                    })
+        self.slots.iter().map(|&slot| self.read_one(slot)).collect()
+    }
+
+    /// Returns and clears the pages the guest wrote in the `index`-th slot (the `index`-th RAM
+    /// region) since the previous read of that slot; `None` when there is no such slot.
+    pub fn read_slot(&self, index: usize) -> Option<Result<SlotDirtyLog, Error>> {
+        self.slots.get(index).map(|&slot| self.read_one(slot))
+    }
+
+    fn read_one(&self, slot: MemorySlot) -> Result<SlotDirtyLog, Error> {
+        self.vm
+            .get_dirty_log(slot.slot, slot.size as usize)
+            .map(|bitmap| SlotDirtyLog { slot, bitmap })
+            .map_err(|source| Error::DirtyLog {
+                slot: slot.slot,
+                source,
             })
-            .collect()
     }
 }
 
