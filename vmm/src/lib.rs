@@ -26,17 +26,23 @@
 //! # Ok::<(), Box<dyn std::error::Error>>(())
 //! ```
 
+pub mod api;
 pub mod arch;
 pub mod config;
+pub mod control;
 pub mod dedup;
 pub mod devices;
 pub mod exit;
 pub mod hostmem;
+pub mod kernel_ksm;
 pub mod kvm;
 pub mod loader;
 pub mod memory;
+pub mod metrics;
+pub mod monitor;
 pub mod overcommit;
 pub mod report;
+pub mod services;
 pub mod setup;
 pub mod signals;
 pub mod vcpu;
