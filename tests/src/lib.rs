@@ -22,9 +22,18 @@ use std::path::{Path, PathBuf};
 use std::thread;
 use std::time::Instant;
 
+mod api;
+mod console;
+mod images;
 mod probe;
 mod process;
 
+pub use api::{
+    ApiClient, ApiReply, STATS_FIELDS, after_passes, assert_stats_shape, field, guest_stats,
+    settled,
+};
+pub use console::{CapturedConsole, ConsoleProbe};
+pub use images::{CONTENT_BASE, DedupImages, Expected, Kinds};
 pub use probe::{ProbeConsole, ProbeGuest, pattern, temp_file_with, u64_at};
 pub use process::{HANG_GUARD, Line, Stream, VmmProcess};
 
