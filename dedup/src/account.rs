@@ -80,6 +80,7 @@ impl State {
         s.cpu_ns = t.cpu_ns;
         s.wall_ns = t.wall_ns;
         s.pool_errors = t.pool_errors;
+        s.phases = t.phases;
         s.bytes_saved = (s.pages_sharing + s.zero_pages) * PAGE_SIZE as u64;
         s.metadata_bytes = metadata as u64;
         s.general_profit = s.bytes_saved as i64 - metadata as i64;

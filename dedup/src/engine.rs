@@ -158,6 +158,7 @@ impl Engine {
             rules: rules_of(&config),
             totals: Totals::default(),
             next_id: 1,
+            distrusted: hashbrown::HashSet::new(),
         };
         let engine = Engine {
             inner: Arc::new(Inner {
@@ -286,6 +287,7 @@ impl Engine {
             }
         }
         st.index.remove_guest(gi as u16);
+        st.distrusted.retain(|l| usize::from(l.guest) != gi);
         if st.cursor.guest == gi {
             st.cursor = Cursor {
                 guest: gi + 1,

@@ -85,19 +85,21 @@ impl ContentIndex {
         Self::default()
     }
 
-    /// Entries of table `key` whose content hash is `hash`, as told by `hash_of`.
+    /// Up to [`MAX_PROBE`] entries of table `key` whose content hash is `hash` (as told by
+    /// `hash_of`) and that are `usable` (full slots, for example, are not counted).
     pub fn lookup(
         &self,
         key: IndexKey,
         hash: u32,
         hash_of: impl Fn(Entry) -> Option<u32>,
+        usable: impl Fn(Entry) -> bool,
     ) -> Vec<Entry> {
         let Some(t) = self.tables.get(&key) else {
             return Vec::new();
         };
         t.iter_hash(mix(hash))
             .map(|&v| Entry::unpack(v))
-            .filter(|&e| hash_of(e) == Some(hash))
+            .filter(|&e| usable(e) && hash_of(e) == Some(hash))
             .take(MAX_PROBE)
             .collect()
     }
@@ -221,14 +223,21 @@ mod tests {
             idx.insert(k, p % 10, Entry::Page(loc(p)), hashes);
         }
         idx.insert(k, 3, Entry::Slot(13), hashes);
-        let found = idx.lookup(k, 3, hashes);
+        let found = idx.lookup(k, 3, hashes, |_| true);
+        assert!(
+            !idx.lookup(k, 3, hashes, |e| e != Entry::Slot(13))
+                .contains(&Entry::Slot(13))
+        );
         assert!(found.contains(&Entry::Slot(13)));
         assert!(found.iter().all(|&e| hashes(e) == Some(3)));
-        assert!(idx.lookup(other, 3, hashes).is_empty());
+        assert!(idx.lookup(other, 3, hashes, |_| true).is_empty());
         idx.replace(k, 3, Entry::Page(loc(3)), Entry::Slot(23), hashes);
-        assert!(!idx.lookup(k, 3, hashes).contains(&Entry::Page(loc(3))));
+        assert!(
+            !idx.lookup(k, 3, hashes, |_| true)
+                .contains(&Entry::Page(loc(3)))
+        );
         idx.clear_pages();
-        let mut left = idx.lookup(k, 3, hashes);
+        let mut left = idx.lookup(k, 3, hashes, |_| true);
         left.sort_by_key(|e| match e {
             Entry::Slot(s) => *s,
             Entry::Page(_) => u32::MAX,
@@ -246,7 +255,7 @@ mod tests {
         };
         let mut idx = ContentIndex::new();
         idx.insert(k, 5, Entry::Page(loc(1)), |_| Some(5));
-        assert!(idx.lookup(k, 5, |_| None).is_empty());
+        assert!(idx.lookup(k, 5, |_| None, |_| true).is_empty());
         idx.remove_guest(3);
         assert!(idx.is_empty());
     }

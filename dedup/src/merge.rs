@@ -108,6 +108,8 @@ pub struct RegionReport {
     pub protects: u64,
     /// Remap calls issued.
     pub remaps: u64,
+    /// Every way of waking writers failed: the region's userfaultfd must be replaced.
+    pub reset_guard: bool,
 }
 
 /// Shared context of a commit.
@@ -226,7 +228,7 @@ impl Committer<'_> {
                     for k in i0..i1 {
                         rep.outcomes[base + k] = Outcome::Refused(Cause::Protect);
                     }
-                    self.release(r, addr, len, &mut rep.repairs);
+                    self.release(r, addr, len, rep);
                 }
             }
         }
@@ -330,7 +332,7 @@ impl Committer<'_> {
                 if let Err(e) = ok {
                     log::warn!("vm-dedup: un-protect failed, unregistering: {e}");
                     rep.repairs.unprotect += 1;
-                    self.release(r, addr, len, &mut rep.repairs);
+                    self.release(r, addr, len, rep);
                 }
             }
         }
@@ -359,7 +361,7 @@ impl Committer<'_> {
             if !woke {
                 log::warn!("vm-dedup: waking writers failed, unregistering");
                 rep.repairs.wake += 1;
-                self.release(r, addr, len, &mut rep.repairs);
+                self.release(r, addr, len, rep);
             }
         }
     }
@@ -403,15 +405,23 @@ impl Committer<'_> {
             })
     }
 
-    /// Last resort to release a guarded range: unregistering wakes its writers and clears its
-    /// write protection; then it is registered again (or left out of merging).
-    fn release(&self, r: &mut RegionGuard<'_>, addr: usize, len: usize, repairs: &mut Repairs) {
+    /// Releases a guarded range after a failed step: un-protect with wake-up; failing that,
+    /// unregister (which clears the protection) and register again, then wake; failing that, ask
+    /// for the region's userfaultfd to be replaced (closing it wakes every writer).
+    fn release(&self, r: &mut RegionGuard<'_>, addr: usize, len: usize, rep: &mut RegionReport) {
+        if r.uffd.unprotect(addr, len).is_ok() {
+            return;
+        }
         if let Err(e) = r.uffd.unregister(addr, len) {
             log::error!("vm-dedup: unregistering a guarded range failed: {e}");
         }
         if r.uffd.register(addr, len).is_err() {
-            repairs.reregister += 1;
+            rep.repairs.reregister += 1;
             r.unguarded.push((addr, addr + len));
+        }
+        if r.uffd.wake(addr, len).is_err() {
+            log::error!("vm-dedup: cannot wake writers; replacing the region's userfaultfd");
+            rep.reset_guard = true;
         }
     }
 }

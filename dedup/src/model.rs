@@ -131,6 +131,7 @@ struct SimView<'a> {
     metas: &'a [Meta],
     content: &'a [u64],
     slot_content: &'a HashMap<u32, u64>,
+    distrusted: &'a hashbrown::HashSet<usize>,
 }
 
 impl PlanView for SimView<'_> {
@@ -143,6 +144,9 @@ impl PlanView for SimView<'_> {
     }
     fn matches_slot(&self, loc: PageLoc, slot: u32) -> bool {
         self.slot_content.get(&slot) == Some(&self.content[loc.page as usize])
+    }
+    fn distrusted(&self, loc: PageLoc) -> bool {
+        self.distrusted.contains(&(loc.page as usize))
     }
 }
 
@@ -164,6 +168,7 @@ pub fn simulate(
     let mut slots = SlotTable::new();
     let mut index = ContentIndex::new();
     let mut refused = 0;
+    let mut distrusted: hashbrown::HashSet<usize> = hashbrown::HashSet::new();
     for pass in 0..passes {
         for &(_, page, value) in writes.iter().filter(|w| w.0 == pass) {
             let Some(c) = content.get_mut(page) else {
@@ -208,6 +213,7 @@ pub fn simulate(
             metas: &metas,
             content: &content,
             slot_content: &slot_content,
+            distrusted: &distrusted,
         };
         let p = plan::plan(&cands, rules, &mut index, &mut slots, &view);
         for n in &p.new_slots {
@@ -228,8 +234,10 @@ pub fn simulate(
             let i = a.loc.page as usize;
             if !ok {
                 refused += 1;
+                distrusted.insert(i);
                 continue;
             }
+            distrusted.remove(&i);
             match a.target {
                 Target::Zero => {
                     mapping[i] = Mapping::Zero;

@@ -81,6 +81,9 @@ pub trait PlanView {
     /// Unguarded comparison of a page with a filled slot, used only when several entries share
     /// a hash, to pick the right one.
     fn matches_slot(&self, loc: PageLoc, slot: u32) -> bool;
+    /// Whether a merge of this page was refused for differing bytes before: its hash is not
+    /// trusted alone any more (a collision), so it is compared before being planned.
+    fn distrusted(&self, loc: PageLoc) -> bool;
 }
 
 /// The index table a slot or page of `domain` on `node` belongs to.
@@ -130,10 +133,20 @@ pub fn plan(
             continue;
         }
         let key = index_key(rules, c.domain, c.node);
-        let entries = index.lookup(key, c.hash, |e| entry_hash(slots, view, e));
+        let has_room =
+            |s: u32| u32::from(slots.refs(s)) + pending.get(&s).copied().unwrap_or(0) < max;
+        let entries = index.lookup(
+            key,
+            c.hash,
+            |e| entry_hash(slots, view, e),
+            |e| match e {
+                Entry::Slot(s) => has_room(s),
+                Entry::Page(_) => true,
+            },
+        );
         // With one entry the hash decides (the guarded comparison catches a collision); with
         // several, compare now to pick the right one.
-        let several = entries.len() > 1;
+        let several = entries.len() > 1 || view.distrusted(c.loc);
         let same_as_slot = |s: u32| {
             !several
                 || match donors.get(&s) {
@@ -142,12 +155,7 @@ pub fn plan(
                 }
         };
         let open = entries.iter().find_map(|&e| match e {
-            Entry::Slot(s)
-                if u32::from(slots.refs(s)) + pending.get(&s).copied().unwrap_or(0) < max
-                    && same_as_slot(s) =>
-            {
-                Some(s)
-            }
+            Entry::Slot(s) if has_room(s) && same_as_slot(s) => Some(s),
             _ => None,
         });
         if let Some(s) = open {
@@ -242,6 +250,9 @@ mod tests {
             self.0[a.page as usize].1 == self.0[b.page as usize].1
         }
         fn matches_slot(&self, _loc: PageLoc, _slot: u32) -> bool {
+            false
+        }
+        fn distrusted(&self, _loc: PageLoc) -> bool {
             false
         }
     }
@@ -361,7 +372,7 @@ mod tests {
         }
         assert_eq!(slots.allocated_count(), 0);
         assert!(
-            idx.lookup(index_key(&RULES, 0, 0), 1, |_| Some(1))
+            idx.lookup(index_key(&RULES, 0, 0), 1, |_| Some(1), |_| true)
                 .is_empty()
         );
     }

@@ -34,6 +34,7 @@ pub(crate) struct Totals {
     pub cpu_ns: u64,
     pub wall_ns: u64,
     pub pool_errors: u64,
+    pub phases: crate::stats::PhaseTimes,
 }
 
 #[derive(Debug)]
@@ -51,6 +52,8 @@ pub(crate) struct State {
     pub rules: Rules,
     pub totals: Totals,
     pub next_id: u32,
+    /// Pages whose merge was refused for differing bytes: compared before being planned again.
+    pub distrusted: hashbrown::HashSet<PageLoc>,
 }
 
 impl State {
@@ -196,5 +199,9 @@ impl PlanView for EngineView<'_> {
             }
             _ => false,
         }
+    }
+
+    fn distrusted(&self, loc: PageLoc) -> bool {
+        self.state.distrusted.contains(&loc)
     }
 }

@@ -56,6 +56,21 @@ impl Failures {
     }
 }
 
+/// Wall time spent in each phase of the scan steps, in nanoseconds.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PhaseTimes {
+    /// Reading page categories, hashing, stability.
+    pub scan_ns: u64,
+    /// Merge decisions.
+    pub plan_ns: u64,
+    /// Creating, growing and filling pool slots.
+    pub fill_ns: u64,
+    /// Guarded compare and remap.
+    pub commit_ns: u64,
+    /// Bookkeeping, slot release, end-of-pass refcount rebuild and VMA count.
+    pub account_ns: u64,
+}
+
 /// Statistics of one guest. Page counts are gauges as of the last step; `pages_scanned` and
 /// `cow_breaks` are cumulative.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -142,6 +157,8 @@ pub struct Stats {
     pub wall_ns: u64,
     /// Pool operations that failed (create, grow, fill, punch).
     pub pool_errors: u64,
+    /// Wall time per phase of the scan steps.
+    pub phases: PhaseTimes,
     /// Per guest.
     pub guests: Vec<GuestStats>,
 }

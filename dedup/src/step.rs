@@ -178,6 +178,7 @@ impl State {
             cands.extend(out.cands);
         }
 
+        let t_scan = Instant::now();
         // Plan.
         let plan = {
             let mut index = std::mem::take(&mut self.index);
@@ -195,13 +196,16 @@ impl State {
             p
         };
 
+        let t_plan = Instant::now();
         // Fill new slots.
         let failed_slots = self.fill_slots(ctx, &plan.new_slots, &mut worker_cpu);
 
+        let t_fill = Instant::now();
         // Commit region by region, in parallel.
         let mut outcomes = vec![Outcome::Refused(crate::merge::Cause::Pool); plan.assigns.len()];
         let mut written = vec![false; plan.assigns.len()];
         let mut repairs = Repairs::default();
+        let mut resets: Vec<(usize, usize)> = Vec::new();
         {
             let groups = group_assigns(&plan.assigns);
             let State {
@@ -271,8 +275,11 @@ impl State {
                     })
                     .collect::<Vec<_>>()
             });
-            for ((rep, cpu), (_, _, index_of, _)) in reports.into_iter().zip(&work) {
+            for ((rep, cpu), (guard, _, index_of, _)) in reports.into_iter().zip(&work) {
                 worker_cpu += cpu;
+                if rep.reset_guard {
+                    resets.push((guard.hva, 0));
+                }
                 repairs.unprotect += rep.repairs.unprotect;
                 repairs.wake += rep.repairs.wake;
                 repairs.reregister += rep.repairs.reregister;
@@ -283,6 +290,10 @@ impl State {
             }
         }
 
+        for (hva, _) in resets {
+            self.reset_guard(hva);
+        }
+        let t_commit = Instant::now();
         // Account.
         let mut merged = vec![false; plan.assigns.len()];
         for (i, a) in plan.assigns.iter().enumerate() {
@@ -290,12 +301,17 @@ impl State {
             if written[i] {
                 self.totals.guarded_writes += 1;
             }
-            let Some(meta) = self.meta_mut(a.loc) else {
+            let Some(&mut m) = self.meta_mut(a.loc) else {
                 continue;
             };
-            let m = *meta;
             match outcomes[i] {
                 Outcome::Merged => {
+                    if !self.distrusted.is_empty() {
+                        self.distrusted.remove(&a.loc);
+                    }
+                    let Some(meta) = self.meta_mut(a.loc) else {
+                        continue;
+                    };
                     merged[i] = true;
                     *meta = match a.target {
                         Target::Slot(s) => Meta::new(PageState::Merged, s).remapped_now(),
@@ -305,7 +321,13 @@ impl State {
                 }
                 Outcome::Refused(cause) => {
                     if cause == crate::merge::Cause::Differed {
-                        *meta = m.with(PageState::Volatile, m.payload());
+                        if let Some(meta) = self.meta_mut(a.loc) {
+                            *meta = m.with(PageState::Volatile, m.payload());
+                        }
+                        if self.distrusted.len() >= 1 << 16 {
+                            self.distrusted.clear();
+                        }
+                        self.distrusted.insert(a.loc);
                     }
                     self.totals.failures.count(cause);
                 }
@@ -315,12 +337,38 @@ impl State {
         let unref = plan::settle(&plan, &merged, &mut self.slots);
         self.release_slots(unref, ctx.faults);
 
+        let t_account = Instant::now();
         if done {
             self.end_pass(ctx.faults);
         }
+        let t_end = Instant::now();
+        let ns = |a: Instant, b: Instant| b.duration_since(a).as_nanos() as u64;
+        let p = &mut self.totals.phases;
+        p.scan_ns += ns(wall0, t_scan);
+        p.plan_ns += ns(t_scan, t_plan);
+        p.fill_ns += ns(t_plan, t_fill);
+        p.commit_ns += ns(t_fill, t_commit);
+        p.account_ns += ns(t_commit, t_account) + ns(t_account, t_end);
         self.totals.cpu_ns += thread_cpu_ns().saturating_sub(cpu0) + worker_cpu;
         self.totals.wall_ns += wall0.elapsed().as_nanos() as u64;
         done
+    }
+
+    /// Replaces the userfaultfd of the region at `hva`: closing the old one wakes every writer
+    /// it held and clears its protection. Without a new one the region is no longer merged.
+    fn reset_guard(&mut self, hva: usize) {
+        for g in self.guests.iter_mut().flatten() {
+            for r in g.regions.iter_mut().filter(|r| r.hva == hva) {
+                let len = r.pages * PAGE_SIZE;
+                r.uffd = None;
+                r.unguarded.clear();
+                match crate::sys::uffd::Uffd::open().and_then(|u| u.register(hva, len).map(|()| u))
+                {
+                    Ok(u) => r.uffd = Some(u),
+                    Err(e) => log::error!("vm-dedup: region at {hva:#x} left unguarded: {e}"),
+                }
+            }
+        }
     }
 
     fn meta_mut(&mut self, loc: crate::index::PageLoc) -> Option<&mut Meta> {

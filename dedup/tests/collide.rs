@@ -1,5 +1,6 @@
 //! With every hash forced equal, only byte comparison separates contents: different content
 //! must never merge, and identical content still does.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod common;
 

@@ -1,5 +1,6 @@
 //! Copy-on-write: after a merge, a write changes only the written page; other sharers and the
 //! pool are unchanged, and the break is counted.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod common;
 

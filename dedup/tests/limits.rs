@@ -1,4 +1,5 @@
 //! max_page_sharing, the VMA budget and merge_across_nodes with a fake two-node topology.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod common;
 

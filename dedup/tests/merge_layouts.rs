@@ -1,5 +1,6 @@
 //! Known duplicate layouts across several guest memories: exact statistics, PSS drop, content
 //! intact, shared host pages.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod common;
 

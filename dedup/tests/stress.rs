@@ -1,6 +1,7 @@
 //! Concurrent writers: threads write sequence numbers into pages while the engine merges as
 //! fast as it can; at the end every page holds its last write. At least 100,000 merge attempts,
 //! no lost write.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod common;
 

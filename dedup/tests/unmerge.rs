@@ -1,5 +1,6 @@
 //! Unmerge-all (KSM's run=2) restores private pages with identical content and zeroes the
 //! statistics; the background scanner follows the run mode.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod common;
 

@@ -144,6 +144,15 @@ impl Uffd {
         self.ioctl(UFFDIO_WRITEPROTECT, &mut wp)
     }
 
+    /// Removes write protection from `[addr, addr + len)` and wakes the writers blocked there.
+    pub fn unprotect(&self, addr: usize, len: usize) -> io::Result<()> {
+        let mut wp = UffdioWriteprotect {
+            range: range(addr, len),
+            mode: 0,
+        };
+        self.ioctl(UFFDIO_WRITEPROTECT, &mut wp)
+    }
+
     /// Wakes the threads blocked on faults in `[addr, addr + len)`.
     pub fn wake(&self, addr: usize, len: usize) -> io::Result<()> {
         let mut r = range(addr, len);

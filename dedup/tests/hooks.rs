@@ -1,0 +1,108 @@
+//! The dirty-page source and the exclusion source.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use std::sync::Arc;
+use std::sync::Mutex;
+
+use common::*;
+use vm_dedup::{DirtySource, Engine, ExclusionSource, GuestConfig, PageState};
+use vm_memory::GuestAddress;
+
+/// Reports the pages listed in `dirty` as written (once), everything else clean.
+#[derive(Default)]
+struct Log {
+    dirty: Mutex<Vec<usize>>,
+    calls: Mutex<u32>,
+}
+
+impl DirtySource for Log {
+    fn take_dirty(
+        &self,
+        _region: usize,
+        _gpa: GuestAddress,
+        _pages: usize,
+        bm: &mut [u64],
+    ) -> bool {
+        *self.calls.lock().unwrap() += 1;
+        for p in self.dirty.lock().unwrap().drain(..) {
+            bm[p / 64] |= 1 << (p % 64);
+        }
+        true
+    }
+}
+
+#[test]
+fn clean_pages_are_not_rehashed_and_written_ones_wait() {
+    let a = memory(128);
+    let seeds: Vec<u64> = (0..128).map(|i| 1 + i % 8).collect();
+    fill_all(&a, &seeds);
+    let log = Arc::new(Log::default());
+    let engine = Engine::new(fast_config()).unwrap();
+    let id = engine
+        .register(
+            GuestConfig::new("a", "d").with_dirty_source(log.clone()),
+            a.clone(),
+        )
+        .unwrap();
+    let s1 = engine.scan_pass().unwrap();
+    assert_eq!(s1.pages_scanned, 128);
+    assert_eq!(s1.pages_sharing, 0);
+    // Page 3 is reported written; it is rehashed and must wait, the rest merge without hashing.
+    *log.dirty.lock().unwrap() = vec![3];
+    let s2 = engine.scan_pass().unwrap();
+    assert_eq!(
+        s2.pages_scanned - s1.pages_scanned,
+        1,
+        "only the written page is hashed"
+    );
+    assert_eq!(s2.pages_volatile, 1);
+    assert_eq!(
+        engine.page_info(id, page_gpa(&a, 3)).unwrap().state,
+        PageState::Volatile
+    );
+    assert_eq!(s2.pages_shared, 8);
+    assert_eq!(s2.pages_sharing, 127 - 8);
+    let s3 = engine.scan_pass().unwrap();
+    assert_eq!(
+        s3.pages_sharing,
+        128 - 8,
+        "merged once it stopped being written"
+    );
+    assert_eq!(*log.calls.lock().unwrap(), 3);
+    assert_contents(&a, &seeds);
+}
+
+struct Busy(Vec<u64>);
+
+impl ExclusionSource for Busy {
+    fn is_excluded(&self, gpa: GuestAddress) -> bool {
+        self.0.contains(&gpa.0)
+    }
+}
+
+#[test]
+fn excluded_pages_are_not_merged() {
+    let a = memory(32);
+    fill_all(&a, &[5; 32]);
+    let busy = Arc::new(Busy(vec![0, 4 * PAGE as u64]));
+    let engine = Engine::new(fast_config()).unwrap();
+    let id = engine
+        .register(
+            GuestConfig::new("a", "d").with_exclusion_source(busy),
+            a.clone(),
+        )
+        .unwrap();
+    engine.scan_pass().unwrap();
+    let s = engine.scan_pass().unwrap();
+    assert_eq!(s.pages_sharing + s.pages_shared, 30);
+    assert_eq!(s.failures.excluded, 2);
+    for p in [0, 4] {
+        assert_ne!(
+            engine.page_info(id, page_gpa(&a, p)).unwrap().state,
+            PageState::Merged
+        );
+    }
+    assert_contents(&a, &[5; 32]);
+}
