@@ -183,6 +183,44 @@ impl ApiClient {
         r.json()
     }
 
+    /// Waits until `GET /config` satisfies `done`, and returns it.
+    ///
+    /// # Panics
+    /// When it does not within the hang guard.
+    pub fn wait_config(&self, what: &str, done: impl Fn(&Value) -> bool) -> Value {
+        let last = RefCell::new(Value::Null);
+        wait_until(
+            what,
+            || {
+                let config = self.config();
+                let ok = done(&config);
+                *last.borrow_mut() = config;
+                ok
+            },
+            || format!("config: {}", last.borrow()),
+        );
+        last.into_inner()
+    }
+
+    /// Waits until `GET /stats` satisfies `done`, and returns it.
+    ///
+    /// # Panics
+    /// When it does not within the hang guard.
+    pub fn wait_stats(&self, what: &str, done: impl Fn(&Value) -> bool) -> Value {
+        let last = RefCell::new(Value::Null);
+        wait_until(
+            what,
+            || {
+                let stats = self.stats();
+                let ok = done(&stats);
+                *last.borrow_mut() = stats;
+                ok
+            },
+            || format!("stats: {}", last.borrow()),
+        );
+        last.into_inner()
+    }
+
     /// `PATCH /config` with `body`.
     pub fn patch_config(&self, body: &str) -> ApiReply {
         self.request("PATCH", "/config", Some(body))
