@@ -63,6 +63,39 @@ fn usage_errors_are_one_line_and_exit_2() {
         &with(&["--guests", "3", "--mem-image", "a", "--mem-image", "b"]),
         "once per guest",
     );
+    assert_usage_error(&with(&["--ksm", "--dedup"]), "cannot be used with");
+    assert_usage_error(&with(&["--dedup-opt", "run=1"]), "--dedup");
+    assert_usage_error(
+        &with(&["--dedup", "--dedup-opt", "pages_to_scan=x"]),
+        "--dedup-opt: bad value \"x\" for pages_to_scan",
+    );
+    assert_usage_error(
+        &with(&["--dedup", "--dedup-opt", "frob=1"]),
+        "unknown knob \"frob\"",
+    );
+    assert_usage_error(
+        &with(&[
+            "--dedup",
+            "--dedup-opt",
+            "pressure_low_percent=50,pressure_high_percent=10",
+        ]),
+        "pressure_low_percent must be below",
+    );
+    assert_usage_error(&with(&["--dedup", "--dedup-tune", "fast"]), "fast");
+    assert_usage_error(
+        &with(&[
+            "--guests",
+            "3",
+            "--dedup",
+            "--dedup-domain",
+            "a",
+            "--dedup-domain",
+            "b",
+        ]),
+        "--dedup-domain given 2 times for 3 guests",
+    );
+    assert_usage_error(&with(&["--stats-interval", "1h"]), "1h");
+    assert_usage_error(&with(&["--overcommit", "maybe"]), "maybe");
     assert_usage_error(&["--flat", "x", "--entry", "0x1000"], "0x100000");
     assert_usage_error(&["--flat", "x", "--entry", "zz"], "zz");
 }
@@ -99,6 +132,12 @@ fn bad_files_are_usage_errors() {
         big,
     ];
     assert_usage_error(&image_args, "larger than the guest's 2M");
+    let probe_args = |flag, value| ["--flat", probe, "--entry", "0x100000", flag, value];
+    assert_usage_error(&probe_args("--api-sock", text), "is not a socket");
+    assert_usage_error(
+        &probe_args("--stats-json", "/nonexistent/dir/stats.json"),
+        "cannot write --stats-json /nonexistent/dir/stats.json",
+    );
     assert_usage_error(
         &["--flat", big, "--entry", "0x100000", "--mem", "2M"],
         "does not fit",
