@@ -159,6 +159,7 @@ impl Engine {
             totals: Totals::default(),
             next_id: 1,
             distrusted: hashbrown::HashSet::new(),
+            next_page_id: 0,
         };
         let engine = Engine {
             inner: Arc::new(Inner {
@@ -260,11 +261,30 @@ impl Engine {
             pages_scanned: 0,
             cow_breaks: 0,
         };
-        match st.guests.iter().position(Option::is_none) {
-            Some(i) => st.guests[i] = Some(g),
-            None if st.guests.len() < usize::from(u16::MAX) => st.guests.push(Some(g)),
+        let gi = match st.guests.iter().position(Option::is_none) {
+            Some(i) => i,
+            None if st.guests.len() < usize::from(u16::MAX) => {
+                st.guests.push(None);
+                st.guests.len() - 1
+            }
             None => return Err(EngineError::TooMany),
+        };
+        let needed: u64 = g
+            .regions
+            .iter()
+            .filter(|r| r.active())
+            .map(|r| r.pages as u64)
+            .sum();
+        if st.next_page_id + needed > crate::index::MAX_PAGE_IDS {
+            return Err(EngineError::TooMany);
         }
+        for (ri, r) in g.regions.iter().enumerate().filter(|(_, r)| r.active()) {
+            let base = st.next_page_id as u32;
+            st.index
+                .number_region(gi as u16, ri as u16, base, r.pages as u32);
+            st.next_page_id += r.pages as u64;
+        }
+        st.guests[gi] = Some(g);
         st.measure_vmas();
         self.publish(&st);
         Ok(id)

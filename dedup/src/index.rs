@@ -1,8 +1,9 @@
 //! The content index: for each trust domain and NUMA node (or all nodes when merging across
 //! them), a hashbrown table from 28-bit page hash to either a pool slot that holds the content
 //! or a stable page not shared yet (KSM's stable and unstable trees in one table). Entries are
-//! 8 bytes; the hash of an entry is looked up from the slot table or the page's metadata, so it
-//! is not stored twice.
+//! 4 bytes: a slot number, or a page number in one numbering of all registered guest pages
+//! (31 bits: up to 8 TiB of guest memory). The hash of an entry is looked up from the slot
+//! table or the page's metadata, so it is not stored twice.
 
 use hashbrown::{HashMap, HashTable};
 
@@ -26,31 +27,64 @@ pub enum Entry {
     Page(PageLoc),
 }
 
-const PAGE_TAG: u64 = 1 << 63;
+const PAGE_TAG: u32 = 1 << 31;
+/// Most guest pages the index can number.
+pub const MAX_PAGE_IDS: u64 = PAGE_TAG as u64;
 
-impl Entry {
-    fn pack(self) -> u64 {
-        match self {
-            Entry::Slot(s) => u64::from(s),
-            Entry::Page(l) => {
-                PAGE_TAG
-                    | (u64::from(l.guest) << 47)
-                    | (u64::from(l.region & 0x7fff) << 32)
-                    | u64::from(l.page)
+/// One region in the page numbering.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Numbered {
+    base: u32,
+    pages: u32,
+    guest: u16,
+    region: u16,
+}
+
+/// The numbering of guest pages used by index entries.
+#[derive(Debug, Default)]
+struct Numbering {
+    /// Sorted by `base`.
+    regions: Vec<Numbered>,
+    /// `by_loc[guest][region]`: index into `regions`.
+    by_loc: Vec<Vec<Option<usize>>>,
+}
+
+impl Numbering {
+    fn rebuild(&mut self) {
+        self.regions.sort_by_key(|r| r.base);
+        self.by_loc.clear();
+        for (i, r) in self.regions.iter().enumerate() {
+            let (g, reg) = (usize::from(r.guest), usize::from(r.region));
+            if self.by_loc.len() <= g {
+                self.by_loc.resize(g + 1, Vec::new());
             }
+            if self.by_loc[g].len() <= reg {
+                self.by_loc[g].resize(reg + 1, None);
+            }
+            self.by_loc[g][reg] = Some(i);
         }
     }
 
-    fn unpack(v: u64) -> Entry {
-        if v & PAGE_TAG == 0 {
-            Entry::Slot(v as u32)
-        } else {
-            Entry::Page(PageLoc {
-                guest: ((v >> 47) & 0xffff) as u16,
-                region: ((v >> 32) & 0x7fff) as u16,
-                page: v as u32,
-            })
-        }
+    fn id(&self, l: PageLoc) -> Option<u32> {
+        let i = (*self
+            .by_loc
+            .get(usize::from(l.guest))?
+            .get(usize::from(l.region))?)?;
+        let r = self.regions[i];
+        (l.page < r.pages).then_some(r.base + l.page)
+    }
+
+    fn loc(&self, id: u32) -> Option<PageLoc> {
+        let i = self
+            .regions
+            .partition_point(|r| r.base <= id)
+            .checked_sub(1)?;
+        let r = self.regions[i];
+        (id - r.base < r.pages).then_some(PageLoc {
+            guest: r.guest,
+            region: r.region,
+            page: id - r.base,
+        })
     }
 }
 
@@ -73,7 +107,8 @@ fn mix(hash: u32) -> u64 {
 /// The content index.
 #[derive(Debug, Default)]
 pub struct ContentIndex {
-    tables: HashMap<IndexKey, HashTable<u64>>,
+    tables: HashMap<IndexKey, HashTable<u32>>,
+    numbering: Numbering,
 }
 
 /// Most entries looked at for one hash (bounds the work when many contents collide).
@@ -83,6 +118,36 @@ impl ContentIndex {
     /// An empty index.
     pub fn new() -> Self {
         Self::default()
+    }
+
+    /// Numbers the pages of region `region` of guest `guest` from `base` on (bases must not
+    /// overlap and, while entries may exist, not be reused).
+    pub fn number_region(&mut self, guest: u16, region: u16, base: u32, pages: u32) {
+        self.numbering
+            .regions
+            .retain(|r| !(r.guest == guest && r.region == region));
+        self.numbering.regions.push(Numbered {
+            base,
+            pages,
+            guest,
+            region,
+        });
+        self.numbering.rebuild();
+    }
+
+    fn pack(&self, e: Entry) -> Option<u32> {
+        match e {
+            Entry::Slot(s) => (s < PAGE_TAG).then_some(s),
+            Entry::Page(l) => self.numbering.id(l).map(|id| id | PAGE_TAG),
+        }
+    }
+
+    fn unpack(&self, v: u32) -> Option<Entry> {
+        if v & PAGE_TAG == 0 {
+            Some(Entry::Slot(v))
+        } else {
+            self.numbering.loc(v & !PAGE_TAG).map(Entry::Page)
+        }
     }
 
     /// Up to [`MAX_PROBE`] entries of table `key` whose content hash is `hash` (as told by
@@ -98,7 +163,7 @@ impl ContentIndex {
             return Vec::new();
         };
         t.iter_hash(mix(hash))
-            .map(|&v| Entry::unpack(v))
+            .filter_map(|&v| self.unpack(v))
             .filter(|&e| usable(e) && hash_of(e) == Some(hash))
             .take(MAX_PROBE)
             .collect()
@@ -112,9 +177,20 @@ impl ContentIndex {
         entry: Entry,
         hash_of: impl Fn(Entry) -> Option<u32>,
     ) {
+        let Some(packed) = self.pack(entry) else {
+            return;
+        };
+        let numbering = &self.numbering;
         let t = self.tables.entry(key).or_default();
-        t.insert_unique(mix(hash), entry.pack(), |&v| {
-            mix(hash_of(Entry::unpack(v)).unwrap_or(0))
+        let unpack = |v: u32| {
+            if v & PAGE_TAG == 0 {
+                Some(Entry::Slot(v))
+            } else {
+                numbering.loc(v & !PAGE_TAG).map(Entry::Page)
+            }
+        };
+        t.insert_unique(mix(hash), packed, |&v| {
+            mix(unpack(v).and_then(&hash_of).unwrap_or(0))
         });
     }
 
@@ -127,11 +203,12 @@ impl ContentIndex {
         new: Entry,
         hash_of: impl Fn(Entry) -> Option<u32>,
     ) {
-        if let Some(t) = self.tables.get_mut(&key) {
-            let packed = old.pack();
-            if let Some(v) = t.find_mut(mix(hash), |&v| v == packed) {
-                *v = new.pack();
-                return;
+        if let (Some(packed), Some(new_packed)) = (self.pack(old), self.pack(new)) {
+            if let Some(t) = self.tables.get_mut(&key) {
+                if let Some(v) = t.find_mut(mix(hash), |&v| v == packed) {
+                    *v = new_packed;
+                    return;
+                }
             }
         }
         self.insert(key, hash, new, hash_of);
@@ -139,8 +216,10 @@ impl ContentIndex {
 
     /// Removes an entry with hash `hash`, if present.
     pub fn remove(&mut self, key: IndexKey, hash: u32, entry: Entry) {
+        let Some(packed) = self.pack(entry) else {
+            return;
+        };
         if let Some(t) = self.tables.get_mut(&key) {
-            let packed = entry.pack();
             if let Ok(e) = t.find_entry(mix(hash), |&v| v == packed) {
                 e.remove();
             }
@@ -154,11 +233,20 @@ impl ContentIndex {
         }
     }
 
-    /// Drops every entry of guest `guest`.
+    /// Drops every entry of guest `guest` and its numbering.
     pub fn remove_guest(&mut self, guest: u16) {
+        let ranges: Vec<(u32, u32)> = self
+            .numbering
+            .regions
+            .iter()
+            .filter(|r| r.guest == guest)
+            .map(|r| (r.base | PAGE_TAG, (r.base + r.pages) | PAGE_TAG))
+            .collect();
         for t in self.tables.values_mut() {
-            t.retain(|&mut v| !matches!(Entry::unpack(v), Entry::Page(l) if l.guest == guest));
+            t.retain(|&mut v| !ranges.iter().any(|&(lo, hi)| v >= lo && v < hi));
         }
+        self.numbering.regions.retain(|r| r.guest != guest);
+        self.numbering.rebuild();
     }
 
     /// Drops everything.
@@ -178,7 +266,11 @@ impl ContentIndex {
 
     /// Bytes of memory the index holds.
     pub fn memory_bytes(&self) -> usize {
-        self.tables.values().map(HashTable::allocation_size).sum()
+        self.tables
+            .values()
+            .map(HashTable::allocation_size)
+            .sum::<usize>()
+            + self.numbering.regions.capacity() * std::mem::size_of::<Numbered>()
     }
 }
 
@@ -194,20 +286,33 @@ mod tests {
         }
     }
 
+    fn numbered() -> ContentIndex {
+        let mut idx = ContentIndex::new();
+        idx.number_region(3, 2, 1000, 200);
+        idx.number_region(0, 0, 0, 10);
+        idx.number_region(3, 0, 500, 100);
+        idx
+    }
+
     #[test]
     fn entries_round_trip() {
+        let idx = numbered();
         for e in [
             Entry::Slot(0),
             Entry::Slot(0x0fff_ffff),
-            Entry::Page(PageLoc {
-                guest: u16::MAX,
-                region: 0x7fff,
-                page: u32::MAX,
-            }),
+            Entry::Page(loc(199)),
             Entry::Page(loc(0)),
+            Entry::Page(PageLoc {
+                guest: 3,
+                region: 0,
+                page: 99,
+            }),
         ] {
-            assert_eq!(Entry::unpack(e.pack()), e);
+            assert_eq!(idx.unpack(idx.pack(e).unwrap()), Some(e));
         }
+        assert_eq!(idx.pack(Entry::Page(loc(200))), None);
+        assert_eq!(idx.unpack(PAGE_TAG | 1200), None);
+        assert_eq!(idx.unpack(PAGE_TAG | 20), None);
     }
 
     #[test]
@@ -218,7 +323,7 @@ mod tests {
         };
         let k = IndexKey { domain: 1, node: 0 };
         let other = IndexKey { domain: 2, node: 0 };
-        let mut idx = ContentIndex::new();
+        let mut idx = numbered();
         for p in 0..100 {
             idx.insert(k, p % 10, Entry::Page(loc(p)), hashes);
         }
@@ -253,10 +358,21 @@ mod tests {
             domain: 0,
             node: ANY_NODE,
         };
-        let mut idx = ContentIndex::new();
+        let mut idx = numbered();
         idx.insert(k, 5, Entry::Page(loc(1)), |_| Some(5));
         assert!(idx.lookup(k, 5, |_| None, |_| true).is_empty());
+        idx.insert(
+            k,
+            5,
+            Entry::Page(PageLoc {
+                guest: 0,
+                region: 0,
+                page: 1,
+            }),
+            |_| Some(5),
+        );
         idx.remove_guest(3);
-        assert!(idx.is_empty());
+        assert_eq!(idx.len(), 1);
+        assert_eq!(idx.pack(Entry::Page(loc(1))), None);
     }
 }

@@ -167,6 +167,7 @@ pub fn simulate(
     let mut slot_content: HashMap<u32, u64> = HashMap::new();
     let mut slots = SlotTable::new();
     let mut index = ContentIndex::new();
+    index.number_region(0, 0, 0, pages.len() as u32);
     let mut refused = 0;
     let mut distrusted: hashbrown::HashSet<usize> = hashbrown::HashSet::new();
     for pass in 0..passes {

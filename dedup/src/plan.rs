@@ -281,10 +281,16 @@ mod tests {
         max_page_sharing: 256,
     };
 
+    fn index() -> ContentIndex {
+        let mut idx = ContentIndex::new();
+        idx.number_region(0, 0, 0, 64);
+        idx
+    }
+
     #[test]
     fn pairs_open_one_slot_and_later_pages_join_it() {
         let view = View(vec![(1, 10), (2, 20), (1, 10), (1, 10)]);
-        let (mut idx, mut slots) = (ContentIndex::new(), SlotTable::new());
+        let (mut idx, mut slots) = (index(), SlotTable::new());
         let cands: Vec<_> = (0..4).map(|p| cand(p, view.0[p as usize].0)).collect();
         let plan = plan(&cands, &RULES, &mut idx, &mut slots, &view);
         assert_eq!(plan.new_slots.len(), 1);
@@ -309,7 +315,7 @@ mod tests {
     #[test]
     fn hash_collision_with_different_bytes_opens_no_slot() {
         let view = View(vec![(7, 1), (7, 2)]);
-        let (mut idx, mut slots) = (ContentIndex::new(), SlotTable::new());
+        let (mut idx, mut slots) = (index(), SlotTable::new());
         let plan = plan(
             &[cand(0, 7), cand(1, 7)],
             &RULES,
@@ -328,7 +334,7 @@ mod tests {
             max_page_sharing: 2,
             ..RULES
         };
-        let (mut idx, mut slots) = (ContentIndex::new(), SlotTable::new());
+        let (mut idx, mut slots) = (index(), SlotTable::new());
         let cands: Vec<_> = (0..5).map(|p| cand(p, 4)).collect();
         let plan = plan(&cands, &rules, &mut idx, &mut slots, &view);
         assert_eq!(plan.new_slots.len(), 2);
@@ -338,7 +344,7 @@ mod tests {
     #[test]
     fn zero_pages_and_domains() {
         let view = View(vec![(5, 0), (5, 0), (6, 3), (6, 3)]);
-        let (mut idx, mut slots) = (ContentIndex::new(), SlotTable::new());
+        let (mut idx, mut slots) = (index(), SlotTable::new());
         let mut cands = vec![cand(0, 5), cand(1, 5), cand(2, 6), cand(3, 6)];
         cands[0].zero = true;
         cands[1].zero = true;
@@ -350,7 +356,7 @@ mod tests {
             use_zero_pages: false,
             ..RULES
         };
-        let (mut idx, mut slots) = (ContentIndex::new(), SlotTable::new());
+        let (mut idx, mut slots) = (index(), SlotTable::new());
         let plan = super::plan(&cands, &no_zero, &mut idx, &mut slots, &view);
         assert_eq!(plan.new_slots.len(), 1);
         assert_eq!(plan.assigns.len(), 2);
@@ -359,7 +365,7 @@ mod tests {
     #[test]
     fn consecutive_donors_get_consecutive_slots_and_failed_slots_are_released() {
         let view = View((0..8).map(|p| (p % 4, u64::from(p % 4))).collect());
-        let (mut idx, mut slots) = (ContentIndex::new(), SlotTable::new());
+        let (mut idx, mut slots) = (index(), SlotTable::new());
         let cands: Vec<_> = (0..8).map(|p| cand(p, p % 4)).collect();
         let plan = plan(&cands, &RULES, &mut idx, &mut slots, &view);
         let new: Vec<u32> = plan.new_slots.iter().map(|n| n.slot).collect();

@@ -54,6 +54,12 @@ impl SlotTable {
         };
         let i = slot as usize;
         if i >= self.recs.len() {
+            // Grow by an eighth, not by doubling: the table is metadata counted per guest page.
+            let want = i + 1 - self.recs.len();
+            if self.recs.capacity() < i + 1 {
+                self.recs
+                    .reserve_exact(want.max(1024).max(self.recs.len() / 8));
+            }
             self.recs.resize(i + 1, SlotRec::default());
         }
         if i / 64 >= self.used.len() {

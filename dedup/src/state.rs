@@ -54,6 +54,8 @@ pub(crate) struct State {
     pub next_id: u32,
     /// Pages whose merge was refused for differing bytes: compared before being planned again.
     pub distrusted: hashbrown::HashSet<PageLoc>,
+    /// Next free number in the index's page numbering (numbers are never reused).
+    pub next_page_id: u64,
 }
 
 impl State {
