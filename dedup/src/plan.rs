@@ -76,7 +76,8 @@ pub struct Rules {
 pub trait PlanView {
     /// The 28-bit hash of a page if it is still a stable, unmerged page.
     fn stable_hash(&self, loc: PageLoc) -> Option<u32>;
-    /// Unguarded byte comparison of two pages, to avoid opening a slot for a hash collision.
+    /// Unguarded byte comparison of two pages, to avoid opening a slot for a hash collision
+    /// when several entries share a hash or the candidate is distrusted.
     fn same_content(&self, a: PageLoc, b: PageLoc) -> bool;
     /// Unguarded comparison of a page with a filled slot, used only when several entries share
     /// a hash, to pick the right one.
@@ -167,9 +168,14 @@ pub fn plan(
             assigned.insert(c.loc);
             continue;
         }
+        // A lone partner with the same hash is trusted (a collision only costs a slot with one
+        // sharer, and makes the candidate distrusted); with several, or a distrusted candidate,
+        // the bytes are compared first.
         let partner = entries.iter().find_map(|&e| match e {
             Entry::Page(p)
-                if p != c.loc && !assigned.contains(&p) && view.same_content(p, c.loc) =>
+                if p != c.loc
+                    && !assigned.contains(&p)
+                    && (!several || view.same_content(p, c.loc)) =>
             {
                 Some(p)
             }
@@ -313,17 +319,44 @@ mod tests {
     }
 
     #[test]
-    fn hash_collision_with_different_bytes_opens_no_slot() {
-        let view = View(vec![(7, 1), (7, 2)]);
+    fn hash_collision_with_different_bytes_opens_no_slot_once_distrusted() {
+        struct Distrust(View);
+        impl PlanView for Distrust {
+            fn stable_hash(&self, loc: PageLoc) -> Option<u32> {
+                self.0.stable_hash(loc)
+            }
+            fn same_content(&self, a: PageLoc, b: PageLoc) -> bool {
+                self.0.same_content(a, b)
+            }
+            fn matches_slot(&self, loc: PageLoc, slot: u32) -> bool {
+                self.0.matches_slot(loc, slot)
+            }
+            fn distrusted(&self, _loc: PageLoc) -> bool {
+                true
+            }
+        }
+        let pages = vec![(7, 1), (7, 2)];
+        // Trusted: the hash decides, the guarded comparison will refuse the second page.
         let (mut idx, mut slots) = (index(), SlotTable::new());
-        let plan = plan(
+        let p = plan(
+            &[cand(0, 7), cand(1, 7)],
+            &RULES,
+            &mut idx,
+            &mut slots,
+            &View(pages.clone()),
+        );
+        assert_eq!(p.new_slots.len(), 1);
+        // Distrusted: the bytes are compared first.
+        let (mut idx, mut slots) = (index(), SlotTable::new());
+        let view = Distrust(View(pages));
+        let p = plan(
             &[cand(0, 7), cand(1, 7)],
             &RULES,
             &mut idx,
             &mut slots,
             &view,
         );
-        assert!(plan.assigns.is_empty());
+        assert!(p.assigns.is_empty());
         assert_eq!(slots.allocated_count(), 0);
     }
 

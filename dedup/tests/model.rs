@@ -68,10 +68,11 @@ fn planner_matches_the_model_on_random_layouts() {
             assert_eq!(got, best, "case {case}: {rules:?}");
         }
         if writes.is_empty() && mode == 1 {
-            // Heavy collisions may open a second copy where one had room (a colliding page
-            // planned onto a copy by hash holds a place until its comparison fails).
+            // Heavy collisions (3 hash values for up to 12 contents) cost some savings: a
+            // colliding page planned onto a copy by hash holds a place until its comparison
+            // fails, and a lone partner trusted by hash may leave a copy with one sharer.
             assert!(
-                got * 10 >= best * 9,
+                got * 4 >= best * 3,
                 "case {case}: saved {got} of {best}, {rules:?}"
             );
         }
