@@ -65,7 +65,8 @@ pub struct Config {
     /// Most VMAs the engine may have inside guest memory; `None`: derived from
     /// `vm.max_map_count`, leaving the rest of the process and headroom alone.
     pub vma_budget: Option<u64>,
-    /// Worker threads for scanning and merging; 0: one per CPU.
+    /// Worker threads for scanning and merging; 0: one per CPU. Fixed when the engine is
+    /// created (a later change is ignored).
     pub threads: usize,
     /// Pages committed under one write-protect guard (16 to 512).
     pub batch_pages: usize,

@@ -78,6 +78,8 @@ pub(crate) struct Inner {
     pub topology: Arc<dyn Topology>,
     pub threads: rayon::ThreadPool,
     pub scanner_running: std::sync::atomic::AtomicBool,
+    /// When the statistics were last computed (they walk all page metadata).
+    pub published: Mutex<Option<std::time::Instant>>,
 }
 
 /// The dedup engine. Cheap to clone: clones share one engine.
@@ -171,6 +173,7 @@ impl Engine {
                 topology,
                 threads,
                 scanner_running: std::sync::atomic::AtomicBool::new(false),
+                published: Mutex::new(None),
             }),
         };
         {
@@ -330,12 +333,19 @@ impl Engine {
     }
 
     /// Runs one step of at most `pages` pages (the background scanner's unit of work); returns
-    /// true when it completed a full pass.
+    /// true when it completed a full pass. Statistics are refreshed at the end of each pass and
+    /// at most every 100 ms in between.
     pub fn step(&self, pages: usize) -> Result<bool, EngineError> {
         let ctx = self.step_ctx();
         let mut st = self.state()?;
         let done = st.step(&ctx, pages);
-        self.publish(&st);
+        let due = match self.inner.published.lock() {
+            Ok(t) => t.is_none_or(|t| t.elapsed() >= std::time::Duration::from_millis(100)),
+            Err(_) => true,
+        };
+        if done || due {
+            self.publish(&st);
+        }
         Ok(done)
     }
 
@@ -347,9 +357,8 @@ impl Engine {
         let step_pages = 1 << 16;
         loop {
             let mut st = self.state()?;
-            let done = st.step(&ctx, step_pages);
-            self.publish(&st);
-            if done {
+            if st.step(&ctx, step_pages) {
+                self.publish(&st);
                 break;
             }
         }
@@ -388,6 +397,9 @@ impl Engine {
     }
 
     pub(crate) fn publish(&self, st: &State) {
+        if let Ok(mut t) = self.inner.published.lock() {
+            *t = Some(std::time::Instant::now());
+        }
         let s = st.stats();
         if let Ok(mut out) = self.inner.stats.lock() {
             *out = s;

@@ -74,7 +74,8 @@ pub(crate) struct Region {
     pub metas: Vec<Meta>,
     /// `None` for regions that are not private anonymous memory: never touched.
     pub uffd: Option<Uffd>,
-    pub unguarded: Vec<(usize, usize)>,
+    /// Ranges not registered with `uffd` (remapped pages), see `merge::RegionGuard`.
+    pub unregistered: crate::merge::Ranges,
     /// Dirty bitmap of the current pass (`None`: unknown, hash everything).
     pub dirty: Option<Vec<u64>>,
 }
@@ -149,7 +150,7 @@ where
                 pages,
                 metas: Vec::new(),
                 uffd: None,
-                unguarded: Vec::new(),
+                unregistered: crate::merge::Ranges::new(),
                 dirty: None,
             });
             continue;
@@ -162,7 +163,7 @@ where
             pages,
             metas: vec![Meta::NEW; pages],
             uffd: Some(uffd),
-            unguarded: Vec::new(),
+            unregistered: crate::merge::Ranges::new(),
             dirty: None,
         });
     }

@@ -80,8 +80,39 @@ pub struct RegionGuard<'a> {
     pub gpa: u64,
     /// The userfaultfd the region is registered with.
     pub uffd: &'a Uffd,
-    /// Host ranges `(start, end)` that lost their registration and are not merged into.
-    pub unguarded: &'a mut Vec<(usize, usize)>,
+    /// Host ranges (start to end) not registered with the userfaultfd: pages remapped onto the
+    /// pool (a remap drops the registration) are registered again only when they are about to
+    /// be guarded again, which most never are.
+    pub unregistered: &'a mut Ranges,
+}
+
+/// Disjoint host address ranges, start to end.
+pub type Ranges = std::collections::BTreeMap<usize, usize>;
+
+/// Adds `[start, end)` to `ranges`, joining it to a range that ends where it starts.
+pub fn add_range(ranges: &mut Ranges, start: usize, end: usize) {
+    let joined = ranges
+        .range(..=start)
+        .next_back()
+        .filter(|&(_, &e)| e == start)
+        .map(|(&s, _)| s);
+    match joined {
+        Some(s) => {
+            ranges.insert(s, end);
+        }
+        None => {
+            ranges.insert(start, end);
+        }
+    }
+}
+
+/// The range of `ranges` holding `addr`.
+pub fn range_of(ranges: &Ranges, addr: usize) -> Option<(usize, usize)> {
+    ranges
+        .range(..=addr)
+        .next_back()
+        .filter(|&(_, &e)| addr < e)
+        .map(|(&s, &e)| (s, e))
 }
 
 /// Guard operations that failed and were repaired by unregistering (counted, not fatal).
@@ -165,8 +196,27 @@ impl Committer<'_> {
             written: vec![false; items.len()],
             ..RegionReport::default()
         };
-        r.unguarded
-            .retain(|&(s, e)| r.uffd.register(s, e - s).is_err());
+        // Register the remapped ranges that hold pages to guard now.
+        let mut wanted: Vec<(usize, usize)> = items
+            .iter()
+            .filter_map(|it| range_of(r.unregistered, r.hva + it.page as usize * PAGE_SIZE))
+            .collect();
+        wanted.dedup();
+        for (s, e) in wanted {
+            let ok = self
+                .faults
+                .check(FaultPoint::Reregister)
+                .and_then(|()| r.uffd.register(s, e - s));
+            match ok {
+                Ok(()) => {
+                    r.unregistered.remove(&s);
+                }
+                Err(err) => {
+                    log::warn!("vm-dedup: registering merged pages failed: {err}");
+                    rep.repairs.reregister += 1;
+                }
+            }
+        }
         let span = self.batch_pages.max(1);
         let mut i = 0;
         while i < items.len() {
@@ -192,11 +242,11 @@ impl Committer<'_> {
     ) {
         let hva = r.hva;
         let addr_of = |it: &Item| hva + it.page as usize * PAGE_SIZE;
-        let unguarded = r.unguarded.clone();
-        let guarded = |it: &Item| {
-            let a = addr_of(it);
-            !unguarded.iter().any(|&(s, e)| a >= s && a < e)
-        };
+        // Pages still outside the guard (their registration failed) are left alone.
+        let unguarded: Vec<bool> = items
+            .iter()
+            .map(|it| range_of(r.unregistered, addr_of(it)).is_some())
+            .collect();
         // 1. Write-protect each run of consecutive pages.
         let mut protected: Vec<(usize, usize)> = Vec::new();
         for (k, it) in items.iter().enumerate() {
@@ -212,7 +262,7 @@ impl Committer<'_> {
                 .position(|it| it.page == wanted[w0].page)
                 .unwrap_or(0);
             let i1 = i0 + (w1 - w0);
-            if !items[i0..i1].iter().all(guarded) {
+            if unguarded[i0..i1].iter().any(|&u| u) {
                 continue;
             }
             let (addr, len) = (addr_of(&items[i0]), (i1 - i0) * PAGE_SIZE);
@@ -336,18 +386,10 @@ impl Committer<'_> {
                 }
             }
         }
-        // 7 (before 6, so a wake failure can fall back to unregistering everything). Register
-        // the remapped ranges again.
+        // 7. The remapped ranges lost their registration; they are registered again only when
+        // some page of theirs is about to be guarded (see `commit`).
         for &(addr, len) in &remapped {
-            let ok = self
-                .faults
-                .check(FaultPoint::Reregister)
-                .and_then(|()| r.uffd.register(addr, len));
-            if let Err(e) = ok {
-                log::warn!("vm-dedup: registering merged pages failed: {e}");
-                rep.repairs.reregister += 1;
-                r.unguarded.push((addr, addr + len));
-            }
+            add_range(r.unregistered, addr, addr + len);
         }
         // 6. Wake the whole batch.
         for &(i0, i1) in &protected {
@@ -405,10 +447,22 @@ impl Committer<'_> {
             })
     }
 
-    /// Releases a guarded range after a failed step: un-protect with wake-up; failing that,
-    /// unregister (which clears the protection) and register again, then wake; failing that, ask
-    /// for the region's userfaultfd to be replaced (closing it wakes every writer).
+    /// Releases a guarded range after a failed step: register its remapped parts (so that the
+    /// whole range can be addressed), un-protect with wake-up; failing that, unregister (which
+    /// clears the protection) and register again, then wake; failing that, ask for the
+    /// region's userfaultfd to be replaced (closing it wakes every writer).
     fn release(&self, r: &mut RegionGuard<'_>, addr: usize, len: usize, rep: &mut RegionReport) {
+        let inside: Vec<(usize, usize)> = r
+            .unregistered
+            .range(..addr + len)
+            .filter(|&(_, &e)| e > addr)
+            .map(|(&s, &e)| (s, e))
+            .collect();
+        for (s, e) in inside {
+            if r.uffd.register(s, e - s).is_ok() {
+                r.unregistered.remove(&s);
+            }
+        }
         if r.uffd.unprotect(addr, len).is_ok() {
             return;
         }
@@ -417,7 +471,7 @@ impl Committer<'_> {
         }
         if r.uffd.register(addr, len).is_err() {
             rep.repairs.reregister += 1;
-            r.unguarded.push((addr, addr + len));
+            add_range(r.unregistered, addr, addr + len);
         }
         if r.uffd.wake(addr, len).is_err() {
             log::error!("vm-dedup: cannot wake writers; replacing the region's userfaultfd");
@@ -456,5 +510,18 @@ mod tests {
         assert!(runs(&[] as &[u32], |p| *p).is_empty());
         assert_eq!(runs_where(0, 6, |k| k != 2), vec![(0, 2), (3, 6)]);
         assert_eq!(runs_where(2, 4, |_| false), vec![]);
+    }
+
+    #[test]
+    fn ranges_join_and_find() {
+        let mut r = Ranges::new();
+        add_range(&mut r, 100, 200);
+        add_range(&mut r, 200, 300);
+        add_range(&mut r, 400, 500);
+        assert_eq!(r.len(), 2);
+        assert_eq!(range_of(&r, 250), Some((100, 300)));
+        assert_eq!(range_of(&r, 300), None);
+        assert_eq!(range_of(&r, 99), None);
+        assert_eq!(range_of(&r, 499), Some((400, 500)));
     }
 }

@@ -248,7 +248,7 @@ impl State {
                         hva: region.hva,
                         gpa: region.gpa,
                         uffd,
-                        unguarded: &mut region.unguarded,
+                        unregistered: &mut region.unregistered,
                     };
                     work.push((guard, items, index_of, exclusion));
                 }
@@ -361,7 +361,7 @@ impl State {
             for r in g.regions.iter_mut().filter(|r| r.hva == hva) {
                 let len = r.pages * PAGE_SIZE;
                 r.uffd = None;
-                r.unguarded.clear();
+                r.unregistered.clear();
                 match crate::sys::uffd::Uffd::open().and_then(|u| u.register(hva, len).map(|()| u))
                 {
                     Ok(u) => r.uffd = Some(u),

@@ -100,6 +100,15 @@ fn scenario(point: FaultPoint) {
         engine.faults().arm(point, 0, 1_000);
         engine.unmerge_all().unwrap();
         assert!(engine.stats().pages_shared == 0);
+    } else if point == FaultPoint::Reregister {
+        // Registration is needed again only when a page that was merged, then written, is
+        // merged again: merge first, let the writers break some merges, then arm.
+        engine.scan_pass().unwrap();
+        engine.scan_pass().unwrap();
+        engine.faults().arm(point, 0, 1_000);
+        for _ in 0..6 {
+            engine.scan_pass().unwrap();
+        }
     } else {
         // Let one call through (so a batch fails half-way), except for the pool's creation and
         // growth, which happen once here.
