@@ -1,0 +1,97 @@
+//! Registration: regions that are not private anonymous memory are left alone; unregistering a
+//! guest that is still in use turns its merged pages private without touching the others.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use std::sync::Arc;
+
+use common::*;
+use vm_dedup::{Engine, GuestConfig, PageState};
+use vm_memory::{FileOffset, GuestAddress, GuestMemoryMmap};
+
+#[test]
+fn file_backed_regions_are_left_alone() {
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .open(std::env::temp_dir().join(format!("vm-dedup-file-{}", std::process::id())))
+        .unwrap();
+    file.set_len((64 * PAGE) as u64).unwrap();
+    let mem: Arc<Mem> = Arc::new(
+        GuestMemoryMmap::from_ranges_with_files(&[
+            (GuestAddress(0), 64 * PAGE, None),
+            (
+                GuestAddress((128 * PAGE) as u64),
+                64 * PAGE,
+                Some(FileOffset::new(file, 0)),
+            ),
+        ])
+        .unwrap(),
+    );
+    // Identical content everywhere, in both regions.
+    for p in 0..128 {
+        fill(&mem, p, 9);
+    }
+    let engine = Engine::new(fast_config()).unwrap();
+    let id = engine
+        .register(GuestConfig::new("g", "d"), mem.clone())
+        .unwrap();
+    engine.scan_pass().unwrap();
+    let s = engine.scan_pass().unwrap();
+    assert_eq!(s.pages, 64);
+    assert_eq!(s.pages_skipped, 64);
+    assert_eq!((s.pages_shared, s.pages_sharing), (1, 63));
+    for p in 64..128 {
+        let info = engine.page_info(id, page_gpa(&mem, p)).unwrap();
+        assert_eq!(info.state, PageState::Empty, "file page {p} untouched");
+    }
+    for p in 0..128 {
+        assert_eq!(read(&mem, p), content(9));
+    }
+}
+
+#[test]
+fn unregistering_a_guest_in_use_unmerges_it_only() {
+    let a = memory(64);
+    let b = memory(64);
+    let c = memory(64);
+    for m in [&a, &b, &c] {
+        fill_all(m, &[3; 64]);
+    }
+    let (engine, ids) = engine_with(
+        fast_config(),
+        &[
+            ("a", "d", a.clone()),
+            ("b", "d", b.clone()),
+            ("c", "d", c.clone()),
+        ],
+    );
+    engine.scan_pass().unwrap();
+    assert_eq!(engine.scan_pass().unwrap().pages_sharing, 3 * 64 - 1);
+    engine.unregister(ids[1]).unwrap();
+    let s = engine.stats();
+    assert_eq!(s.guests.len(), 2);
+    assert_eq!(s.pages_sharing, 2 * 64 - 1);
+    assert!(engine.page_info(ids[1], GuestAddress(0)).is_err());
+    // b's pages are private now; a and c still share.
+    let pfns: std::collections::HashSet<_> = (0..64).map(|p| pfn(page_ptr(&b, p))).collect();
+    assert_eq!(pfns.len(), 64);
+    assert_contents(&b, &[3; 64]);
+    // SAFETY: the test's own memory; b is no longer registered.
+    unsafe { *page_ptr(&b, 0) = 1 };
+    assert_contents(&a, &[3; 64]);
+    assert_contents(&c, &[3; 64]);
+    assert_eq!(engine.scan_pass().unwrap().cow_breaks, 0);
+    // A guest whose memory nobody else holds goes away with the engine's hold.
+    let d = memory(64);
+    fill_all(&d, &[3; 64]);
+    let id = engine.register(GuestConfig::new("d", "d"), d).unwrap();
+    engine.scan_pass().unwrap();
+    engine.scan_pass().unwrap();
+    engine.unregister(id).unwrap();
+    assert_eq!(engine.scan_pass().unwrap().pages_sharing, 2 * 64 - 1);
+    assert_contents(&a, &[3; 64]);
+}
