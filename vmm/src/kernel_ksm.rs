@@ -1,13 +1,21 @@
 //! `--ksm`: guest RAM is marked `MADV_MERGEABLE` and left to kernel KSM, for comparison with
 //! `--dedup`. The VMM does not change KSM's global settings: KSM merges only while
-//! `/sys/kernel/mm/ksm/run` is 1. Its figures for this process come from /proc/self/ksm_stat
-//! (and per guest from the `KSM:` lines of /proc/self/smaps); those the kernel keeps only for
-//! the whole host (pages_shared, pages_unshared, pages_volatile, pages_scanned, full_scans,
-//! cow_ksm) are reported as the kernel has them.
+//! `/sys/kernel/mm/ksm/run` is 1. Its figures for this process come from /proc/self/ksm_stat;
+//! those the kernel keeps only for the whole host (pages_shared, pages_unshared,
+//! pages_volatile, pages_scanned, full_scans, cow_ksm) are reported as the kernel has them.
+//!
+//! The kernel keeps no per-guest figures, and the `KSM:` lines of smaps are per mapping, while
+//! the RAM of several guests often sits in one mapping (the kernel joins adjacent ones). A
+//! guest's `pages_sharing` is therefore counted from /proc/self/pagemap: its present pages that
+//! are not exclusively mapped (a KSM page mapped more than once), less those mapping the zero
+//! page (PAGEMAP_SCAN's `PFNZERO`), which a read of untouched memory maps too.
 
+use std::fs::File;
 use std::io;
+use std::os::unix::fs::FileExt;
 
 use vm_dedup::ksm;
+use vm_dedup::sys::pagemap::{PAGE_IS_PFNZERO, PageRegion, Pagemap};
 use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
 
 use crate::report::{Counts, GuestReport, Mode, PAGE_BYTES, Report};
@@ -94,10 +102,6 @@ impl KernelKsm {
             log::warn!("--ksm: {e}");
             ksm::KsmStats::default()
         });
-        let smaps = std::fs::read_to_string("/proc/self/smaps").unwrap_or_else(|e| {
-            log::warn!("--ksm: cannot read /proc/self/smaps: {e}");
-            String::new()
-        });
         let counts = Counts {
             pages_shared: global.pages_shared,
             pages_sharing: proc_stat.merging_pages,
@@ -114,7 +118,10 @@ impl KernelKsm {
             .guests
             .iter()
             .map(|g| {
-                let sharing = ksm_kib_in(&smaps, &g.ranges) * 1024 / PAGE_BYTES;
+                let sharing = guest_sharing(&g.ranges).unwrap_or_else(|e| {
+                    log::warn!("--ksm: cannot read {}'s page mappings: {e}", g.name);
+                    0
+                });
                 GuestReport {
                     name: g.name.clone(),
                     domain: String::new(),
@@ -139,6 +146,52 @@ impl KernelKsm {
     }
 }
 
+/// Pagemap bits: page present, page exclusively mapped.
+const PM_PRESENT: u64 = 1 << 63;
+const PM_MMAP_EXCLUSIVE: u64 = 1 << 56;
+/// Pagemap entries read at a time.
+const PAGEMAP_CHUNK: usize = 4096;
+
+/// How many of `entries` (pagemap entries) are present pages mapped more than once.
+pub fn shared_entries(entries: &[u64]) -> u64 {
+    entries
+        .iter()
+        .filter(|&&e| e & PM_PRESENT != 0 && e & PM_MMAP_EXCLUSIVE == 0)
+        .count() as u64
+}
+
+/// Pages of `[start, end)` ranges mapped more than once, less zero-page mappings.
+fn guest_sharing(ranges: &[(u64, u64)]) -> io::Result<u64> {
+    let pagemap = File::open("/proc/self/pagemap")?;
+    let scanner = Pagemap::open()?;
+    let mut buf = vec![0u8; PAGEMAP_CHUNK * 8];
+    let mut shared = 0;
+    let mut zero = 0;
+    for &(start, end) in ranges {
+        let pages = ((end - start) / PAGE_BYTES) as usize;
+        let mut done = 0;
+        while done < pages {
+            let n = PAGEMAP_CHUNK.min(pages - done);
+            let offset = (start / PAGE_BYTES + done as u64) * 8;
+            pagemap.read_exact_at(&mut buf[..n * 8], offset)?;
+            let entries: Vec<u64> = buf[..n * 8]
+                .chunks_exact(8)
+                .map(|b| u64::from_ne_bytes([b[0], b[1], b[2], b[3], b[4], b[5], b[6], b[7]]))
+                .collect();
+            shared += shared_entries(&entries);
+            done += n;
+        }
+        let mut runs: Vec<PageRegion> = Vec::new();
+        scanner.scan(start as usize, end as usize, &mut runs)?;
+        zero += runs
+            .iter()
+            .filter(|r| r.categories & PAGE_IS_PFNZERO != 0)
+            .map(|r| (r.end - r.start) / PAGE_BYTES)
+            .sum::<u64>();
+    }
+    Ok(shared.saturating_sub(zero))
+}
+
 /// The host's count of copy-on-write breaks of KSM pages (`cow_ksm` in /proc/vmstat).
 fn cow_ksm() -> u64 {
     std::fs::read_to_string("/proc/vmstat")
@@ -155,62 +208,21 @@ pub fn vmstat_field(text: &str, name: &str) -> Option<u64> {
     })
 }
 
-/// The `KSM:` kilobytes of the mappings in smaps text that overlap any of `ranges`.
-pub fn ksm_kib_in(smaps: &str, ranges: &[(u64, u64)]) -> u64 {
-    let mut total = 0;
-    let mut inside = false;
-    for line in smaps.lines() {
-        if let Some((start, end)) = vma_header(line) {
-            inside = ranges.iter().any(|&(a, b)| start < b && a < end);
-        } else if inside && let Some(rest) = line.strip_prefix("KSM:") {
-            total += rest
-                .split_whitespace()
-                .next()
-                .and_then(|v| v.parse::<u64>().ok())
-                .unwrap_or(0);
-        }
-    }
-    total
-}
-
-/// The address range of an smaps mapping header (`start-end perms offset dev inode [path]`).
-fn vma_header(line: &str) -> Option<(u64, u64)> {
-    let range = line.split_whitespace().next()?;
-    let (a, b) = range.split_once('-')?;
-    Some((
-        u64::from_str_radix(a, 16).ok()?,
-        u64::from_str_radix(b, 16).ok()?,
-    ))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    const SMAPS: &str = "\
-7f0000000000-7f0004000000 rw-p 00000000 00:00 0 
-Size:              65536 kB
-KSM:                 120 kB
-VmFlags: rd wr mr mw me ac mg
-7f0004000000-7f0004001000 rw-p 00000000 00:00 0 
-Size:                  4 kB
-KSM:                   4 kB
-VmFlags: rd wr mr mw me ac
-55b4f9094000-55b4f9096000 r--p 00000000 fe:00 247282                     /usr/bin/head
-KSM:                   8 kB
-";
-
     #[test]
-    fn ksm_kilobytes_of_the_guest_mappings_only() {
-        assert_eq!(
-            ksm_kib_in(SMAPS, &[(0x7f00_0000_0000, 0x7f00_0400_0000)]),
-            120
-        );
-        assert_eq!(
-            ksm_kib_in(SMAPS, &[(0x7f00_0000_0000, 0x7f00_0400_1000)]),
-            124
-        );
-        assert_eq!(ksm_kib_in(SMAPS, &[(0x1000, 0x2000)]), 0);
+    fn shared_entries_are_present_and_not_exclusive() {
+        let present = PM_PRESENT | 1234;
+        let entries = [
+            present,
+            present | PM_MMAP_EXCLUSIVE,
+            0,
+            PM_MMAP_EXCLUSIVE,
+            present,
+        ];
+        assert_eq!(shared_entries(&entries), 2);
     }
 
     #[test]
