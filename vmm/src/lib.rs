@@ -6,6 +6,11 @@
 //! registered as KVM memory slots), in-kernel irqchip and PIT, a 16550 serial console, an
 //! i8042 and a debug-exit port (0xf4) that stops the guest with the byte written there.
 //!
+//! Beside the guests, [`services::Services`] runs what the `vmm` binary offers: memory merging
+//! by one [`vm_dedup`] engine for all guests, fed by each guest's KVM dirty log ([`dedup`]), or
+//! by kernel KSM ([`kernel_ksm`]); periodic statistics ([`monitor`], [`report`]); and the
+//! control API over a unix socket ([`api`]). `docs/api.md` is the user reference.
+//!
 //! ```no_run
 //! use vmm::config::{Boot, GuestConfig, VmmConfig};
 //!

@@ -1,5 +1,5 @@
 //! `--dedup`: one [`vm_dedup::Engine`] for the whole process, shared by every guest, fed by each
-//! guest's KVM dirty log, paced by a tuner, and changed at run time through [`Dedup::update`].
+//! guest's KVM dirty log, paced by a tuner, and changed at run time through [`Shared::update`].
 //!
 //! Guests are registered with their name and trust domain (non-zero pages never merge across
 //! domains). Each guest must be built with `track_dirty` so that its memory slots log dirty
