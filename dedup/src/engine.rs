@@ -336,9 +336,16 @@ impl Engine {
     /// true when it completed a full pass. Statistics are refreshed at the end of each pass and
     /// at most every 100 ms in between.
     pub fn step(&self, pages: usize) -> Result<bool, EngineError> {
+        self.step_cpu(pages).map(|(done, _)| done)
+    }
+
+    /// [`Engine::step`], also returning the CPU time the step used (all threads), in ns.
+    pub(crate) fn step_cpu(&self, pages: usize) -> Result<(bool, u64), EngineError> {
         let ctx = self.step_ctx();
         let mut st = self.state()?;
+        let before = st.totals.cpu_ns;
         let done = st.step(&ctx, pages);
+        let cpu = st.totals.cpu_ns.saturating_sub(before);
         let due = match self.inner.published.lock() {
             Ok(t) => t.is_none_or(|t| t.elapsed() >= std::time::Duration::from_millis(100)),
             Err(_) => true,
@@ -346,7 +353,7 @@ impl Engine {
         if done || due {
             self.publish(&st);
         }
-        Ok(done)
+        Ok((done, cpu))
     }
 
     /// Scans all guest memory once, merging what is stable, and returns the statistics. A

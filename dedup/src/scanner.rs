@@ -50,11 +50,13 @@ fn run(engine: &Engine, stop: &std::sync::atomic::AtomicBool) {
         let pause = match cfg.run {
             RunMode::Run => {
                 unmerged = false;
-                let before = engine.stats().cpu_ns;
-                if let Err(e) = engine.step(cfg.pages_to_scan as usize) {
-                    log::error!("vm-dedup: scan step failed: {e}");
-                }
-                let spent = engine.stats().cpu_ns.saturating_sub(before);
+                let spent = match engine.step_cpu(cfg.pages_to_scan as usize) {
+                    Ok((_, cpu)) => cpu,
+                    Err(e) => {
+                        log::error!("vm-dedup: scan step failed: {e}");
+                        0
+                    }
+                };
                 let pacing = Pacing {
                     pages_to_scan: cfg.pages_to_scan,
                     sleep: Duration::from_millis(cfg.sleep_millisecs),
