@@ -134,13 +134,19 @@ impl Pools {
             .ok_or(PoolError::Missing(node))
     }
 
-    /// Writes `src` (whole pages) into consecutive slots from `slot` on.
+    /// Writes `src` (whole pages) into consecutive slots from `slot` on, and maps them into the
+    /// read-only view (so the guarded comparisons that follow do not fault).
     pub fn fill(&self, node: u8, slot: u32, src: &[u8], faults: &Faults) -> Result<(), PoolError> {
         let pool = self.get(node)?;
+        let off = u64::from(slot) * PAGE_SIZE as u64;
         faults
             .check(FaultPoint::PoolFill)
-            .and_then(|()| mem::write_at(pool.fd.as_fd(), src, u64::from(slot) * PAGE_SIZE as u64))
-            .map_err(|source| PoolError::Fill { slot, source })
+            .and_then(|()| mem::write_at(pool.fd.as_fd(), src, off))
+            .map_err(|source| PoolError::Fill { slot, source })?;
+        if let Err(e) = mem::populate_read(pool.view.addr() + off as usize, src.len()) {
+            log::debug!("vm-dedup: populating the pool view: {e}");
+        }
+        Ok(())
     }
 
     /// The pool's copy of `slot`, read-only.

@@ -68,6 +68,16 @@ pub fn populate_write(addr: usize, len: usize) -> io::Result<()> {
     Ok(())
 }
 
+/// Maps the pages of `[addr, addr + len)` in (`MADV_POPULATE_READ`): later reads do not fault.
+pub fn populate_read(addr: usize, len: usize) -> io::Result<()> {
+    // SAFETY: MADV_POPULATE_READ only faults pages in for reading; it changes no content.
+    let rc = unsafe { libc::madvise(addr as *mut libc::c_void, len, 22) };
+    if rc != 0 {
+        return Err(last_os_error());
+    }
+    Ok(())
+}
+
 /// Creates a memfd that allows sealing.
 pub fn memfd_create(name: &CStr) -> io::Result<OwnedFd> {
     // SAFETY: `name` is a valid NUL-terminated string; memfd_create returns a new descriptor.
