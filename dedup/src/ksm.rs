@@ -357,8 +357,12 @@ mod tests {
 
     #[test]
     fn guard_restores_what_it_found_even_on_panic() {
-        if !available() {
-            eprintln!("skipped: kernel KSM not available");
+        let writable = std::fs::OpenOptions::new()
+            .write(true)
+            .open(Path::new(KSM_DIR).join("pages_to_scan"))
+            .is_ok();
+        if !available() || !writable {
+            eprintln!("skipped: kernel KSM not available or not writable");
             return;
         }
         let before: Vec<(String, String)> = {

@@ -154,6 +154,16 @@ pub fn pfn(addr: *const u8) -> Option<u64> {
     (e >> 63 == 1).then_some(e & ((1 << 55) - 1))
 }
 
+/// Whether pagemap shows real PFNs (needs CAP_SYS_ADMIN); prints a skip notice when not.
+pub fn pfns_visible() -> bool {
+    let v = vec![1u8; PAGE];
+    let ok = pfn(v.as_ptr()).is_some_and(|p| p != 0);
+    if !ok {
+        eprintln!("skipped PFN checks: pagemap PFNs need CAP_SYS_ADMIN");
+    }
+    ok
+}
+
 /// Counts VMAs that start inside `[start, end)`.
 pub fn vmas_in(start: usize, end: usize) -> usize {
     std::fs::read_to_string("/proc/self/maps")
