@@ -9,6 +9,50 @@ use crate::sys::mem;
 use crate::sys::pagemap::{PAGE_IS_FILE, PAGE_IS_PRESENT, PageRegion};
 
 impl State {
+    /// Discards pages `[first, first + count)` of region `ri` of guest `gi`: they read as zeros
+    /// afterwards. Pages that were ever remapped onto the pool get fresh anonymous memory
+    /// (`MADV_DONTNEED` would bring back pool content); the others are dropped.
+    pub(crate) fn discard(
+        &mut self,
+        gi: usize,
+        ri: usize,
+        first: usize,
+        count: usize,
+    ) -> Result<(), EngineError> {
+        let State { guests, slots, .. } = self;
+        let Some(r) = guests
+            .get_mut(gi)
+            .and_then(Option::as_mut)
+            .and_then(|g| g.regions.get_mut(ri))
+        else {
+            return Ok(());
+        };
+        let (addr, len) = (r.hva + first * PAGE_SIZE, count * PAGE_SIZE);
+        let Some(uffd) = r.uffd.as_ref() else {
+            return Err(EngineError::NoAddress(r.gpa + (first * PAGE_SIZE) as u64));
+        };
+        let metas = &mut r.metas[first..first + count];
+        if metas.iter().any(|m| m.remapped()) {
+            // SAFETY: the range is registered guest memory whose content the VMM discards.
+            unsafe { mem::map_anonymous_fixed(addr, len) }.map_err(EngineError::Discard)?;
+            crate::merge::remove_range(&mut r.unregistered, addr, addr + len);
+            if let Err(e) = uffd.register(addr, len) {
+                log::warn!("vm-dedup: registering discarded memory failed: {e}");
+                crate::merge::add_range(&mut r.unregistered, addr, addr + len);
+            }
+        } else {
+            // SAFETY: anonymous guest memory whose content the VMM discards.
+            unsafe { mem::dont_need(addr, len) }.map_err(EngineError::Discard)?;
+        }
+        for m in metas.iter_mut() {
+            if m.state() == PageState::Merged {
+                slots.dec(m.payload());
+            }
+            *m = crate::meta::Meta::NEW;
+        }
+        Ok(())
+    }
+
     /// Computes all statistics. Gauges come from page metadata, which pagemap keeps exact.
     pub(crate) fn stats(&self) -> Stats {
         let mut s = Stats::default();

@@ -64,6 +64,9 @@ pub enum EngineError {
     /// The background scanner could not be started.
     #[error("starting the background scanner")]
     Spawn(#[source] std::io::Error),
+    /// Discarding guest memory failed.
+    #[error("discarding guest memory")]
+    Discard(#[source] std::io::Error),
     /// A background scanner is already running.
     #[error("a background scanner is already running")]
     AlreadyRunning,
@@ -460,6 +463,31 @@ impl Engine {
             }
         }
         Ok(out)
+    }
+
+    /// Discards `[gpa, gpa + len)` of a guest (page aligned, within one region): it reads as
+    /// zeros afterwards, merged pages included. Use this instead of `MADV_DONTNEED` for balloon
+    /// and reset; nobody may write the range meanwhile (the guest is paused or gave it up).
+    pub fn discard(&self, id: GuestId, gpa: GuestAddress, len: u64) -> Result<(), EngineError> {
+        let page = PAGE_SIZE as u64;
+        if gpa.0 % page != 0 || len % page != 0 {
+            return Err(EngineError::NoAddress(gpa.0));
+        }
+        let mut st = self.state()?;
+        let gi = st.guest_index(id).ok_or(EngineError::NoGuest(id))?;
+        let g = st.guests[gi].as_ref().ok_or(EngineError::NoGuest(id))?;
+        let (ri, r) = g
+            .regions
+            .iter()
+            .enumerate()
+            .find(|(_, r)| gpa.0 >= r.gpa && gpa.0 + len <= r.gpa + r.pages as u64 * page)
+            .ok_or(EngineError::NoAddress(gpa.0))?;
+        let first = ((gpa.0 - r.gpa) / page) as usize;
+        st.discard(gi, ri, first, (len / page) as usize)?;
+        let unref = st.slots.unreferenced();
+        st.release_slots(unref, &self.inner.faults);
+        self.publish(&st);
+        Ok(())
     }
 
     /// The pool's copy of a slot (for tests: it must never change while mapped).

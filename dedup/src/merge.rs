@@ -106,6 +106,24 @@ pub fn add_range(ranges: &mut Ranges, start: usize, end: usize) {
     }
 }
 
+/// Removes `[start, end)` from `ranges`, trimming ranges that overlap it.
+pub fn remove_range(ranges: &mut Ranges, start: usize, end: usize) {
+    let overlapping: Vec<(usize, usize)> = ranges
+        .range(..end)
+        .filter(|&(_, &e)| e > start)
+        .map(|(&s, &e)| (s, e))
+        .collect();
+    for (s, e) in overlapping {
+        ranges.remove(&s);
+        if s < start {
+            ranges.insert(s, start);
+        }
+        if e > end {
+            ranges.insert(end, e);
+        }
+    }
+}
+
 /// The range of `ranges` holding `addr`.
 pub fn range_of(ranges: &Ranges, addr: usize) -> Option<(usize, usize)> {
     ranges
@@ -523,5 +541,10 @@ mod tests {
         assert_eq!(range_of(&r, 300), None);
         assert_eq!(range_of(&r, 99), None);
         assert_eq!(range_of(&r, 499), Some((400, 500)));
+        remove_range(&mut r, 150, 450);
+        assert_eq!(
+            r.into_iter().collect::<Vec<_>>(),
+            vec![(100, 150), (450, 500)]
+        );
     }
 }

@@ -97,3 +97,53 @@ fn unregistering_a_guest_in_use_unmerges_it_only() {
     assert_eq!(engine.scan_pass().unwrap().pages_sharing, 2 * 64 - 1);
     assert_contents(&a, &[3; 64]);
 }
+
+#[test]
+fn discard_reads_zero_even_for_merged_pages() {
+    let a = memory(64);
+    let b = memory(64);
+    let seeds: Vec<u64> = (0..64)
+        .map(|i| if i % 4 == 0 { 0 } else { 40 + i % 8 })
+        .collect();
+    fill_all(&a, &seeds);
+    fill_all(&b, &seeds);
+    let (engine, ids) = engine_with(
+        fast_config(),
+        &[("a", "d", a.clone()), ("b", "d", b.clone())],
+    );
+    engine.scan_pass().unwrap();
+    let before = engine.scan_pass().unwrap();
+    assert_eq!(before.pages_shared, 6);
+    // Discard pages 8..24 of a (merged and zero pages), as a balloon or reset would.
+    engine
+        .discard(ids[0], page_gpa(&a, 8), (16 * PAGE) as u64)
+        .unwrap();
+    for (p, &seed) in seeds.iter().enumerate() {
+        let want = if (8..24).contains(&p) { 0 } else { seed };
+        assert_eq!(read(&a, p), content(want), "page {p}");
+    }
+    assert_contents(&b, &seeds);
+    for p in 8..24 {
+        let info = engine.page_info(ids[0], page_gpa(&a, p)).unwrap();
+        assert!(info.slot.is_none());
+    }
+    // The discarded range is ordinary memory again: written, then merged again.
+    for (p, &seed) in seeds.iter().enumerate().take(24).skip(8) {
+        fill(&a, p, seed);
+    }
+    engine.scan_pass().unwrap();
+    let after = engine.scan_pass().unwrap();
+    assert_eq!(after.pages_sharing, before.pages_sharing);
+    assert_eq!(after.zero_pages, before.zero_pages);
+    assert_eq!(
+        after.cow_breaks, 0,
+        "discarding is not a copy-on-write break"
+    );
+    assert_contents(&a, &seeds);
+    assert!(engine.discard(ids[0], GuestAddress(1), 4096).is_err());
+    assert!(
+        engine
+            .discard(ids[0], GuestAddress(0), (65 * PAGE) as u64)
+            .is_err()
+    );
+}

@@ -42,6 +42,28 @@ pub unsafe fn map_private_fixed(
     Ok(())
 }
 
+/// Replaces `[addr, addr + len)` with fresh private anonymous memory (reads as zeros).
+///
+/// # Safety
+/// The range must be memory the caller owns and whose content may be discarded.
+pub unsafe fn map_anonymous_fixed(addr: usize, len: usize) -> io::Result<()> {
+    // SAFETY: the caller owns the range and gives up its content; MAP_FIXED replaces exactly it.
+    let p = unsafe {
+        libc::mmap(
+            addr as *mut libc::c_void,
+            len,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_FIXED | libc::MAP_NORESERVE,
+            -1,
+            0,
+        )
+    };
+    if p == libc::MAP_FAILED {
+        return Err(last_os_error());
+    }
+    Ok(())
+}
+
 /// Drops the pages of `[addr, addr + len)`; anonymous memory reads back as the zero page.
 ///
 /// # Safety
