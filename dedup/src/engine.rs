@@ -241,8 +241,7 @@ impl Engine {
     /// guest is unregistered.
     ///
     /// Guest memory registered here must not be discarded with `MADV_DONTNEED` (balloon,
-    /// reset): a merged page would read back pool content. Replace it with fresh anonymous
-    /// memory instead.
+    /// reset): a merged page would read back pool content. Use [`Engine::discard`].
     pub fn register<M, B>(&self, guest: GuestConfig, memory: Arc<M>) -> Result<GuestId, EngineError>
     where
         M: GuestMemoryBackend<R = GuestRegionMmap<B>> + Send + Sync + 'static,

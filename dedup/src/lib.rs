@@ -51,7 +51,7 @@
 //!
 //! # Rules for the VMM
 //! - Never discard registered guest memory with `MADV_DONTNEED` (balloon, reset): a merged
-//!   page would read back the pool's content. Map fresh anonymous memory over it instead.
+//!   page would read back the pool's content. Use [`Engine::discard`] instead.
 //! - Pages pinned for device I/O cannot be seen from userspace: report them through an
 //!   [`ExclusionSource`]. Memory shared with other processes (vhost-user) is not merged.
 //! - Each isolated merged page costs a VMA; the engine keeps within a budget derived from
