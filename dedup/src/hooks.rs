@@ -17,6 +17,8 @@ pub trait DirtySource: Send + Sync {
 /// Tells which pages must not be merged now.
 pub trait ExclusionSource: Send + Sync {
     /// Whether the page at `gpa` has device I/O in flight (pinned by a device or a host
-    /// thread doing direct I/O). Asked while the page is write-protected.
+    /// thread doing direct I/O). Asked while the page is write-protected: the answer must not
+    /// wait for anything a thread writing guest memory may hold (that writer may be blocked on
+    /// this very page), so keep it to atomics or a lock no writer holds while writing.
     fn is_excluded(&self, gpa: GuestAddress) -> bool;
 }
