@@ -124,6 +124,7 @@ impl State {
         s.cpu_ns = t.cpu_ns;
         s.wall_ns = t.wall_ns;
         s.pool_errors = t.pool_errors;
+        s.pool_error = self.pools.last_error();
         s.phases = t.phases;
         s.bytes_saved = (s.pages_sharing + s.zero_pages) * PAGE_SIZE as u64;
         s.metadata_bytes = metadata as u64;

@@ -6,6 +6,7 @@
 
 use std::io;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::sync::Mutex;
 
 use crate::fault::{FaultPoint, Faults};
 use crate::meta::PAYLOAD_MASK;
@@ -89,6 +90,23 @@ struct NodePool {
 #[derive(Debug)]
 pub struct Pools {
     nodes: Vec<Option<NodePool>>,
+    /// The most recent failure, with its cause (for the statistics).
+    last_error: Mutex<Option<String>>,
+}
+
+impl PoolError {
+    /// The error and its causes on one line, e.g. `growing the pool of node 0: File too large
+    /// (os error 27)`.
+    pub fn describe(&self) -> String {
+        let mut text = self.to_string();
+        let mut cause = std::error::Error::source(self);
+        while let Some(c) = cause {
+            text.push_str(": ");
+            text.push_str(&c.to_string());
+            cause = c.source();
+        }
+        text
+    }
 }
 
 impl Pools {
@@ -96,11 +114,40 @@ impl Pools {
     pub fn new(node_count: usize) -> Self {
         Pools {
             nodes: (0..node_count.max(1)).map(|_| None).collect(),
+            last_error: Mutex::new(None),
         }
+    }
+
+    /// Remembers `e` as the most recent failure and passes it on.
+    fn note<T>(&self, r: Result<T, PoolError>) -> Result<T, PoolError> {
+        if let Err(e) = &r {
+            let mut last = self.last_error.lock().unwrap_or_else(|p| p.into_inner());
+            *last = Some(e.describe());
+        }
+        r
+    }
+
+    /// The most recent failure of a pool operation, with its cause, if any failed.
+    pub fn last_error(&self) -> Option<String> {
+        self.last_error
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
     }
 
     /// Makes sure the pool of `node` exists and can hold slot `last_slot`.
     pub fn ensure(
+        &mut self,
+        node: u8,
+        last_slot: u32,
+        topology: &dyn Topology,
+        faults: &Faults,
+    ) -> Result<(), PoolError> {
+        let r = self.ensure_inner(node, last_slot, topology, faults);
+        self.note(r)
+    }
+
+    fn ensure_inner(
         &mut self,
         node: u8,
         last_slot: u32,
@@ -137,12 +184,13 @@ impl Pools {
     /// Writes `src` (whole pages) into consecutive slots from `slot` on, and maps them into the
     /// read-only view (so the guarded comparisons that follow do not fault).
     pub fn fill(&self, node: u8, slot: u32, src: &[u8], faults: &Faults) -> Result<(), PoolError> {
-        let pool = self.get(node)?;
+        let pool = self.note(self.get(node))?;
         let off = u64::from(slot) * PAGE_SIZE as u64;
-        faults
+        let written = faults
             .check(FaultPoint::PoolFill)
             .and_then(|()| mem::write_at(pool.fd.as_fd(), src, off))
-            .map_err(|source| PoolError::Fill { slot, source })?;
+            .map_err(|source| PoolError::Fill { slot, source });
+        self.note(written)?;
         if let Err(e) = mem::populate_read(pool.view.addr() + off as usize, src.len()) {
             log::debug!("vm-dedup: populating the pool view: {e}");
         }
@@ -171,14 +219,15 @@ impl Pools {
 
     /// Frees the memory of `count` slots from `slot` on. Only for slots nobody maps.
     pub fn punch(&self, node: u8, slot: u32, count: u32, faults: &Faults) -> Result<(), PoolError> {
-        let pool = self.get(node)?;
+        let pool = self.note(self.get(node))?;
         let off = u64::from(slot) * PAGE_SIZE as u64;
-        faults
+        let punched = faults
             .check(FaultPoint::PoolPunch)
             .and_then(|()| {
                 mem::punch_hole(pool.fd.as_fd(), off, u64::from(count) * PAGE_SIZE as u64)
             })
-            .map_err(|source| PoolError::Punch { slot, source })
+            .map_err(|source| PoolError::Punch { slot, source });
+        self.note(punched)
     }
 
     /// Whether the pool of `node` exists.
@@ -223,6 +272,19 @@ mod tests {
         assert!(pools.slot_bytes(0, 3).unwrap().iter().all(|&b| b == 9));
         pools.punch(0, 2, 2, &faults).unwrap();
         assert!(pools.slot_bytes(0, 2).unwrap().iter().all(|&b| b == 0));
+        assert_eq!(pools.last_error(), None);
         assert!(pools.ensure(1, 0, &topo, &faults).is_err());
+        assert_eq!(pools.last_error().as_deref(), Some("no NUMA node 1"));
+    }
+
+    #[test]
+    fn last_error_names_the_os_cause() {
+        let e = PoolError::Grow {
+            node: 0,
+            source: io::Error::from_raw_os_error(libc::EFBIG),
+        };
+        let text = e.describe();
+        assert!(text.starts_with("growing the pool of node 0: "), "{text}");
+        assert!(text.contains("os error 27"), "{text}");
     }
 }

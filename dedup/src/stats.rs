@@ -157,6 +157,9 @@ pub struct Stats {
     pub wall_ns: u64,
     /// Pool operations that failed (create, grow, fill, punch).
     pub pool_errors: u64,
+    /// The most recent pool failure with its cause (`creating the pool of node 0: Too many open
+    /// files (os error 24)`), if any failed.
+    pub pool_error: Option<String>,
     /// Wall time per phase of the scan steps.
     pub phases: PhaseTimes,
     /// Per guest.
