@@ -1,7 +1,10 @@
 //! The host's memory as /proc/meminfo tells it: RAM, swap and what is available now. Read for
-//! the overcommit guardrail at start and by the memory-pressure tuner.
+//! the overcommit guardrail at start, by the memory-pressure tuner and by the memory guard
+//! (which keeps the file open: see [`Reread`]).
 
+use std::fs::File;
 use std::io;
+use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
 /// Where the kernel reports memory figures.
@@ -58,6 +61,16 @@ impl HostMemory {
         })
     }
 
+    /// Rereads /proc/meminfo (or a file in its format) kept open in `file`.
+    pub fn reread(file: &mut Reread) -> Result<Self, Error> {
+        let path = file.path().to_path_buf();
+        let text = file.read().map_err(|source| Error::Read {
+            path: path.clone(),
+            source,
+        })?;
+        Self::parse(text).map_err(|field| Error::Field { path, field })
+    }
+
     /// Parses /proc/meminfo's text; the error names the first missing field.
     pub fn parse(text: &str) -> Result<Self, &'static str> {
         let field = |name: &'static str| field_bytes(text, name).ok_or(name);
@@ -75,6 +88,48 @@ impl HostMemory {
         }
         let pct = u128::from(self.mem_available) * 100 / u128::from(self.mem_total);
         pct.min(100) as u32
+    }
+}
+
+/// A file kept open and reread from its start at every look: a look needs no new file
+/// descriptor (it works while the process is out of them) and, after the first, no allocation.
+#[derive(Debug)]
+pub struct Reread {
+    path: PathBuf,
+    file: File,
+    buf: Vec<u8>,
+}
+
+impl Reread {
+    /// Opens `path`.
+    pub fn open(path: impl Into<PathBuf>) -> io::Result<Self> {
+        let path = path.into();
+        let file = File::open(&path)?;
+        Ok(Self {
+            path,
+            file,
+            buf: Vec::with_capacity(4096),
+        })
+    }
+
+    /// The file's path.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// The whole file as it is now.
+    pub fn read(&mut self) -> io::Result<&str> {
+        self.buf.clear();
+        let mut chunk = [0u8; 4096];
+        loop {
+            let n = self.file.read_at(&mut chunk, self.buf.len() as u64)?;
+            if n == 0 {
+                break;
+            }
+            self.buf.extend_from_slice(&chunk[..n]);
+        }
+        std::str::from_utf8(&self.buf)
+            .map_err(|_| io::Error::new(io::ErrorKind::InvalidData, "not UTF-8 text"))
     }
 }
 
@@ -125,5 +180,34 @@ mod tests {
     fn reads_this_host() {
         let m = HostMemory::read().unwrap();
         assert!(m.mem_total > 0 && m.mem_available <= m.mem_total);
+        let mut open = Reread::open(MEMINFO).unwrap();
+        for _ in 0..2 {
+            let again = HostMemory::reread(&mut open).unwrap();
+            assert_eq!(again.mem_total, m.mem_total);
+        }
+    }
+
+    #[test]
+    fn reread_sees_changes_without_reopening() {
+        let dir = vmm_sys_util::tempdir::TempDir::new().unwrap();
+        let path = dir.as_path().join("meminfo");
+        std::fs::write(&path, SAMPLE).unwrap();
+        let mut open = Reread::open(&path).unwrap();
+        assert_eq!(HostMemory::reread(&mut open).unwrap().swap_total, 1 << 30);
+        std::fs::write(
+            &path,
+            "MemTotal: 8 kB\nMemAvailable: 4 kB\nSwapTotal: 0 kB\n",
+        )
+        .unwrap();
+        let m = HostMemory::reread(&mut open).unwrap();
+        assert_eq!((m.mem_total, m.available_percent()), (8192, 50));
+        std::fs::write(&path, "MemTotal: 8 kB\n").unwrap();
+        assert!(matches!(
+            HostMemory::reread(&mut open),
+            Err(Error::Field {
+                field: "MemAvailable",
+                ..
+            })
+        ));
     }
 }

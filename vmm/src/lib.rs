@@ -33,6 +33,7 @@
 
 pub mod api;
 pub mod arch;
+pub mod cgroup;
 pub mod config;
 pub mod control;
 pub mod dedup;
