@@ -51,6 +51,9 @@ pub enum Error {
     /// The control API.
     #[error(transparent)]
     Api(#[from] api::Error),
+    /// The memory guard stopped every guest (see `docs/operations.md`).
+    #[error("{0}")]
+    OutOfMemory(String),
 }
 
 impl Error {
@@ -60,7 +63,7 @@ impl Error {
             Error::Dedup(e) => e.is_usage(),
             Error::Api(e) => e.is_usage(),
             Error::Monitor(monitor::Error::Write { .. }) => true,
-            Error::Ksm(_) | Error::Monitor(_) => false,
+            Error::Ksm(_) | Error::Monitor(_) | Error::OutOfMemory(_) => false,
         }
     }
 }
@@ -102,7 +105,8 @@ impl Services {
             .map(|path| ApiServer::start(path, Arc::clone(&control)))
             .transpose()?;
         if let Some(d) = dedup.as_mut() {
-            d.start()?;
+            let guests = vmm.stop_handle();
+            d.start(Box::new(move |_| guests.stop_all()))?;
         }
         Ok(Self {
             dedup,
@@ -123,8 +127,10 @@ impl Services {
     }
 
     /// Stops the API, writes the final statistics, stops the scanner and unregisters the
-    /// guests. Call after [`Vmm::run`] has returned.
+    /// guests. Call after [`Vmm::run`] has returned. When the memory guard stopped the guests,
+    /// that is the error returned (exit status 1).
     pub fn stop(mut self) -> Result<(), Error> {
+        let out_of_memory = self.dedup.as_ref().and_then(|d| d.shared().out_of_memory());
         if let Some(api) = self.api.take() {
             api.stop();
         }
@@ -133,6 +139,9 @@ impl Services {
         }
         let written = self.monitor.take().map_or(Ok(()), Monitor::stop);
         let unregistered = self.dedup.take().map_or(Ok(()), Dedup::shutdown);
+        if let Some(why) = out_of_memory {
+            return Err(Error::OutOfMemory(why));
+        }
         written?;
         unregistered?;
         Ok(())

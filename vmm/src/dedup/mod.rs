@@ -8,17 +8,22 @@
 
 pub mod advisor;
 pub mod dirty;
+pub mod guard;
+pub mod health;
 pub mod pressure;
 pub mod settings;
 mod tuner;
+mod watch;
 
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
-use vm_dedup::{Engine, EngineError, GuestConfig, GuestId, Scanner};
+use vm_dedup::{Engine, EngineError, GuestConfig, GuestId, RunMode, Scanner, Stats};
 
 use crate::vm::Guest;
 use dirty::DirtyLog;
+use health::{HealthReport, MemoryReport, Reason};
 use settings::{Settings, TuneSettings};
+pub use watch::OnCritical;
 
 /// The trust domain of guests given no `--dedup-domain`.
 pub const DEFAULT_DOMAIN: &str = "default";
@@ -74,9 +79,12 @@ pub enum Error {
     /// The scanner or tuner thread could not be started.
     #[error("cannot start the dedup scanner: {0}")]
     Start(#[source] EngineError),
-    /// The tuner thread could not be started.
-    #[error("cannot start the dedup tuner thread: {0}")]
+    /// The tuner or watch thread could not be started.
+    #[error("cannot start a dedup thread (tuner or watch): {0}")]
     Thread(#[source] std::io::Error),
+    /// The memory guard paused merging: `run` and unmerging (which needs memory) are refused.
+    #[error("{0}; run and unmerge are refused until it ends")]
+    Paused(String),
 }
 
 impl Error {
@@ -89,6 +97,7 @@ impl Error {
                 | Error::Settings(_)
                 | Error::Owned { .. }
                 | Error::Busy(_)
+                | Error::Paused(_)
         )
     }
 }
@@ -146,14 +155,36 @@ pub struct Registered {
     pub dirty: Arc<DirtyLog>,
 }
 
+/// Merging paused by the memory guard.
+#[derive(Debug, Clone)]
+struct Paused {
+    /// The run mode to restore.
+    wanted: RunMode,
+    /// Why.
+    why: String,
+}
+
+/// What the watch thread last saw.
+#[derive(Debug, Default)]
+struct Status {
+    reasons: Vec<Reason>,
+    memory: Option<MemoryReport>,
+}
+
 /// What the API and the tuner share with the owner of the engine.
 #[derive(Debug)]
 pub struct Shared {
     engine: Engine,
     tune: Mutex<TuneSettings>,
     guests: Mutex<Vec<Registered>>,
-    /// Serializes knob changes (API requests and tuner decisions).
+    /// Serializes knob changes (API requests, tuner and memory guard decisions).
     update: Mutex<()>,
+    /// Set while the memory guard has paused merging.
+    paused: Mutex<Option<Paused>>,
+    /// Health and memory as the watch thread last saw them.
+    status: Mutex<Status>,
+    /// Set when the memory guard stopped the guests: the error to report.
+    critical: Mutex<Option<String>>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -189,6 +220,11 @@ impl Shared {
             next.set(k, v)?;
         }
         next.validate()?;
+        if let Some(p) = lock(&self.paused).as_ref() {
+            if next.engine.run != RunMode::Stop {
+                return Err(Error::Paused(p.why.clone()));
+            }
+        }
         let owned = next.tune.mode.owned_knobs();
         if let Some((k, _)) = changes.iter().find(|(k, _)| owned.contains(&k.trim())) {
             return Err(Error::Owned {
@@ -213,8 +249,12 @@ impl Shared {
         if lock(&self.tune).mode != mode {
             return;
         }
+        let paused = lock(&self.paused).is_some();
         let mut config = self.engine.config();
         for (k, v) in knobs {
+            if paused && *k == "run" {
+                continue;
+            }
             if let Err(e) = config.set(k, v) {
                 log::warn!("dedup tuner: {k}={v}: {e}");
                 return;
@@ -233,6 +273,9 @@ impl Shared {
     /// scan. Returns the knobs now in force.
     pub fn unmerge_all(&self) -> Result<Settings, Error> {
         let _serial = lock(&self.update);
+        if let Some(p) = lock(&self.paused).as_ref() {
+            return Err(Error::Paused(p.why.clone()));
+        }
         let mut config = self.engine.config();
         config.run = vm_dedup::RunMode::Stop;
         self.engine
@@ -244,14 +287,64 @@ impl Shared {
         self.engine.set_config(config).map_err(Error::Runtime)?;
         Ok(self.settings())
     }
+
+    /// The health fields of the statistics, for `stats` (the engine's latest).
+    pub fn health(&self, stats: &Stats) -> HealthReport {
+        let status = lock(&self.status);
+        HealthReport::new(
+            stats,
+            &status.reasons,
+            lock(&self.paused).is_some(),
+            status.memory.clone(),
+        )
+    }
+
+    /// The error to report when the memory guard stopped the guests.
+    pub fn out_of_memory(&self) -> Option<String> {
+        lock(&self.critical).clone()
+    }
+
+    /// Stops merging new pages (merged pages stay merged) until [`Shared::resume_merging`];
+    /// `why` shows in the statistics and in refusals.
+    fn pause_merging(&self, why: String) {
+        let _serial = lock(&self.update);
+        let mut paused = lock(&self.paused);
+        if let Some(p) = paused.as_mut() {
+            p.why = why;
+            return;
+        }
+        let mut config = self.engine.config();
+        let wanted = config.run;
+        config.run = RunMode::Stop;
+        if let Err(e) = self.engine.set_config(config) {
+            log::error!("memory guard: cannot pause merging: {e}");
+            return;
+        }
+        *paused = Some(Paused { wanted, why });
+    }
+
+    /// Restores the run mode that [`Shared::pause_merging`] replaced.
+    fn resume_merging(&self) {
+        let _serial = lock(&self.update);
+        let Some(p) = lock(&self.paused).take() else {
+            return;
+        };
+        let mut config = self.engine.config();
+        config.run = p.wanted;
+        if let Err(e) = self.engine.set_config(config) {
+            log::error!("memory guard: cannot resume merging: {e}");
+        }
+    }
 }
 
-/// The engine of a VMM process with its guests, scanner and tuner.
+/// The engine of a VMM process with its guests, scanner, tuner and watch thread (memory guard
+/// and health).
 #[derive(Debug)]
 pub struct Dedup {
     shared: Arc<Shared>,
     scanner: Option<Scanner>,
     tuner: Option<tuner::Tuner>,
+    watch: Option<watch::Watch>,
 }
 
 impl Dedup {
@@ -266,11 +359,15 @@ impl Dedup {
             tune: Mutex::new(config.settings.tune),
             guests: Mutex::new(Vec::new()),
             update: Mutex::new(()),
+            paused: Mutex::new(None),
+            status: Mutex::new(Status::default()),
+            critical: Mutex::new(None),
         });
         let dedup = Self {
             shared,
             scanner: None,
             tuner: None,
+            watch: None,
         };
         for (i, g) in guests.iter().enumerate() {
             let reader = g
@@ -316,8 +413,16 @@ impl Dedup {
             .map(|g| g.id)
     }
 
-    /// Starts the background scanner and the tuner (when guests start).
-    pub fn start(&mut self) -> Result<(), Error> {
+    /// Starts the background scanner, the tuner and the watch thread (when guests start).
+    /// `on_critical` is called once, with the error to report, if the memory guard finds the
+    /// process out of memory: it must stop every guest.
+    pub fn start(&mut self, on_critical: OnCritical) -> Result<(), Error> {
+        if self.watch.is_none() {
+            self.watch = Some(
+                watch::Watch::start(Arc::clone(&self.shared), on_critical)
+                    .map_err(Error::Thread)?,
+            );
+        }
         if self.scanner.is_none() {
             self.scanner = Some(self.shared.engine.start().map_err(Error::Start)?);
         }
@@ -328,8 +433,11 @@ impl Dedup {
         Ok(())
     }
 
-    /// Stops the scanner and the tuner; merged pages stay merged.
+    /// Stops the scanner, the tuner and the watch thread; merged pages stay merged.
     pub fn stop(&mut self) {
+        if let Some(w) = self.watch.take() {
+            w.stop();
+        }
         if let Some(t) = self.tuner.take() {
             t.stop();
         }

@@ -8,6 +8,7 @@ use vm_dedup::Config;
 use vm_dedup::config::KNOBS as ENGINE_KNOBS;
 
 use super::advisor::{AdvisorSettings, PageLimits};
+use super::guard::GuardSettings;
 use super::pressure::PressureSettings;
 
 /// Knobs of the tuner, accepted beside the engine's.
@@ -20,6 +21,9 @@ pub const TUNE_KNOBS: &[&str] = &[
     "advisor_max_cpu",
     "pressure_low_percent",
     "pressure_high_percent",
+    "mem_pressure_percent",
+    "mem_stop_percent",
+    "mem_check_ms",
 ];
 
 /// Errors in dedup knobs (usage errors at start, 400 or 409 through the API).
@@ -139,6 +143,8 @@ pub struct TuneSettings {
     pub advisor: AdvisorSettings,
     /// Memory-pressure knobs.
     pub pressure: PressureSettings,
+    /// The memory guard's knobs.
+    pub guard: GuardSettings,
 }
 
 impl Default for TuneSettings {
@@ -149,6 +155,7 @@ impl Default for TuneSettings {
             limits: PageLimits::default(),
             advisor: AdvisorSettings::default(),
             pressure: PressureSettings::default(),
+            guard: GuardSettings::default(),
         }
     }
 }
@@ -198,6 +205,9 @@ impl Settings {
             "advisor_max_cpu" => t.advisor.max_cpu_percent = number(name, value, 1, 100)?,
             "pressure_low_percent" => t.pressure.low_percent = number(name, value, 0, 100)?,
             "pressure_high_percent" => t.pressure.high_percent = number(name, value, 0, 100)?,
+            "mem_pressure_percent" => t.guard.pressure_percent = number(name, value, 1, 100)?,
+            "mem_stop_percent" => t.guard.stop_percent = number(name, value, 0, 100)?,
+            "mem_check_ms" => t.guard.check_ms = number(name, value, 10, 60_000)?,
             other => self.engine.set(other, value)?,
         }
         Ok(())
@@ -229,6 +239,11 @@ impl Settings {
                 "pressure_low_percent must be below pressure_high_percent",
             ));
         }
+        if t.guard.stop_percent != 0 && t.guard.stop_percent < t.guard.pressure_percent {
+            return Err(Error::Conflict(
+                "mem_stop_percent must be 0 (never) or at least mem_pressure_percent",
+            ));
+        }
         Ok(())
     }
 
@@ -251,6 +266,9 @@ impl Settings {
             ("advisor_max_cpu", t.advisor.max_cpu_percent.to_string()),
             ("pressure_low_percent", t.pressure.low_percent.to_string()),
             ("pressure_high_percent", t.pressure.high_percent.to_string()),
+            ("mem_pressure_percent", t.guard.pressure_percent.to_string()),
+            ("mem_stop_percent", t.guard.stop_percent.to_string()),
+            ("mem_check_ms", t.guard.check_ms.to_string()),
         ]);
         out
     }
@@ -267,7 +285,8 @@ mod tests {
             "pages_to_scan=100,sleep_millisecs=5,merge_across_nodes=0,use_zero_pages=0,\
              max_page_sharing=2,tune=advisor,advisor_target_scan_ms=500,advisor_max_cpu=30,\
              tune_min_pages_to_scan=10,tune_max_pages_to_scan=1000,tune_interval_ms=100,\
-             pressure_low_percent=5,pressure_high_percent=15",
+             pressure_low_percent=5,pressure_high_percent=15,mem_pressure_percent=70,\
+             mem_stop_percent=0,mem_check_ms=50",
         )
         .unwrap();
         assert_eq!(s.engine.pages_to_scan, 100);
@@ -283,6 +302,14 @@ mod tests {
             (5, 15)
         );
         assert_eq!(s.tune.interval_ms, 100);
+        assert_eq!(
+            s.tune.guard,
+            GuardSettings {
+                pressure_percent: 70,
+                stop_percent: 0,
+                check_ms: 50
+            }
+        );
 
         // Every knob round-trips through its text form.
         let mut t = Settings::default();
@@ -322,6 +349,12 @@ mod tests {
             .apply_options("pressure_low_percent=50,pressure_high_percent=40")
             .unwrap_err();
         assert!(matches!(e, Error::Conflict(_)), "{e}");
+        let mut s = Settings::default();
+        let e = s
+            .apply_options("mem_pressure_percent=95,mem_stop_percent=90")
+            .unwrap_err();
+        assert!(e.to_string().contains("mem_stop_percent"), "{e}");
+        assert!(s.apply_options("mem_check_ms=5").is_err());
         let mut s = Settings::default();
         let e = s
             .apply_options("tune_min_pages_to_scan=100,tune_max_pages_to_scan=10")

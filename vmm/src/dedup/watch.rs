@@ -1,0 +1,283 @@
+//! The watch thread: every `mem_check_ms` it looks at the process's memory (its memory cgroup and
+//! the host, files kept open) and applies the memory guard's decision (`guard`): pause or resume
+//! merging, or stop every guest through the VMM's callback. It also follows the engine's
+//! statistics and logs when the engine becomes degraded and when it recovers (`health`).
+
+use std::sync::Arc;
+use std::sync::mpsc::{self, RecvTimeoutError, Sender};
+use std::thread::{self, JoinHandle};
+use std::time::Duration;
+
+use super::guard::{self, Level, Look, Usage};
+use super::health::{CgroupReport, HostReport, MemoryReport, Tracker};
+use super::{Shared, lock};
+use crate::cgroup::{CgroupReader, Figures};
+use crate::hostmem::{HostMemory, MEMINFO, Reread};
+use crate::report::human_bytes;
+
+/// Called once when the level becomes critical, with the error to report: stops every guest.
+pub type OnCritical = Box<dyn Fn(&str) + Send>;
+
+/// A running watch thread.
+#[derive(Debug)]
+pub(crate) struct Watch {
+    stop: Sender<()>,
+    thread: JoinHandle<()>,
+}
+
+/// The files the guard reads, opened once.
+struct Sources {
+    cgroup: Option<CgroupReader>,
+    /// `oom_events` at the first look: later growth means the kernel found the cgroup out of
+    /// memory.
+    oom_baseline: Option<u64>,
+    meminfo: Option<Reread>,
+    /// Read failures already logged (one line per source, not one per look).
+    cgroup_failed: bool,
+    host_failed: bool,
+}
+
+impl Sources {
+    fn open() -> Self {
+        let cgroup = match CgroupReader::of_this_process() {
+            Ok(Some(r)) => {
+                let p = r.place();
+                log::info!(
+                    "memory guard: memory cgroup {} {} ({})",
+                    p.version.name(),
+                    p.path,
+                    p.dir.display()
+                );
+                Some(r)
+            }
+            Ok(None) => None,
+            Err(e) => {
+                log::warn!("memory guard: the memory cgroup is not watched: {e}");
+                None
+            }
+        };
+        let meminfo = Reread::open(MEMINFO)
+            .map_err(|e| log::warn!("memory guard: {MEMINFO} is not watched: {e}"))
+            .ok();
+        Self {
+            cgroup,
+            oom_baseline: None,
+            meminfo,
+            cgroup_failed: false,
+            host_failed: false,
+        }
+    }
+
+    fn cgroup(&mut self) -> Option<Figures> {
+        let r = self.cgroup.as_mut()?;
+        match r.read() {
+            Ok(f) => {
+                self.cgroup_failed = false;
+                Some(f)
+            }
+            Err(e) => {
+                if !self.cgroup_failed {
+                    log::warn!("memory guard: {e}");
+                }
+                self.cgroup_failed = true;
+                None
+            }
+        }
+    }
+
+    fn host(&mut self) -> Option<HostMemory> {
+        let m = self.meminfo.as_mut()?;
+        match HostMemory::reread(m) {
+            Ok(h) => {
+                self.host_failed = false;
+                Some(h)
+            }
+            Err(e) => {
+                if !self.host_failed {
+                    log::warn!("memory guard: {e}");
+                }
+                self.host_failed = true;
+                None
+            }
+        }
+    }
+
+    /// Reads both sources: what the guard decides from, and what the statistics show.
+    fn look(&mut self) -> (Look, MemoryReport) {
+        let figures = self.cgroup();
+        let host = self.host();
+        let baseline = *self
+            .oom_baseline
+            .get_or_insert(figures.map_or(0, |f| f.oom_events));
+        let cgroup_usage = figures.map(|f| Usage {
+            used: f.working_set(),
+            limit: f.limit,
+        });
+        let host_usage = host.map(|h| Usage {
+            used: h.mem_total.saturating_sub(h.mem_available),
+            limit: Some(h.mem_total),
+        });
+        let look = Look {
+            cgroup: cgroup_usage,
+            cgroup_oom: figures.is_some_and(|f| f.under_oom || f.oom_events > baseline),
+            host: host_usage,
+        };
+        let cgroup = self
+            .cgroup
+            .as_ref()
+            .zip(figures)
+            .map(|(r, f)| CgroupReport {
+                version: r.place().version.name().into(),
+                path: r.place().path.clone(),
+                usage_bytes: f.usage,
+                working_set_bytes: f.working_set(),
+                limit_bytes: f.limit,
+                percent: cgroup_usage.and_then(|u| u.percent()),
+                under_oom: f.under_oom,
+                oom_events: f.oom_events,
+            });
+        let host = host.zip(host_usage).map(|(h, u)| HostReport {
+            mem_total_bytes: h.mem_total,
+            mem_available_bytes: h.mem_available,
+            used_percent: u.percent().unwrap_or(0),
+        });
+        let report = MemoryReport {
+            level: Level::Ok,
+            cgroup,
+            host,
+        };
+        (look, report)
+    }
+}
+
+/// One line saying where the memory stands (for logs and errors).
+fn describe(m: &MemoryReport) -> String {
+    let mut parts = Vec::new();
+    if let Some(c) = &m.cgroup {
+        let limit = c
+            .limit_bytes
+            .map_or_else(|| "no limit".to_string(), |l| human_bytes(l.into()));
+        let mut s = format!(
+            "memory cgroup {} {}: working set {} of its {limit} limit",
+            c.version,
+            c.path,
+            human_bytes(c.working_set_bytes.into()),
+        );
+        if let Some(p) = c.percent {
+            s.push_str(&format!(" ({p}%)"));
+        }
+        if c.under_oom {
+            s.push_str(", the kernel reports it out of memory (under_oom)");
+        }
+        parts.push(s);
+    }
+    if let Some(h) = &m.host {
+        parts.push(format!(
+            "host RAM {}% used ({} available)",
+            h.used_percent,
+            human_bytes(h.mem_available_bytes.into())
+        ));
+    }
+    if parts.is_empty() {
+        "memory figures unavailable".into()
+    } else {
+        parts.join("; ")
+    }
+}
+
+/// What the watch thread keeps between looks.
+struct State {
+    sources: Sources,
+    level: Level,
+    tracker: Tracker,
+    on_critical: Option<OnCritical>,
+}
+
+impl State {
+    fn look(&mut self, shared: &Shared) {
+        let settings = lock(&shared.tune).guard;
+        let (look, mut memory) = self.sources.look();
+        let level = guard::decide(&settings, &look, self.level);
+        memory.level = level;
+        let now = describe(&memory);
+        if level != self.level {
+            match level {
+                Level::Pressure if self.level == Level::Ok => {
+                    let why = format!(
+                        "memory pressure: {now}; merging paused at mem_pressure_percent={}",
+                        settings.pressure_percent
+                    );
+                    log::warn!("{why}");
+                    shared.pause_merging(why);
+                }
+                Level::Pressure => {}
+                Level::Ok => {
+                    log::warn!("memory pressure over: {now}; merging resumes");
+                    shared.resume_merging();
+                }
+                Level::Critical => {
+                    let why = format!(
+                        "out of memory: {now}: every guest was stopped before the kernel could \
+                         fail a guest's page fault or kill the VMM (mem_stop_percent={})",
+                        settings.stop_percent
+                    );
+                    log::error!("{why}");
+                    shared.pause_merging(why.clone());
+                    *lock(&shared.critical) = Some(why.clone());
+                    if let Some(stop) = self.on_critical.take() {
+                        stop(&why);
+                    }
+                }
+            }
+            self.level = level;
+        }
+        let paused = lock(&shared.paused).as_ref().map(|p| p.why.clone());
+        let changes = self
+            .tracker
+            .update(&shared.engine.stats(), paused.as_deref());
+        for r in &changes.began {
+            log::warn!("dedup degraded: {}: {}", r.cause.name(), r.detail);
+        }
+        for c in &changes.ended {
+            log::warn!("dedup no longer degraded: {}", c.name());
+        }
+        let mut status = lock(&shared.status);
+        status.reasons = self.tracker.reasons().to_vec();
+        status.memory = Some(memory);
+    }
+}
+
+impl Watch {
+    /// Opens the memory sources and starts the thread; `on_critical` is called once if the
+    /// memory guard stops the guests.
+    pub(crate) fn start(shared: Arc<Shared>, on_critical: OnCritical) -> std::io::Result<Self> {
+        let mut state = State {
+            sources: Sources::open(),
+            level: Level::Ok,
+            tracker: Tracker::default(),
+            on_critical: Some(on_critical),
+        };
+        state.look(&shared);
+        let (stop, stopped) = mpsc::channel::<()>();
+        let thread = thread::Builder::new()
+            .name("dedup-watch".into())
+            .spawn(move || {
+                loop {
+                    let every = lock(&shared.tune).guard.check_ms;
+                    match stopped.recv_timeout(Duration::from_millis(every)) {
+                        Err(RecvTimeoutError::Timeout) => state.look(&shared),
+                        Ok(()) | Err(RecvTimeoutError::Disconnected) => return,
+                    }
+                }
+            })?;
+        Ok(Self { stop, thread })
+    }
+
+    pub(crate) fn stop(self) {
+        // The thread may already have ended; then there is nobody to tell.
+        let _ = self.stop.send(());
+        if self.thread.join().is_err() {
+            log::error!("dedup: the watch thread panicked");
+        }
+    }
+}
