@@ -27,7 +27,9 @@ impl From<dedup::Error> for Error {
     fn from(e: dedup::Error) -> Self {
         match e {
             dedup::Error::Settings(_) => Error::Invalid(e.to_string()),
-            dedup::Error::Owned { .. } | dedup::Error::Busy(_) => Error::Conflict(e.to_string()),
+            dedup::Error::Owned { .. } | dedup::Error::Busy(_) | dedup::Error::Paused(_) => {
+                Error::Conflict(e.to_string())
+            }
             e => Error::Failed(e.to_string()),
         }
     }
@@ -102,6 +104,7 @@ pub fn dedup_report(s: &Stats, dirty: impl Fn(&str) -> u64) -> Report {
             metadata_bytes: s.metadata_bytes,
             cpu_ns: s.cpu_ns,
         }),
+        health: None,
         guests: s
             .guests
             .iter()
@@ -119,12 +122,15 @@ pub fn dedup_report(s: &Stats, dirty: impl Fn(&str) -> u64) -> Report {
 impl Control for DedupControl {
     fn stats(&self) -> Report {
         let guests = self.0.guests();
-        dedup_report(&self.0.engine().stats(), |name| {
+        let stats = self.0.engine().stats();
+        let mut report = dedup_report(&stats, |name| {
             guests
                 .iter()
                 .find(|g| g.name == name)
                 .map_or(0, |g| g.dirty.pages_reported())
-        })
+        });
+        report.health = Some(self.0.health(&stats));
+        report
     }
 
     fn config(&self) -> Knobs {
@@ -182,6 +188,7 @@ impl Control for NoControl {
             counts: Counts::default(),
             pages: self.guests.iter().map(|g| g.1).sum(),
             engine: None,
+            health: None,
             guests: self
                 .guests
                 .iter()

@@ -141,6 +141,7 @@ impl KernelKsm {
             counts,
             pages: self.guests.iter().map(|g| g.pages).sum(),
             engine: None,
+            health: None,
             guests,
         }
     }

@@ -71,6 +71,7 @@ mod tests {
             },
             pages: 10,
             engine: None,
+            health: None,
             guests: vec![GuestReport {
                 name: "g\"0".into(),
                 domain: "a\\b".into(),

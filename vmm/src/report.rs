@@ -3,6 +3,8 @@
 
 use serde::{Deserialize, Serialize};
 
+use crate::dedup::health::HealthReport;
+
 /// Bytes in a page.
 pub const PAGE_BYTES: u64 = 4096;
 
@@ -105,6 +107,9 @@ pub struct Report {
     /// Engine details (`--dedup` only).
     #[serde(flatten, skip_serializing_if = "Option::is_none")]
     pub engine: Option<EngineDetails>,
+    /// Degraded state, failures by cause and the memory guard (`--dedup` only).
+    #[serde(flatten, skip_serializing_if = "Option::is_none")]
+    pub health: Option<HealthReport>,
     /// Per guest, in start order.
     pub guests: Vec<GuestReport>,
 }
@@ -178,8 +183,23 @@ impl Report {
         serde_json::to_string_pretty(self).unwrap_or_else(|_| "{}".into()) + "\n"
     }
 
-    /// The one-line summary printed on stderr every `--stats-interval`.
+    /// The one-line summary printed on stderr every `--stats-interval`; with `--dedup` it ends
+    /// with ` degraded=CAUSE,..` while the engine is degraded and ` memory=LEVEL` while the
+    /// memory guard is not at `ok`.
     pub fn summary(&self) -> String {
+        let mut line = self.counts_summary();
+        if let Some(h) = &self.health {
+            if h.degraded {
+                line.push_str(&format!(" degraded={}", h.causes()));
+            }
+            if let Some(m) = h.memory.as_ref().filter(|m| m.level != Default::default()) {
+                line.push_str(&format!(" memory={}", m.level.name()));
+            }
+        }
+        line
+    }
+
+    fn counts_summary(&self) -> String {
         let c = &self.counts;
         format!(
             "mode={} shared={} sharing={} unshared={} volatile={} zero={} scanned={} full_scans={} cow_breaks={} saved={} profit={}",
@@ -233,6 +253,7 @@ mod tests {
                 merges: 10,
                 ..EngineDetails::default()
             }),
+            health: None,
             guests: vec![GuestReport {
                 name: "guest0".into(),
                 domain: "default".into(),
@@ -288,6 +309,36 @@ mod tests {
         let c = sample().counts;
         assert_eq!(c.get("pages_sharing"), Some(5));
         assert_eq!(c.get("nope"), None);
+    }
+
+    #[test]
+    fn summary_names_degraded_causes_and_memory_level() {
+        use crate::dedup::guard::Level;
+        use crate::dedup::health::{Cause, HealthReport, MemoryReport, Reason};
+        let mut r = sample();
+        r.health = Some(HealthReport::default());
+        assert!(!r.summary().contains("degraded"), "{}", r.summary());
+        r.health = Some(HealthReport {
+            degraded: true,
+            degraded_reasons: vec![Reason {
+                cause: Cause::Pool,
+                detail: "x".into(),
+            }],
+            memory: Some(MemoryReport {
+                level: Level::Pressure,
+                ..MemoryReport::default()
+            }),
+            ..HealthReport::default()
+        });
+        assert!(
+            r.summary().ends_with(" degraded=pool memory=pressure"),
+            "{}",
+            r.summary()
+        );
+        let v: serde_json::Value = serde_json::from_str(&r.to_json()).unwrap();
+        assert_eq!(v["degraded_reasons"][0]["cause"], "pool");
+        assert_eq!(v["memory"]["level"], "pressure");
+        assert_eq!(v["merging_paused"], false);
     }
 
     #[test]
