@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, ExitCode};
 
 /// The guests built from `asm/NAME.S`.
-const GUESTS: &[&str] = &["probe", "reset", "triple_fault"];
+const GUESTS: &[&str] = &["probe", "reset", "triple_fault", "hostile"];
 
 /// Address the guests are linked at (they are position independent; this only fixes symbols).
 const LOAD_ADDRESS: &str = "0x100000";

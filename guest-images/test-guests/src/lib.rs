@@ -54,6 +54,33 @@ pub static RESET: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/reset.bin"))
 /// Prints `FAULTING`, then triple-faults (undefined instruction with an empty IDT).
 pub static TRIPLE_FAULT: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/triple_fault.bin"));
 
+/// A guest that does what a guest should not, to check that the VMM survives it.
+///
+/// It prints `HOSTILE READY` and waits for one input line. Then, with interrupts off, it writes
+/// garbage to and reads every I/O port except the debug-exit port (bytes everywhere, words and
+/// dwords at every 64th port, string I/O, an i8042 command flood whose replies it never reads),
+/// then writes and reads unmapped MMIO above RAM and in the MMIO gap, then takes #UD, #GP and
+/// #PF faults that its IDT resumes after, and finally triple-faults. Each phase ends with a
+/// console line:
+///
+/// | line | meaning |
+/// |---|---|
+/// | `HOSTILE PORTS DONE` | the port phase is over |
+/// | `HOSTILE MMIO DONE and=<hex>` | AND of every qword read from unmapped MMIO ([`HOSTILE_MMIO_AND`] when unhandled reads return all ones) |
+/// | `HOSTILE FAULTS ud=<hex> gp=<hex> pf=<hex>` | faults taken ([`HOSTILE_FAULTS`] when each one was delivered to the guest) |
+/// | `HOSTILE TRIPLE FAULT` | the empty IDT is loaded and `ud2` executed next |
+///
+/// The line before `HOSTILE PORTS DONE` holds whatever garbage the port phase wrote to the
+/// UART's data register.
+pub static HOSTILE: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/hostile.bin"));
+
+/// What [`HOSTILE`] reports when every unmapped MMIO read returned all ones.
+pub const HOSTILE_MMIO_AND: u64 = u64::MAX;
+
+/// The faults [`HOSTILE`] takes: undefined opcodes (#UD), non-canonical accesses (#GP) and
+/// accesses past the identity map (#PF).
+pub const HOSTILE_FAULTS: (u64, u64, u64) = (10, 1, 1);
+
 const FNV_OFFSET: u64 = 0xcbf2_9ce4_8422_2325;
 const FNV_PRIME: u64 = 0x0000_0100_0000_01b3;
 
@@ -121,7 +148,7 @@ mod tests {
 
     #[test]
     fn guests_are_flat_code_not_elf() {
-        for guest in [PROBE, RESET, TRIPLE_FAULT] {
+        for guest in [PROBE, RESET, TRIPLE_FAULT, HOSTILE] {
             assert!(!guest.is_empty());
             assert_ne!(&guest[..4], b"\x7fELF");
         }
