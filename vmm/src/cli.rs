@@ -92,9 +92,10 @@ pub struct Cli {
     #[arg(long, value_name = "STR", requires = "kernel", default_value = DEFAULT_CMDLINE)]
     cmdline: String,
     /// Raw binary loaded at --entry and started there in 64-bit mode with identity paging;
-    /// every vCPU starts there with rdi = its index and rsi = the vCPU count.
+    /// every vCPU starts there with rdi = its index and rsi = the vCPU count. Once for every
+    /// guest, or repeated once per guest.
     #[arg(long, value_name = "PATH", requires = "entry")]
-    flat: Option<PathBuf>,
+    flat: Vec<PathBuf>,
     /// Guest-physical load and start address of --flat (at least 0x100000).
     #[arg(long, value_name = "GPA", value_parser = parse_addr, requires = "flat")]
     entry: Option<u64>,
@@ -194,13 +195,16 @@ fn parse_addr(s: &str) -> Result<u64, String> {
 impl Cli {
     /// Turns the parsed flags into a checked configuration.
     pub fn into_plan(self) -> Result<Plan, UsageError> {
-        let boot = match (self.kernel, self.flat, self.entry) {
+        let boot = match (self.kernel, self.flat.first(), self.entry) {
             (Some(kernel), _, _) => Boot::Linux {
                 kernel,
                 initrd: self.initrd,
                 cmdline: self.cmdline,
             },
-            (None, Some(image), Some(entry)) => Boot::Flat { image, entry },
+            (None, Some(image), Some(entry)) => Boot::Flat {
+                image: image.clone(),
+                entry,
+            },
             // clap requires --kernel or --flat with --entry.
             (None, _, _) => unreachable!("clap enforces a boot source"),
         };
@@ -231,7 +235,8 @@ impl Cli {
             mem_image: None,
             track_dirty: matches!(merging, Merging::Dedup(_)),
         };
-        let vmm = VmmConfig::replicated(&template, self.guests, &self.mem_images)?;
+        let vmm = VmmConfig::replicated(&template, self.guests, &self.mem_images)?
+            .with_flat_images(&self.flat)?;
         let services = ServicesConfig {
             monitor: MonitorConfig {
                 interval: self.stats_interval,

@@ -72,6 +72,16 @@ pub enum Error {
         /// Guests.
         guests: u32,
     },
+    /// `--flat` given neither once nor once per guest.
+    #[error(
+        "--flat given {images} times for {guests} guests: give it once (every guest) or once per guest"
+    )]
+    FlatCount {
+        /// Binaries given.
+        images: usize,
+        /// Guests.
+        guests: u32,
+    },
 }
 
 /// How a guest starts.
@@ -263,6 +273,26 @@ impl VmmConfig {
         Ok(config)
     }
 
+    /// Gives each flat guest its own binary: `images` is none or one (every guest keeps the one
+    /// it has) or one per guest in order. Guests that boot a kernel are left as they are.
+    pub fn with_flat_images(mut self, images: &[PathBuf]) -> Result<Self, Error> {
+        if images.len() <= 1 {
+            return Ok(self);
+        }
+        if images.len() != self.guests.len() {
+            return Err(Error::FlatCount {
+                images: images.len(),
+                guests: u32::try_from(self.guests.len()).unwrap_or(u32::MAX),
+            });
+        }
+        for (guest, path) in self.guests.iter_mut().zip(images) {
+            if let Boot::Flat { image, .. } = &mut guest.boot {
+                image.clone_from(path);
+            }
+        }
+        Ok(self)
+    }
+
     /// Validates every guest.
     pub fn validate(&self) -> Result<(), Error> {
         let count = u32::try_from(self.guests.len()).unwrap_or(u32::MAX);
@@ -398,5 +428,42 @@ mod tests {
             })
         );
         assert_eq!(VmmConfig::replicated(&t, 0, &[]), Err(Error::GuestCount(0)));
+    }
+
+    #[test]
+    fn flat_binaries_are_one_for_all_or_one_per_guest() {
+        let t = flat(64 << 20, 1);
+        let image = |g: &GuestConfig| match &g.boot {
+            Boot::Flat { image, entry } => (image.clone(), *entry),
+            Boot::Linux { .. } => panic!("not flat"),
+        };
+        let three = || VmmConfig::replicated(&t, 3, &[]).unwrap();
+        let same = three().with_flat_images(&["probe.bin".into()]).unwrap();
+        assert_eq!(same, three());
+        assert_eq!(three().with_flat_images(&[]).unwrap(), three());
+
+        let each = three()
+            .with_flat_images(&["a".into(), "b".into(), "c".into()])
+            .unwrap();
+        let got: Vec<_> = each.guests.iter().map(image).collect();
+        assert_eq!(
+            got,
+            [
+                ("a".into(), 0x10_0000),
+                ("b".into(), 0x10_0000),
+                ("c".into(), 0x10_0000)
+            ]
+        );
+        let e = three()
+            .with_flat_images(&["a".into(), "b".into()])
+            .unwrap_err();
+        assert_eq!(
+            e,
+            Error::FlatCount {
+                images: 2,
+                guests: 3
+            }
+        );
+        assert!(e.to_string().contains("once per guest"), "{e}");
     }
 }

@@ -63,6 +63,10 @@ fn usage_errors_are_one_line_and_exit_2() {
         &with(&["--guests", "3", "--mem-image", "a", "--mem-image", "b"]),
         "once per guest",
     );
+    assert_usage_error(
+        &with(&["--guests", "3", "--flat", "b"]),
+        "--flat given 2 times for 3 guests",
+    );
     assert_usage_error(&with(&["--ksm", "--dedup"]), "cannot be used with");
     assert_usage_error(&with(&["--dedup-opt", "run=1"]), "--dedup");
     assert_usage_error(
@@ -164,6 +168,34 @@ fn reset_and_triple_fault_stop_the_guest_with_status_0() {
         assert_eq!(out.status.code(), Some(0), "{says}: {stdout}");
         assert!(stdout.contains(says), "{stdout}");
     }
+}
+
+#[test]
+fn each_guest_runs_its_own_flat_binary() {
+    if !vmm_tests::require_kvm() {
+        return;
+    }
+    let (fault, reset) = (file_with(TRIPLE_FAULT), file_with(RESET));
+    let entry = format!("{LOAD_ADDRESS:#x}");
+    let out = run(&[
+        "--guests",
+        "2",
+        "--flat",
+        fault.as_path().to_str().unwrap(),
+        "--flat",
+        reset.as_path().to_str().unwrap(),
+        "--entry",
+        &entry,
+        "--mem",
+        "16M",
+    ]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(0), "{stdout}");
+    let lines: Vec<&str> = stdout.lines().collect();
+    assert!(lines.contains(&"guest0: FAULTING"), "{stdout}");
+    assert!(lines.contains(&"guest1: RESETTING"), "{stdout}");
+    assert!(!stdout.contains("guest0: RESETTING"), "{stdout}");
+    assert!(!stdout.contains("guest1: FAULTING"), "{stdout}");
 }
 
 #[test]
