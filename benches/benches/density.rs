@@ -47,7 +47,7 @@ use vmm_benches::guest_sets::{Guests, workload_mib};
 use vmm_benches::interrupt::{catch_termination, die_with_parent, interrupted};
 use vmm_benches::modes::Mode;
 use vmm_benches::plot::{Series, svg, zoom_for};
-use vmm_benches::prepare;
+use vmm_benches::prepare::{self, Images};
 use vmm_benches::report::{self, Figures, ModeRun, Ratios, markdown_table, signed_mib};
 use vmm_benches::sampler::{Sampler, read_stats_json};
 use vmm_tests::{ProbeGuest, VmmProcess};
@@ -62,6 +62,8 @@ enum LinuxGuests {
     Auto,
     /// Even under kvm_pvm (where the stock kernel does not reach userspace in useful time).
     Always,
+    /// Only the Linux guests (no probe guests, no RESULT line), even under kvm_pvm.
+    Only,
     /// Never.
     Never,
 }
@@ -441,8 +443,19 @@ fn run(config: &Config) -> Result<Finished> {
     }
     let vmm_bin = prepare::release_vmm()?;
     eprintln!("vmm: {}", vmm_bin.display());
-    let images = prepare::compose(config.guests, config.size)?;
-    let probe = ProbeGuest::new();
+    let probe_set = match config.linux {
+        LinuxGuests::Only => None,
+        _ => Some((
+            prepare::compose(config.guests, config.size)?,
+            ProbeGuest::new(),
+        )),
+    };
+    let pvm = vmm_tests::is_kvm_pvm();
+    let linux = match config.linux {
+        LinuxGuests::Never => false,
+        LinuxGuests::Auto => !pvm,
+        LinuxGuests::Always | LinuxGuests::Only => true,
+    };
 
     let uses_ksm = config.modes.iter().any(|m| m.ksm_rate().is_some());
     let guard = if uses_ksm && ksm::available() {
@@ -459,12 +472,51 @@ fn run(config: &Config) -> Result<Finished> {
     // nothing to undo yet).
     catch_termination()?;
 
+    let ratios = match &probe_set {
+        Some((images, probe)) => run_probes(config, &vmm_bin, images, probe, guard.as_ref())?,
+        None => None,
+    };
+    if linux {
+        run_linux(config, &vmm_bin, guard.as_ref())?;
+    } else if config.linux == LinuxGuests::Auto {
+        println!(
+            "Linux guests: skipped: this host's KVM is kvm_pvm (/sys/module/kvm_pvm): no \
+             hardware virtualization, guest code runs in KVM's instruction emulator and the \
+             stock kernel does not reach userspace in useful time. Run with --linux always to \
+             try anyway."
+        );
+    }
+    if let Some(guard) = guard {
+        guard.restore()?;
+        let found: Vec<String> = guard
+            .saved()
+            .iter()
+            .filter(|(k, _)| ["run", "pages_to_scan", "sleep_millisecs"].contains(&k.as_str()))
+            .map(|(k, v)| format!("{k}={v}"))
+            .collect();
+        eprintln!(
+            "kernel KSM settings restored as found ({} ...)",
+            found.join(" ")
+        );
+    }
+    Ok(Finished::Ran(ratios))
+}
+
+/// The runs with probe guests on composed images; returns the comparison of dedup-fastest
+/// with ksm-max.
+fn run_probes(
+    config: &Config,
+    vmm_bin: &Path,
+    images: &Images,
+    probe: &ProbeGuest,
+    guard: Option<&KsmGuard>,
+) -> Result<Option<Ratios>> {
     let guests = Guests::Probe {
-        probe: &probe,
-        images: &images,
+        probe,
+        images,
         check_pages: config.check_pages,
     };
-    let (runs, notes) = run_modes(&vmm_bin, &guests, config.cap, config, guard.as_ref())?;
+    let (runs, notes) = run_modes(vmm_bin, &guests, config.cap, config, guard)?;
     let t = &images.sidecar.totals;
     let header = format!(
         "{} guests x {} MiB, probe guests with RAM from composed images (`{}`: real Debian package \
@@ -472,7 +524,11 @@ fn run(config: &Config) -> Result<Finished> {
          duplicates, and the {:.0} MiB of zero pages are never loaded). Host: {}. Time cap {} s.",
         config.guests,
         config.size >> 20,
-        images.dir.display(),
+        images
+            .dir
+            .strip_prefix(vmm_tests::workspace_root())
+            .unwrap_or(&images.dir)
+            .display(),
         t.pages_sharing as f64 * 4096.0 / MIB,
         t.zero_pages as f64 * 4096.0 / MIB,
         host_line(),
@@ -494,56 +550,25 @@ fn run(config: &Config) -> Result<Finished> {
             size: config.size,
         },
     )?;
-
-    run_linux(config, &vmm_bin, guard.as_ref())?;
-    if let Some(guard) = guard {
-        guard.restore()?;
-        let found: Vec<String> = guard
-            .saved()
-            .iter()
-            .filter(|(k, _)| ["run", "pages_to_scan", "sleep_millisecs"].contains(&k.as_str()))
-            .map(|(k, v)| format!("{k}={v}"))
-            .collect();
-        eprintln!(
-            "kernel KSM settings restored as found ({} ...)",
-            found.join(" ")
-        );
-    }
-
     let find = |m: Mode| figures.iter().find(|f| f.mode == m.name());
-    let ratios = match (find(Mode::DedupFastest), find(Mode::KsmMax)) {
-        (Some(ours), Some(ksm)) => {
-            if !ksm.converged {
-                println!("note: ksm-max did not converge: its time cap counts as its time to 95%");
-            }
-            if !ours.converged {
-                println!("note: dedup-fastest did not converge within the time cap");
-            }
-            Ratios::of(ours, ksm)
-        }
-        _ => None,
+    let (Some(ours), Some(ksm)) = (find(Mode::DedupFastest), find(Mode::KsmMax)) else {
+        return Ok(None);
     };
-    Ok(Finished::Ran(ratios))
+    if !ksm.converged {
+        println!("note: ksm-max did not converge: its time cap counts as its time to 95%");
+    }
+    if !ours.converged {
+        println!("note: dedup-fastest did not converge within the time cap");
+    }
+    Ok(Ratios::of(ours, ksm))
 }
 
 /// The Linux-guest runs, where hardware virtualization makes them meaningful.
 fn run_linux(config: &Config, vmm_bin: &Path, guard: Option<&KsmGuard>) -> Result<()> {
-    let pvm = vmm_tests::is_kvm_pvm();
-    match config.linux {
-        LinuxGuests::Never => return Ok(()),
-        LinuxGuests::Auto if pvm => {
-            println!(
-                "Linux guests: skipped: this host's KVM is kvm_pvm (/sys/module/kvm_pvm): no \
-                 hardware virtualization, guest code runs in KVM's instruction emulator and the \
-                 stock kernel does not reach userspace in useful time. Run with --linux always to \
-                 try anyway."
-            );
-            return Ok(());
-        }
-        _ => {}
-    }
     let out = prepare::images_dir();
-    prepare::build_images_if_missing(&out)?;
+    if !out.join(VMLINUZ).is_file() || !out.join(INITRAMFS).is_file() {
+        prepare::build_images_if_missing(&out)?;
+    }
     let guests = Guests::Linux {
         kernel: out.join(VMLINUZ),
         initrd: out.join(INITRAMFS),
@@ -601,7 +626,8 @@ fn main() -> ExitCode {
         }
         Ok(Finished::Ran(None)) => {
             println!(
-                "no RESULT line: it needs the dedup-fastest and ksm-max modes, both saving memory"
+                "no RESULT line: it needs the probe-guest runs of dedup-fastest and ksm-max, both \
+                 saving memory"
             );
             ExitCode::SUCCESS
         }
