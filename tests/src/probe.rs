@@ -8,7 +8,7 @@ use std::path::Path;
 use test_guests::{LOAD_ADDRESS, PROBE};
 use vmm_sys_util::tempfile::TempFile;
 
-use crate::process::{Stream, VmmProcess};
+use crate::process::{Line, Stream, VmmProcess};
 
 /// A temporary file holding `bytes`.
 ///
@@ -149,6 +149,25 @@ impl ProbeConsole<'_> {
     /// Sends `command` and returns its reply without the guest prefix: the line
     /// `OK <command letter> <gpa>[ value]`, or an `ERR ...` line.
     pub fn request(&mut self, command: &str) -> String {
+        self.vmm.send_line(&format!("{}{command}", self.prefix));
+        let (what, matches) = self.reply_to(command);
+        let line = self.vmm.wait_for(&what, matches);
+        line.text[self.prefix.len()..].to_string()
+    }
+
+    /// Like [`ProbeConsole::request`], but returns `None` when the VMM exits before it replies
+    /// (or before the command could be sent).
+    pub fn try_request(&mut self, command: &str) -> Option<String> {
+        if !self.vmm.try_send_line(&format!("{}{command}", self.prefix)) {
+            return None;
+        }
+        let (what, matches) = self.reply_to(command);
+        let line = self.vmm.wait_for_or_exit(&what, matches)?;
+        Some(line.text[self.prefix.len()..].to_string())
+    }
+
+    /// What the reply to `command` is called, and a test for it.
+    fn reply_to(&self, command: &str) -> (String, impl FnMut(&Line) -> bool + use<>) {
         let mut words = command.split(' ');
         let ok = format!(
             "{}OK {} {}",
@@ -156,17 +175,13 @@ impl ProbeConsole<'_> {
             words.next().unwrap_or_default(),
             words.next().unwrap_or_default()
         );
+        let ok_with = format!("{ok} ");
         let err = format!("{}ERR", self.prefix);
-        self.vmm.send_line(&format!("{}{command}", self.prefix));
-        let line = self
-            .vmm
-            .wait_for(&format!("the reply to {command:?}"), |l| {
-                l.stream == Stream::Stdout
-                    && (l.text == ok
-                        || l.text.starts_with(&format!("{ok} "))
-                        || l.text.starts_with(&err))
-            });
-        line.text[self.prefix.len()..].to_string()
+        let matches = move |l: &Line| {
+            l.stream == Stream::Stdout
+                && (l.text == ok || l.text.starts_with(&ok_with) || l.text.starts_with(&err))
+        };
+        (format!("the reply to {command:?}"), matches)
     }
 
     /// Like [`ProbeConsole::request`], but the reply must be `OK`.

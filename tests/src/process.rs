@@ -154,6 +154,17 @@ impl VmmProcess {
         }
     }
 
+    /// Like [`VmmProcess::send_line`], but returns `false` instead of panicking when the
+    /// child's stdin is closed (the child has exited).
+    pub fn try_send_line(&mut self, line: &str) -> bool {
+        self.stdin.as_mut().is_some_and(|stdin| {
+            stdin
+                .write_all(format!("{line}\n").as_bytes())
+                .and_then(|()| stdin.flush())
+                .is_ok()
+        })
+    }
+
     /// Closes the child's stdin (end of console input).
     pub fn close_stdin(&mut self) {
         self.stdin = None;
@@ -214,6 +225,38 @@ impl VmmProcess {
                     self.transcript()
                 );
             }
+            self.collect(deadline);
+        }
+    }
+
+    /// Like [`VmmProcess::wait_for`], but returns `None` instead of panicking when the child's
+    /// output ends first (the child has exited).
+    ///
+    /// # Panics
+    /// When neither happens within [`HANG_GUARD`].
+    pub fn wait_for_or_exit(
+        &mut self,
+        what: &str,
+        mut matches: impl FnMut(&Line) -> bool,
+    ) -> Option<Line> {
+        let deadline = Instant::now() + HANG_GUARD;
+        loop {
+            if let Some(entry) = self
+                .transcript
+                .iter_mut()
+                .find(|(line, taken)| !taken && matches(line))
+            {
+                entry.1 = true;
+                return Some(entry.0.clone());
+            }
+            if !self.streams_open {
+                return None;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "no {what} within {HANG_GUARD:?} (a hang guard)\noutput so far:\n{}",
+                self.transcript()
+            );
             self.collect(deadline);
         }
     }
