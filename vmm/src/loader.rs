@@ -2,12 +2,12 @@
 //! an initrd, or a flat binary.
 
 use std::fs::File;
-use std::io::{self, Read};
+use std::io::{self, Read, Seek, SeekFrom};
 use std::path::{Path, PathBuf};
 
 use linux_loader::loader::bootparam::setup_header;
 use linux_loader::loader::{self, KernelLoader};
-use vm_memory::{Bytes, GuestAddress};
+use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend};
 
 use crate::arch::x86_64::layout::HIMEM_START;
 use crate::memory::GuestMem;
@@ -18,6 +18,12 @@ const BZIMAGE_ENTRY_64: u64 = 0x200;
 const XLF_KERNEL_64: u16 = 1;
 /// Offset of the "HdrS" magic in a bzImage.
 const BZIMAGE_MAGIC_OFFSET: usize = 0x202;
+/// Size of an ELF64 file header.
+const ELF_HEADER_SIZE: usize = 64;
+/// Size of an ELF64 program header.
+const ELF_PHDR_SIZE: usize = 56;
+/// ELF program header type of a loadable segment.
+const PT_LOAD: u32 = 1;
 
 /// Errors loading guest code.
 #[derive(Debug, thiserror::Error)]
@@ -44,6 +50,18 @@ pub enum Error {
         /// Cause.
         #[source]
         source: loader::Error,
+    },
+    /// An ELF segment outside guest RAM or below 1 MiB, where the boot structures live.
+    #[error(
+        "--kernel {path} has a segment of {len:#x} bytes at {addr:#x}, outside guest RAM from 0x100000: is it an x86-64 kernel that fits in --mem?"
+    )]
+    Segment {
+        /// The kernel.
+        path: PathBuf,
+        /// The segment's physical address.
+        addr: u64,
+        /// Its size in memory.
+        len: u64,
     },
     /// A bzImage without a 64-bit entry point.
     #[error("--kernel {0} has no 64-bit entry point: give a 64-bit kernel")]
@@ -118,6 +136,9 @@ pub fn load_kernel(mem: &GuestMem, path: &Path) -> Result<LoadedKernel, Error> {
             source,
         })?;
     let format = detect(&head).ok_or_else(|| Error::NotAKernel(path.to_path_buf()))?;
+    if format == KernelFormat::Elf {
+        check_elf_segments(mem, &mut file, path)?;
+    }
     let himem = Some(GuestAddress(HIMEM_START));
     let result = match format {
         KernelFormat::Elf => loader::Elf::load(mem, None, &mut file, himem),
@@ -143,6 +164,59 @@ pub fn load_kernel(mem: &GuestMem, path: &Path) -> Result<LoadedKernel, Error> {
         end: result.kernel_end,
         header: result.setup_header,
     })
+}
+
+fn u64_at(b: &[u8], at: usize) -> u64 {
+    let mut w = [0u8; 8];
+    w.copy_from_slice(&b[at..at + 8]);
+    u64::from_le_bytes(w)
+}
+
+/// Checks, before anything is written, that every loadable segment of an ELF kernel (its
+/// whole size in memory, `.bss` included) lies in guest RAM at or above 1 MiB: linux-loader
+/// checks only the entry point, and would load segments over the boot structures or accept
+/// a kernel whose `.bss` ends past RAM. Headers it cannot read are left to linux-loader.
+fn check_elf_segments(mem: &GuestMem, file: &mut File, path: &Path) -> Result<(), Error> {
+    let read_err = |source| Error::Read {
+        what: "--kernel",
+        path: path.to_path_buf(),
+        source,
+    };
+    let mut ehdr = [0u8; ELF_HEADER_SIZE];
+    file.seek(SeekFrom::Start(0)).map_err(read_err)?;
+    if file.read_exact(&mut ehdr).is_err() {
+        return Ok(());
+    }
+    let phoff = u64_at(&ehdr, 32);
+    let phentsize = u16::from_le_bytes([ehdr[54], ehdr[55]]);
+    let phnum = u16::from_le_bytes([ehdr[56], ehdr[57]]);
+    if usize::from(phentsize) != ELF_PHDR_SIZE || file.seek(SeekFrom::Start(phoff)).is_err() {
+        return Ok(());
+    }
+    for _ in 0..phnum {
+        let mut ph = [0u8; ELF_PHDR_SIZE];
+        if file.read_exact(&mut ph).is_err() {
+            return Ok(());
+        }
+        let p_type = u32::from_le_bytes([ph[0], ph[1], ph[2], ph[3]]);
+        let (paddr, filesz, memsz) = (u64_at(&ph, 24), u64_at(&ph, 32), u64_at(&ph, 40));
+        // linux-loader loads PT_LOAD segments with file content, to `paddr`.
+        if p_type != PT_LOAD || filesz == 0 {
+            continue;
+        }
+        let len = filesz.max(memsz);
+        let fits = usize::try_from(len)
+            .is_ok_and(|n| paddr >= HIMEM_START && mem.check_range(GuestAddress(paddr), n));
+        if !fits {
+            return Err(Error::Segment {
+                path: path.to_path_buf(),
+                addr: paddr,
+                len,
+            });
+        }
+    }
+    file.seek(SeekFrom::Start(0)).map_err(read_err)?;
+    Ok(())
 }
 
 /// A file to be copied whole into guest memory.
@@ -235,6 +309,63 @@ mod tests {
         let err = load_kernel(ram.memory(), f.as_path()).unwrap_err();
         assert!(matches!(err, Error::Kernel { .. }), "{err}");
         assert!(err.to_string().contains(&f.as_path().display().to_string()));
+    }
+
+    /// An ELF with one loadable segment of `filesz` bytes (`memsz` in memory) at `paddr`,
+    /// entry point at 1 MiB.
+    fn elf_with_segment(paddr: u64, filesz: u64, memsz: u64) -> Vec<u8> {
+        let mut out = vec![0u8; ELF_HEADER_SIZE + ELF_PHDR_SIZE];
+        out[..7].copy_from_slice(b"\x7fELF\x02\x01\x01");
+        out[16..18].copy_from_slice(&2u16.to_le_bytes());
+        out[18..20].copy_from_slice(&0x3eu16.to_le_bytes());
+        out[24..32].copy_from_slice(&HIMEM_START.to_le_bytes());
+        out[32..40].copy_from_slice(&(ELF_HEADER_SIZE as u64).to_le_bytes());
+        out[54..56].copy_from_slice(&(ELF_PHDR_SIZE as u16).to_le_bytes());
+        out[56..58].copy_from_slice(&1u16.to_le_bytes());
+        let ph = &mut out[ELF_HEADER_SIZE..];
+        ph[0..4].copy_from_slice(&PT_LOAD.to_le_bytes());
+        ph[8..16].copy_from_slice(&((ELF_HEADER_SIZE + ELF_PHDR_SIZE) as u64).to_le_bytes());
+        ph[24..32].copy_from_slice(&paddr.to_le_bytes());
+        ph[32..40].copy_from_slice(&filesz.to_le_bytes());
+        ph[40..48].copy_from_slice(&memsz.to_le_bytes());
+        out.resize(out.len() + filesz as usize, 0x90);
+        out
+    }
+
+    fn load_elf(bytes: &[u8], mem: u64) -> (Result<LoadedKernel, Error>, GuestRam) {
+        let f = vmm_sys_util::tempfile::TempFile::new().unwrap();
+        f.as_file().write_all(bytes).unwrap();
+        let ram = GuestRam::new(mem, false).unwrap();
+        (load_kernel(ram.memory(), f.as_path()), ram)
+    }
+
+    #[test]
+    fn elf_segments_must_fit_in_ram_bss_included() {
+        // Found by the loader fuzz target: a .bss past the end of RAM was accepted.
+        let (r, _) = load_elf(&elf_with_segment(HIMEM_START, 16, 4 << 20), 4 << 20);
+        let err = r.unwrap_err();
+        assert!(matches!(err, Error::Segment { .. }), "{err}");
+        assert!(err.to_string().contains("--mem"), "{err}");
+        // A .bss ending at 2^64 - 1 no longer reaches the initrd placement (it overflowed).
+        let (r, _) = load_elf(
+            &elf_with_segment(HIMEM_START, 16, u64::MAX - HIMEM_START),
+            4 << 20,
+        );
+        assert!(matches!(r, Err(Error::Segment { .. })));
+        let (r, _) = load_elf(&elf_with_segment(HIMEM_START, 16, 1 << 20), 4 << 20);
+        assert_eq!(r.unwrap().end, HIMEM_START + (1 << 20));
+    }
+
+    #[test]
+    fn elf_segments_below_1mib_are_refused_before_loading() {
+        // Found by the loader fuzz target: segments were loaded over the zero page and page
+        // tables (linux-loader checks only the entry point).
+        let (r, ram) = load_elf(&elf_with_segment(0x7000, 64, 64), 4 << 20);
+        let err = r.unwrap_err();
+        assert!(matches!(err, Error::Segment { addr: 0x7000, .. }), "{err}");
+        let mut low = [0u8; 64];
+        ram.memory().read_slice(&mut low, GuestAddress(0x7000)).unwrap();
+        assert_eq!(low, [0u8; 64], "nothing was written");
     }
 
     #[test]
