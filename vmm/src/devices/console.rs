@@ -16,9 +16,69 @@ pub type Sink = Arc<Mutex<Box<dyn Write + Send>>>;
 /// The serial port of one guest, shared by its vCPUs and the console input.
 pub type SharedSerial = Arc<Mutex<SerialPort<ConsoleOut>>>;
 
-/// A sink writing to the process's stdout.
+/// A sink writing to the process's stdout. Once stdout's reader has gone (a broken pipe), one
+/// warning is logged and guest output is dropped from then on: the guests keep running.
 pub fn stdout_sink() -> Sink {
-    Arc::new(Mutex::new(Box::new(io::stdout())))
+    Arc::new(Mutex::new(Box::new(DropWhenClosed::new(io::stdout()))))
+}
+
+/// A writer that stops writing once its reader has gone.
+///
+/// The first broken pipe (`EPIPE`: the other end of a pipe or socket closed) is logged once as
+/// a warning; that write and every later one are dropped and reported as done, so that a
+/// guest writing its console never sees an error and the log is not flooded. Other errors are
+/// passed on.
+#[derive(Debug)]
+pub struct DropWhenClosed<W: Write> {
+    inner: W,
+    closed: bool,
+}
+
+impl<W: Write> DropWhenClosed<W> {
+    /// Writes to `inner` until it reports a broken pipe.
+    pub fn new(inner: W) -> Self {
+        Self {
+            inner,
+            closed: false,
+        }
+    }
+
+    /// Whether the reader has gone (output is being dropped).
+    pub fn closed(&self) -> bool {
+        self.closed
+    }
+
+    /// Turns a broken pipe into `done` (and the writer into a closed one).
+    fn check<T>(&mut self, result: io::Result<T>, done: T) -> io::Result<T> {
+        match result {
+            Err(e) if e.kind() == io::ErrorKind::BrokenPipe => {
+                log::warn!(
+                    "console: output closed ({e}); guest console output is dropped from now on"
+                );
+                self.closed = true;
+                Ok(done)
+            }
+            other => other,
+        }
+    }
+}
+
+impl<W: Write> Write for DropWhenClosed<W> {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        if self.closed {
+            return Ok(buf.len());
+        }
+        let result = self.inner.write(buf);
+        self.check(result, buf.len())
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        if self.closed {
+            return Ok(());
+        }
+        let result = self.inner.flush();
+        self.check(result, ())
+    }
 }
 
 /// One guest's console output.
@@ -251,6 +311,55 @@ mod tests {
             text(&out),
             "guest1: world\nguest0: hello\nguest0: partial\n"
         );
+    }
+
+    /// A writer whose reader has gone, counting the calls that reach it.
+    #[derive(Default)]
+    struct Broken {
+        calls: usize,
+        kind: Option<io::ErrorKind>,
+    }
+
+    impl Write for Broken {
+        fn write(&mut self, _: &[u8]) -> io::Result<usize> {
+            self.calls += 1;
+            Err(self.kind.unwrap_or(io::ErrorKind::BrokenPipe).into())
+        }
+        fn flush(&mut self) -> io::Result<()> {
+            self.calls += 1;
+            Err(self.kind.unwrap_or(io::ErrorKind::BrokenPipe).into())
+        }
+    }
+
+    #[test]
+    fn output_after_a_broken_pipe_is_dropped_without_errors() {
+        let mut w = DropWhenClosed::new(Broken::default());
+        assert!(!w.closed());
+        for _ in 0..100 {
+            assert_eq!(w.write(b"guest0: hello\n").unwrap(), 14);
+            w.flush().unwrap();
+        }
+        assert!(w.closed());
+        assert_eq!(w.inner.calls, 1, "the closed writer is not written again");
+
+        let mut other = DropWhenClosed::new(Broken {
+            kind: Some(io::ErrorKind::WouldBlock),
+            ..Broken::default()
+        });
+        assert!(other.write(b"x").is_err());
+        assert!(other.write(b"x").is_err());
+        assert!(!other.closed());
+        assert_eq!(other.inner.calls, 2);
+    }
+
+    #[test]
+    fn output_through_a_working_writer_arrives() {
+        let out = Shared::default();
+        let mut w = DropWhenClosed::new(out.clone());
+        w.write_all(b"ok\n").unwrap();
+        w.flush().unwrap();
+        assert_eq!(text(&out), "ok\n");
+        assert!(!w.closed());
     }
 
     #[test]

@@ -17,6 +17,11 @@ const STATUS_SYSTEM: u8 = 1 << 2;
 /// Status: the last write was a command.
 const STATUS_COMMAND: u8 = 1 << 3;
 
+/// Most bytes waiting in the output buffer (a real controller holds one; a little more lets
+/// a driver send a few commands before reading their replies). Replies beyond it are dropped,
+/// so a guest sending commands without reading cannot grow the VMM's memory.
+const MAX_OUTPUT: usize = 16;
+
 /// Command byte: keyboard interrupt, system flag, scancode translation.
 const INITIAL_COMMAND_BYTE: u8 = 0x45;
 /// Command byte: system flag.
@@ -89,7 +94,11 @@ impl I8042 {
     }
 
     fn push(&mut self, byte: u8) {
-        self.output.push_back(byte);
+        if self.output.len() < MAX_OUTPUT {
+            self.output.push_back(byte);
+        } else {
+            log::debug!("i8042: output buffer full, dropped {byte:#x}");
+        }
     }
 
     /// Guest read of `port` (0x60 or 0x64).
@@ -216,6 +225,22 @@ mod tests {
         assert_eq!(k.write(DATA_PORT, 0x02), Some(Effect::Reset));
         k.write(COMMAND_PORT, CMD_WRITE_OUTPUT_PORT);
         assert_eq!(k.write(DATA_PORT, 0x03), None);
+    }
+
+    #[test]
+    fn replies_nobody_reads_do_not_pile_up() {
+        let mut k = I8042::new();
+        for _ in 0..10_000 {
+            assert_eq!(k.write(COMMAND_PORT, CMD_SELF_TEST), None);
+        }
+        assert_eq!(k.output.len(), MAX_OUTPUT);
+        let mut replies = 0;
+        while k.read(COMMAND_PORT) & STATUS_OUTPUT_FULL != 0 {
+            assert_eq!(k.read(DATA_PORT), SELF_TEST_OK);
+            replies += 1;
+        }
+        assert_eq!(replies, MAX_OUTPUT);
+        assert_eq!(command_reply(&mut k, CMD_KBD_TEST), Some(KBD_TEST_OK));
     }
 
     #[test]

@@ -56,6 +56,8 @@ impl Trigger for IrqLine {
 pub struct SerialPort<W: Write> {
     uart: Serial<IrqLine, NoEvents, W>,
     pending: VecDeque<u8>,
+    /// Whether the last register write failed: a run of failures is logged once.
+    failing: bool,
 }
 
 impl<W: Write> SerialPort<W> {
@@ -64,6 +66,7 @@ impl<W: Write> SerialPort<W> {
         Self {
             uart: Serial::new(irq, out),
             pending: VecDeque::new(),
+            failing: false,
         }
     }
 
@@ -84,11 +87,25 @@ impl<W: Write> SerialPort<W> {
         value
     }
 
-    /// Guest write of register `offset`.
+    /// Guest write of register `offset`. A failure (of the output or the interrupt) is logged
+    /// as a warning when it starts a run of failures, at debug level while the run lasts: a
+    /// guest writing its console byte by byte cannot flood the log.
     pub fn write(&mut self, offset: u8, value: u8) {
-        if let Err(e) = self.uart.write(offset, value) {
-            log::warn!("serial: write to register {offset} failed: {e}");
+        match self.uart.write(offset, value) {
+            Ok(()) => self.failing = false,
+            Err(e) if !self.failing => {
+                self.failing = true;
+                log::warn!(
+                    "serial: write to register {offset} failed: {e}; further failures are logged at debug level until a write succeeds"
+                );
+            }
+            Err(e) => log::debug!("serial: write to register {offset} failed: {e}"),
         }
+    }
+
+    /// Whether the last register write failed.
+    pub fn failing(&self) -> bool {
+        self.failing
     }
 
     /// Queues input for the guest; it enters the UART FIFO as the guest drains it.
@@ -140,6 +157,34 @@ mod tests {
             p.write(DATA, *b);
         }
         assert_eq!(p.output_mut().as_slice(), b"hi\n");
+    }
+
+    /// Output that fails while `fail` is set.
+    struct Flaky(std::rc::Rc<std::cell::Cell<bool>>);
+
+    impl Write for Flaky {
+        fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+            if self.0.get() {
+                return Err(io::ErrorKind::WouldBlock.into());
+            }
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> io::Result<()> {
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn a_run_of_output_failures_is_one_state_until_a_write_succeeds() {
+        let fail = std::rc::Rc::new(std::cell::Cell::new(true));
+        let mut p = SerialPort::new(IrqLine::new().unwrap(), Flaky(fail.clone()));
+        p.write(DATA, b'a');
+        assert!(p.failing());
+        p.write(DATA, b'b');
+        assert!(p.failing());
+        fail.set(false);
+        p.write(DATA, b'c');
+        assert!(!p.failing());
     }
 
     #[test]
