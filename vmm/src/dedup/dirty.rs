@@ -4,8 +4,8 @@
 //! neither were not written since the previous pass, so the engine keeps their hash instead of
 //! reading them again.
 
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Weak};
 
 use vm_dedup::DirtySource;
 use vm_memory::bitmap::AtomicBitmap;
@@ -36,19 +36,25 @@ pub fn merge_bits(into: &mut [u64], from: &[u64], pages: usize) -> u64 {
 }
 
 /// KVM dirty log plus vm-memory write bitmap of one guest.
+///
+/// It holds the guest's memory weakly: the engine, which owns this source, keeps the memory
+/// alive while the guest is registered, and `Engine::unregister` copies every merged page back
+/// into private memory when anyone else still holds it. A strong reference here would make
+/// every stop pay that copy for RAM that is about to be freed.
 #[derive(Debug)]
 pub struct DirtyLog {
     reader: DirtyLogReader,
-    memory: Arc<GuestMem>,
+    memory: Weak<GuestMem>,
     reported: AtomicU64,
 }
 
 impl DirtyLog {
-    /// A source reading `reader` (the guest's slots) and the write bitmaps of `memory`.
+    /// A source reading `reader` (the guest's slots) and the write bitmaps of `memory` (while
+    /// anyone else keeps it).
     pub fn new(reader: DirtyLogReader, memory: Arc<GuestMem>) -> Self {
         Self {
             reader,
-            memory,
+            memory: Arc::downgrade(&memory),
             reported: AtomicU64::new(0),
         }
     }
@@ -59,7 +65,8 @@ impl DirtyLog {
     }
 
     fn vmm_writes(&self, region: usize, gpa: GuestAddress) -> Option<Vec<u64>> {
-        let r = self.memory.iter().nth(region)?;
+        let memory = self.memory.upgrade()?;
+        let r = memory.iter().nth(region)?;
         if r.start_addr() != gpa {
             return None;
         }
