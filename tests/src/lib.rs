@@ -25,6 +25,7 @@ use std::time::Instant;
 mod api;
 mod console;
 mod images;
+mod pagemap;
 mod probe;
 mod process;
 
@@ -34,6 +35,7 @@ pub use api::{
 };
 pub use console::{CapturedConsole, ConsoleProbe};
 pub use images::{CONTENT_BASE, DedupImages, Expected, Kinds};
+pub use pagemap::{ProcessPages, pfns_visible, zero_pfn};
 pub use probe::{ProbeConsole, ProbeGuest, pattern, temp_file_with, u64_at};
 pub use process::{HANG_GUARD, Line, Stream, VmmProcess};
 
