@@ -364,7 +364,9 @@ mod tests {
         let err = r.unwrap_err();
         assert!(matches!(err, Error::Segment { addr: 0x7000, .. }), "{err}");
         let mut low = [0u8; 64];
-        ram.memory().read_slice(&mut low, GuestAddress(0x7000)).unwrap();
+        ram.memory()
+            .read_slice(&mut low, GuestAddress(0x7000))
+            .unwrap();
         assert_eq!(low, [0u8; 64], "nothing was written");
     }
 
