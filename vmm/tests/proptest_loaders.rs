@@ -1,0 +1,300 @@
+//! The image and kernel loaders as property tests (the `loader` fuzz target's properties; see
+//! docs/fuzzing.md): ELF kernels with arbitrary program headers, bzImages with arbitrary setup
+//! headers, raw bytes, initrds, flat binaries and memory images, into a small guest RAM.
+//! Never a panic; every error one line; what loads stays inside RAM and above the boot
+//! structures, and the kernel, initrd, command line and boot data do not overlap.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)] // test code
+
+use std::io::Write;
+use std::path::PathBuf;
+
+use linux_loader::loader::bootparam::{boot_params, setup_header};
+use proptest::prelude::*;
+use vm_memory::{ByteValued, Bytes, GuestAddress};
+use vmm::arch::x86_64::layout::{CMDLINE_ADDR, HIMEM_START, MIN_MEM, PAGE_SIZE, ZERO_PAGE_ADDR};
+use vmm::config::{Boot, GuestConfig};
+use vmm::loader::{self, KernelFormat};
+use vmm::memory::GuestRam;
+use vmm::setup::{self, Entry};
+use vmm_sys_util::tempfile::TempFile;
+
+fn file(bytes: &[u8]) -> (TempFile, PathBuf) {
+    let f = TempFile::new().unwrap();
+    f.as_file().write_all(bytes).unwrap();
+    let p = f.as_path().to_path_buf();
+    (f, p)
+}
+
+fn read(ram: &GuestRam, addr: u64, len: usize) -> Vec<u8> {
+    let mut buf = vec![0u8; len];
+    ram.memory()
+        .read_slice(&mut buf, GuestAddress(addr))
+        .unwrap();
+    buf
+}
+
+fn one_line(what: &str, message: &str) {
+    assert!(!message.trim().is_empty(), "{what}: empty message");
+    assert!(!message.contains('\n'), "{what}: {message:?}");
+}
+
+/// A program header: (type, paddr, filesz, memsz, offset into the payload).
+type Phdr = (u32, u64, u64, u64, u64);
+
+fn phdr() -> impl Strategy<Value = Phdr> {
+    let paddr = prop_oneof![
+        4 => (0u64..2048, 0u64..16).prop_map(|(p, o)| HIMEM_START + p * PAGE_SIZE + o),
+        1 => 0u64..HIMEM_START,
+        1 => any::<u64>(),
+    ];
+    let memsz_extra = prop_oneof![4 => 0u64..(4 << 20), 1 => any::<u64>()];
+    (
+        prop_oneof![4 => Just(1u32), 1 => Just(4u32), 1 => any::<u32>()],
+        paddr,
+        0u64..4096,
+        memsz_extra,
+        0u64..4096,
+    )
+        .prop_map(|(t, paddr, filesz, extra, off)| {
+            (t, paddr, filesz, filesz.saturating_add(extra), off)
+        })
+}
+
+/// An x86-64 ELF: the image and its loadable segments (paddr, filesz, memsz).
+fn elf(entry: u64, phdrs: &[Phdr], payload: &[u8]) -> (Vec<u8>, Vec<(u64, u64, u64)>) {
+    let data_at = 64 + 56 * phdrs.len() as u64;
+    let mut out = vec![0u8; 64];
+    out[..7].copy_from_slice(b"\x7fELF\x02\x01\x01");
+    out[16..18].copy_from_slice(&2u16.to_le_bytes());
+    out[18..20].copy_from_slice(&0x3eu16.to_le_bytes());
+    out[20..24].copy_from_slice(&1u32.to_le_bytes());
+    out[24..32].copy_from_slice(&entry.to_le_bytes());
+    out[32..40].copy_from_slice(&64u64.to_le_bytes());
+    out[52..54].copy_from_slice(&64u16.to_le_bytes());
+    out[54..56].copy_from_slice(&56u16.to_le_bytes());
+    out[56..58].copy_from_slice(&(phdrs.len() as u16).to_le_bytes());
+    let mut loads = Vec::new();
+    for &(t, paddr, filesz, memsz, off) in phdrs {
+        let filesz = filesz % (payload.len() as u64 + 1);
+        let offset = data_at + off % (payload.len() as u64 + 1);
+        let mut h = [0u8; 56];
+        h[0..4].copy_from_slice(&t.to_le_bytes());
+        h[8..16].copy_from_slice(&offset.to_le_bytes());
+        h[16..24].copy_from_slice(&paddr.to_le_bytes());
+        h[24..32].copy_from_slice(&paddr.to_le_bytes());
+        h[32..40].copy_from_slice(&filesz.to_le_bytes());
+        h[40..48].copy_from_slice(&memsz.max(filesz).to_le_bytes());
+        out.extend_from_slice(&h);
+        if t == 1 && filesz > 0 {
+            loads.push((paddr, filesz, memsz.max(filesz)));
+        }
+    }
+    out.extend_from_slice(payload);
+    (out, loads)
+}
+
+fn bzimage(
+    setup_sects: u8,
+    code32_start: u32,
+    xloadflags: u16,
+    initrd_addr_max: u32,
+    payload: &[u8],
+) -> Vec<u8> {
+    let sects = if setup_sects == 0 {
+        4
+    } else {
+        usize::from(setup_sects)
+    };
+    let mut out = vec![0u8; (sects + 1) * 512];
+    let h = setup_header {
+        setup_sects,
+        boot_flag: 0xaa55,
+        header: 0x5372_6448,
+        version: 0x20f,
+        loadflags: 1,
+        code32_start,
+        xloadflags,
+        initrd_addr_max,
+        cmdline_size: 2048,
+        ..Default::default()
+    };
+    let hb = h.as_slice();
+    out[0x1f1..0x1f1 + hb.len()].copy_from_slice(hb);
+    out.extend_from_slice(payload);
+    out
+}
+
+#[derive(Debug, Clone)]
+enum Kernel {
+    Elf(u64, Vec<Phdr>, Vec<u8>),
+    BzImage(u8, u32, u16, u32, Vec<u8>),
+    Raw(Vec<u8>),
+}
+
+fn kernel() -> impl Strategy<Value = Kernel> {
+    let payload = proptest::collection::vec(any::<u8>(), 0..8192);
+    prop_oneof![
+        3 => (
+            prop_oneof![3 => HIMEM_START..HIMEM_START + (8 << 20), 1 => any::<u64>()],
+            proptest::collection::vec(phdr(), 0..4),
+            payload.clone(),
+        )
+            .prop_map(|(e, p, b)| Kernel::Elf(e, p, b)),
+        2 => (
+            0u8..8,
+            prop_oneof![3 => (HIMEM_START as u32)..(8 << 20), 1 => any::<u32>()],
+            any::<u16>(),
+            prop_oneof![Just(0u32), any::<u32>()],
+            payload.clone(),
+        )
+            .prop_map(|(s, c, x, m, b)| Kernel::BzImage(s, c, x, m, b)),
+        1 => payload.prop_map(Kernel::Raw),
+    ]
+}
+
+/// Loads a kernel (with an initrd) the way `vmm` prepares a Linux guest, and checks it.
+fn check_linux(mem: u64, kernel: &Kernel, initrd: Option<&[u8]>, cmdline: &str) {
+    let (bytes, loads) = match kernel {
+        Kernel::Elf(e, p, b) => elf(*e, p, b),
+        Kernel::BzImage(s, c, x, m, b) => (bzimage(*s, *c, *x, *m, b), Vec::new()),
+        Kernel::Raw(b) => (b.clone(), Vec::new()),
+    };
+    let (_kf, kernel_path) = file(&bytes);
+    let ram = GuestRam::new(mem, false).unwrap();
+    let loaded = match loader::load_kernel(ram.memory(), &kernel_path) {
+        Ok(k) => {
+            assert!(
+                k.end <= mem,
+                "kernel ending at {:#x} accepted in {mem:#x} of RAM",
+                k.end
+            );
+            assert!(k.entry >= HIMEM_START);
+            assert!(
+                read(&ram, 0, HIMEM_START as usize).iter().all(|&b| b == 0),
+                "the kernel loader wrote below 1 MiB"
+            );
+            for &(paddr, filesz, memsz) in &loads {
+                assert!(
+                    paddr >= HIMEM_START && paddr.saturating_add(memsz) <= mem,
+                    "segment at {paddr:#x} ({filesz:#x}/{memsz:#x} bytes) accepted in {mem:#x}"
+                );
+            }
+            Some(k)
+        }
+        Err(e) => {
+            one_line("load_kernel", &e.to_string());
+            None
+        }
+    };
+    let initrd_file = initrd.map(file);
+    let config = GuestConfig {
+        name: "guest0".into(),
+        mem,
+        vcpus: 1,
+        boot: Boot::Linux {
+            kernel: kernel_path,
+            initrd: initrd_file.as_ref().map(|(_, p)| p.clone()),
+            cmdline: cmdline.to_string(),
+        },
+        mem_image: None,
+        track_dirty: false,
+    };
+    let ram = GuestRam::new(mem, false).unwrap();
+    match setup::prepare(&ram, &config) {
+        Ok(Entry::Linux { rip }) => {
+            let k = loaded.expect("prepare accepted a kernel load_kernel refused");
+            assert_eq!(rip, k.entry);
+            let params: boot_params = ram.memory().read_obj(GuestAddress(ZERO_PAGE_ADDR)).unwrap();
+            assert_eq!(read(&ram, CMDLINE_ADDR, cmdline.len()), cmdline.as_bytes());
+            let (image, size) = (
+                u64::from(params.hdr.ramdisk_image),
+                u64::from(params.hdr.ramdisk_size),
+            );
+            if let Some(b) = initrd {
+                assert_eq!(size, b.len() as u64);
+                assert!(
+                    image >= k.end,
+                    "initrd at {image:#x} overlaps the kernel (end {:#x})",
+                    k.end
+                );
+                assert!(image + size <= mem);
+                assert_eq!(read(&ram, image, b.len()), b);
+            }
+            if k.format == KernelFormat::BzImage {
+                let sects = match bytes[0x1f1] {
+                    0 => 4,
+                    s => usize::from(s),
+                };
+                let body = &bytes[(sects + 1) * 512..];
+                assert_eq!(
+                    read(&ram, k.end - body.len() as u64, body.len()),
+                    body,
+                    "kernel overwritten"
+                );
+            }
+        }
+        Ok(other) => panic!("{other:?}"),
+        Err(e) => one_line("prepare", &e.to_string()),
+    }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(96))]
+
+    #[test]
+    fn kernels_load_inside_ram_or_say_why(
+        extra_pages in 0u64..1536,
+        kernel in kernel(),
+        initrd in proptest::option::of(proptest::collection::vec(any::<u8>(), 0..20000)),
+        cmdline in "[ -~]{0,64}",
+    ) {
+        check_linux(MIN_MEM + extra_pages * PAGE_SIZE, &kernel, initrd.as_deref(), &cmdline);
+    }
+
+    #[test]
+    fn flat_binaries_and_images_fit_or_say_why(
+        extra_pages in 0u64..1536,
+        entry in prop_oneof![3 => HIMEM_START..(8 << 20), 1 => any::<u64>()],
+        bytes in proptest::collection::vec(any::<u8>(), 0..20000),
+        at_page in 0usize..2048,
+    ) {
+        let mem = MIN_MEM + extra_pages * PAGE_SIZE;
+        let (_f, path) = file(&bytes);
+        let config = GuestConfig {
+            name: "guest0".into(),
+            mem,
+            vcpus: 1,
+            boot: Boot::Flat { image: path, entry },
+            mem_image: None,
+            track_dirty: false,
+        };
+        if config.validate().is_ok() {
+            let ram = GuestRam::new(mem, false).unwrap();
+            match setup::prepare(&ram, &config) {
+                Ok(_) => {
+                    prop_assert!(entry + bytes.len() as u64 <= mem);
+                    prop_assert_eq!(read(&ram, entry, bytes.len()), bytes.clone());
+                }
+                Err(e) => {
+                    one_line("prepare", &e.to_string());
+                    prop_assert!(entry.saturating_add(bytes.len() as u64) > mem, "{}", e);
+                }
+            }
+        }
+        let mut image = vec![0u8; at_page * PAGE_SIZE as usize];
+        image.extend_from_slice(&bytes);
+        let (_f, path) = file(&image);
+        let ram = GuestRam::new(mem, false).unwrap();
+        match ram.load_image(&path) {
+            Ok(()) => {
+                prop_assert!(image.len() as u64 <= mem);
+                prop_assert!(read(&ram, 0, image.len()) == image);
+            }
+            Err(e) => {
+                one_line("load_image", &e.to_string());
+                prop_assert!(image.len() as u64 > mem);
+            }
+        }
+    }
+}
