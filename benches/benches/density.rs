@@ -358,7 +358,13 @@ fn host_line() -> String {
     } else {
         "hardware virtualization"
     };
-    format!("Linux {}, {cpus} CPUs, KVM: {kvm}", kernel.trim())
+    let load = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
+    let load: Vec<&str> = load.split_whitespace().take(3).collect();
+    format!(
+        "Linux {}, {cpus} CPUs, KVM: {kvm}, load average {} when the table was written",
+        kernel.trim(),
+        load.join(" ")
+    )
 }
 
 /// One set of runs to write out.
