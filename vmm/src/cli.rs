@@ -57,7 +57,10 @@ Memory merging (--dedup):
   pages_to_scan, run): the API refuses to change them until tune=fixed.
 
   --dedup-domain NAME: the trust domain of the guests (once for all, or once per guest;
-  default: every guest in domain \"default\"). Non-zero pages never merge across domains.
+  default: every guest in domain \"default\"). Non-zero pages never merge across domains;
+  all-zero pages map the host zero page in any domain. Guests sharing a domain can learn which
+  page contents the others hold (copy-on-write timing): give each tenant its own domain
+  (docs/security.md).
 
 Overcommit: at start the guest RAM of all guests is compared with host RAM + swap. Merged pages
   can be unshared by the guests at any time, so by default the VMM warns; --overcommit=refuse
@@ -118,7 +121,8 @@ pub struct Cli {
     /// Dedup knobs as name=value, comma-separated; repeatable (knobs listed below).
     #[arg(long = "dedup-opt", value_name = "K=V,..", requires = "dedup")]
     dedup_opts: Vec<String>,
-    /// Trust domain of the guests: once for every guest, or repeated once per guest.
+    /// Trust domain of the guests: once for every guest, or repeated once per guest (default:
+    /// one domain, "default", for the whole process).
     #[arg(long = "dedup-domain", value_name = "NAME", requires = "dedup")]
     dedup_domains: Vec<String>,
     /// How the scan rate is chosen: fixed, advisor or pressure (see below).

@@ -149,6 +149,19 @@ fn bad_files_are_usage_errors() {
 }
 
 #[test]
+fn help_documents_the_default_trust_domain() {
+    let out = run(&["--help"]);
+    let help = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(0), "{help}");
+    let flat = help.split_whitespace().collect::<Vec<_>>().join(" ");
+    assert!(
+        flat.contains("default: one domain, \"default\", for the whole process"),
+        "{help}"
+    );
+    assert!(flat.contains("docs/security.md"), "{help}");
+}
+
+#[test]
 fn reset_and_triple_fault_stop_the_guest_with_status_0() {
     if !vmm_tests::require_kvm() {
         return;
