@@ -138,10 +138,14 @@ impl Services {
             d.stop();
         }
         let written = self.monitor.take().map_or(Ok(()), Monitor::stop);
-        let unregistered = self.dedup.take().map_or(Ok(()), Dedup::shutdown);
         if let Some(why) = out_of_memory {
+            // Out of memory, unregistering (which reads every mapping of the process) could
+            // itself hit the limit; the guests are stopped and exiting frees it all.
+            drop(self.dedup.take());
+            written?;
             return Err(Error::OutOfMemory(why));
         }
+        let unregistered = self.dedup.take().map_or(Ok(()), Dedup::shutdown);
         written?;
         unregistered?;
         Ok(())

@@ -6,11 +6,12 @@
 //!   level is **pressure**: merging of new pages pauses (merged pages stay merged; a new merge
 //!   needs a pool page before it frees anything, and every merge is one more page the guests can
 //!   unshare). It ends below `mem_pressure_percent - 5` (hysteresis);
-//! - at `mem_stop_percent` of the memory cgroup's limit, or as soon as the kernel reports the
-//!   cgroup out of memory (v1 `under_oom`, v2 `memory.events` `oom`): the level is
-//!   **critical**: the VMM stops every guest and exits with status 1, before the kernel fails a
-//!   guest's page fault or kills the VMM. Critical is final. The host's RAM alone never makes it
-//!   critical (the kernel's OOM killer decides there); `mem_stop_percent=0` turns stopping off.
+//! - at `mem_stop_percent` of the memory cgroup's limit, or with less than [`STOP_HEADROOM`] of
+//!   it left (what the VMM needs to stop cleanly), or as soon as the kernel reports the cgroup
+//!   out of memory (v1 `under_oom`, v2 `memory.events` `oom`): the level is **critical**: the
+//!   VMM stops every guest and exits with status 1, before the kernel fails a guest's page fault
+//!   or kills the VMM. Critical is final. The host's RAM alone never makes it critical (the
+//!   kernel's OOM killer decides there); `mem_stop_percent=0` turns stopping off.
 //!
 //! A cgroup's use is its working set (usage less inactive file cache), the host's
 //! `MemTotal - MemAvailable`.
@@ -19,6 +20,10 @@ use serde::{Deserialize, Serialize};
 
 /// Pressure ends this many percentage points below `mem_pressure_percent`.
 pub const HYSTERESIS: u32 = 5;
+
+/// The guests are stopped, whatever `mem_stop_percent` says, when less than this is left below
+/// the memory cgroup's limit: stopping the guests and exiting needs some memory too.
+pub const STOP_HEADROOM: u64 = 1 << 20;
 
 /// The guard's knobs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -75,6 +80,11 @@ pub struct Usage {
 }
 
 impl Usage {
+    /// Bytes left below the limit; `None` without a limit.
+    pub fn left(&self) -> Option<u64> {
+        self.limit.map(|l| l.saturating_sub(self.used))
+    }
+
     /// `used` as a percentage of `limit` (may exceed 100); `None` without a limit.
     pub fn percent(&self) -> Option<u32> {
         let limit = self.limit.filter(|&l| l > 0)?;
@@ -100,7 +110,11 @@ pub fn decide(s: &GuardSettings, look: &Look, before: Level) -> Level {
         return Level::Critical;
     }
     let cgroup = look.cgroup.and_then(|u| u.percent());
-    if look.cgroup_oom || cgroup.is_some_and(|p| s.stop_percent > 0 && p >= s.stop_percent) {
+    let full = look.cgroup.is_some_and(|u| {
+        u.percent().is_some_and(|p| p >= s.stop_percent)
+            || u.left().is_some_and(|l| l < STOP_HEADROOM)
+    });
+    if look.cgroup_oom || (s.stop_percent > 0 && full) {
         return Level::Critical;
     }
     let highest = [cgroup, look.host.and_then(|u| u.percent())]
@@ -128,11 +142,31 @@ mod tests {
         check_ms: 100,
     };
 
-    fn cgroup(used: u64, limit: u64) -> Look {
+    #[test]
+    fn too_little_left_below_the_limit_is_critical() {
+        // 10 MiB: 80% is pressure, but less than 1 MiB left is critical before 95%.
+        assert_eq!(decide(&S, &cgroup(8, 10), Level::Ok), Level::Pressure);
+        let tight = Look {
+            cgroup: Some(Usage {
+                used: (9 << 20) + 1,
+                limit: Some(10 << 20),
+            }),
+            ..Look::default()
+        };
+        assert_eq!(decide(&S, &tight, Level::Ok), Level::Critical);
+        let never = GuardSettings {
+            stop_percent: 0,
+            ..S
+        };
+        assert_eq!(decide(&never, &tight, Level::Ok), Level::Pressure);
+    }
+
+    /// `used_mib` of a `limit_mib` memory cgroup.
+    fn cgroup(used_mib: u64, limit_mib: u64) -> Look {
         Look {
             cgroup: Some(Usage {
-                used,
-                limit: Some(limit),
+                used: used_mib << 20,
+                limit: Some(limit_mib << 20),
             }),
             ..Look::default()
         }

@@ -164,11 +164,12 @@ struct Paused {
     why: String,
 }
 
-/// What the watch thread last saw.
+/// What the watch thread last saw and decided (one consistent look).
 #[derive(Debug, Default)]
 struct Status {
     reasons: Vec<Reason>,
     memory: Option<MemoryReport>,
+    paused: bool,
 }
 
 /// What the API and the tuner share with the owner of the engine.
@@ -291,12 +292,7 @@ impl Shared {
     /// The health fields of the statistics, for `stats` (the engine's latest).
     pub fn health(&self, stats: &Stats) -> HealthReport {
         let status = lock(&self.status);
-        HealthReport::new(
-            stats,
-            &status.reasons,
-            lock(&self.paused).is_some(),
-            status.memory.clone(),
-        )
+        HealthReport::new(stats, &status.reasons, status.paused, status.memory.clone())
     }
 
     /// The error to report when the memory guard stopped the guests.

@@ -218,8 +218,10 @@ impl State {
                 Level::Critical => {
                     let why = format!(
                         "out of memory: {now}: every guest was stopped before the kernel could \
-                         fail a guest's page fault or kill the VMM (mem_stop_percent={})",
-                        settings.stop_percent
+                         fail a guest's page fault or kill the VMM (mem_stop_percent={}, or less \
+                         than {} left)",
+                        settings.stop_percent,
+                        human_bytes(guard::STOP_HEADROOM.into())
                     );
                     log::error!("{why}");
                     shared.pause_merging(why.clone());
@@ -244,6 +246,7 @@ impl State {
         let mut status = lock(&shared.status);
         status.reasons = self.tracker.reasons().to_vec();
         status.memory = Some(memory);
+        status.paused = paused.is_some();
     }
 }
 
