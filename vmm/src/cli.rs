@@ -263,19 +263,36 @@ impl Cli {
 }
 
 /// clap's error message on one line: its first paragraph (the error and, for missing
-/// arguments, their list), without the `error: ` tag.
+/// arguments, their list), without the `error: ` tag. The paragraph ends where clap's tips or
+/// usage begin, so an argument holding blank lines does not cut the message short; control
+/// characters that arguments bring in (a carriage return, an escape sequence) are escaped so
+/// that they cannot garble the terminal line.
 pub fn one_line(e: &clap::Error) -> String {
     let text = e.to_string();
-    let paragraph: Vec<&str> = text
+    let end = ["\n\n  tip:", "\n\nUsage:", "\n\nFor more information"]
+        .iter()
+        .filter_map(|m| text.find(m))
+        .min()
+        .unwrap_or(text.len());
+    let paragraph: Vec<&str> = text[..end]
         .lines()
-        .take_while(|l| !l.trim().is_empty())
         .map(str::trim)
+        .filter(|l| !l.is_empty())
         .collect();
     let joined = paragraph.join(" ");
     joined
         .strip_prefix("error: ")
         .unwrap_or(&joined)
-        .to_string()
+        .chars()
+        .flat_map(|c| {
+            let escaped: Vec<char> = if c.is_control() {
+                c.escape_default().collect()
+            } else {
+                vec![c]
+            };
+            escaped
+        })
+        .collect()
 }
 
 /// What a command line asks for.

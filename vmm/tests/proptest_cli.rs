@@ -81,6 +81,37 @@ fn flat_boot() -> Vec<String> {
         .to_vec()
 }
 
+fn usage_error(args: &[&str]) -> String {
+    let argv = std::iter::once("vmm").chain(args.iter().copied());
+    match cli::parse(argv) {
+        Err(message) => message,
+        Ok(other) => panic!("{args:?}: {other:?}"),
+    }
+}
+
+#[test]
+fn control_characters_in_arguments_are_escaped() {
+    // Found by the cli fuzz target: a carriage return in an argument went into the error
+    // line as it was, and the terminal overwrote the start of the line.
+    let m = usage_error(&["\u{90}\r--frob"]);
+    assert!(!m.chars().any(char::is_control), "{m:?}");
+    assert!(m.contains("\\r--frob"), "{m:?}");
+    let m = usage_error(&["--flat", "x", "--entry", "0x100000", "--mem", "1\x1b[2J"]);
+    assert!(!m.chars().any(char::is_control), "{m:?}");
+}
+
+#[test]
+fn blank_lines_in_arguments_do_not_cut_the_message() {
+    // Found by the cli fuzz target: the message ended at the first blank line, inside the
+    // argument, and lost the flag it was given to.
+    let m = usage_error(&["--flat", "x", "--entry", "0x100000", "--mem", "1\n\n2"]);
+    assert!(m.contains("--mem"), "{m:?}");
+    assert!(m.ends_with("; run `vmm --help` for usage"), "{m:?}");
+    let m = usage_error(&["--flat", "x"]);
+    assert!(m.contains("--entry"), "{m:?}");
+    assert!(!m.contains("Usage"), "{m:?}");
+}
+
 proptest! {
     #![proptest_config(ProptestConfig::with_cases(768))]
 
@@ -107,7 +138,7 @@ proptest! {
             Ok(cli::Parsed::Print(text)) => prop_assert!(!text.to_string().trim().is_empty()),
             Err(message) => {
                 prop_assert!(!message.trim().is_empty(), "{:?}", argv);
-                prop_assert!(!message.contains('\n'), "{:?}: {:?}", argv, message);
+                prop_assert!(!message.chars().any(char::is_control), "{:?}: {:?}", argv, message);
             }
         }
     }
