@@ -28,6 +28,7 @@ mod images;
 mod pagemap;
 mod probe;
 mod process;
+pub mod soak;
 
 pub use api::{
     ApiClient, ApiReply, STATS_FIELDS, after_passes, assert_stats_shape, field, guest_stats,
