@@ -1,0 +1,90 @@
+//! The soak as a benchmark: `cargo bench -p vmm-benches --bench soak [-- --duration 60 ...]`.
+//!
+//! Several guest memories registered with one engine that merges at full rate, host writer
+//! threads rewriting their pages with sequence numbers for `--duration` seconds (default 60),
+//! every page checked at the end and again after unmerging everything (see
+//! `vmm_tests::soak`). Prints progress every 5 s, then the figures: merges attempted, lost
+//! writes (must be 0: the exit status is 1 otherwise) and writer stalls under the merge guard
+//! (p50, p99, max), and as its last line `RESULT soak ...`. Not run by CI (`tests/tests/soak.rs`
+//! runs a short one).
+
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::Parser;
+use vmm_tests::soak::{self, SoakConfig};
+
+/// Soak the dedup engine with concurrent writers.
+#[derive(Debug, Parser)]
+struct Args {
+    /// How long the writers write, in seconds.
+    #[arg(long, default_value_t = 60.0)]
+    duration: f64,
+    /// Guest memories.
+    #[arg(long, default_value_t = 4)]
+    guests: usize,
+    /// MiB of memory per guest.
+    #[arg(long, default_value_t = 64)]
+    mem_mib: usize,
+    /// Writer threads per guest.
+    #[arg(long, default_value_t = 1)]
+    writers: usize,
+    /// Mean milliseconds between two writes to one page.
+    #[arg(long, default_value_t = 500)]
+    write_interval_ms: u64,
+    /// Distinct page contents (the same in every guest).
+    #[arg(long, default_value_t = 64)]
+    templates: usize,
+    /// Pages merged under one write-protect guard (the engine's batch_pages).
+    #[arg(long, default_value_t = 64)]
+    batch_pages: usize,
+    /// The engine's threads (0: one per CPU).
+    #[arg(long, default_value_t = 0)]
+    threads: usize,
+    /// Passed by `cargo bench`; ignored.
+    #[arg(long, hide = true)]
+    bench: bool,
+}
+
+fn main() -> ExitCode {
+    let args = Args::parse();
+    if !(args.duration > 0.0 && args.duration.is_finite()) {
+        eprintln!("soak: --duration must be a positive number of seconds");
+        return ExitCode::from(2);
+    }
+    let config = SoakConfig {
+        guests: args.guests.max(1),
+        pages: (args.mem_mib.max(1) << 20) / 4096,
+        writers: args.writers.max(1),
+        templates: args.templates.max(1),
+        duration: Duration::from_secs_f64(args.duration),
+        write_interval: Duration::from_millis(args.write_interval_ms.max(1)),
+        batch_pages: args.batch_pages,
+        threads: args.threads,
+    };
+    eprintln!(
+        "soak: {} guests x {} MiB, {} writer(s) each, {:.0} s",
+        config.guests, args.mem_mib, config.writers, args.duration
+    );
+    let report = soak::run(&config, Duration::from_secs(5), |p| {
+        let s = &p.stats;
+        eprintln!(
+            "  {:>5.0} s: {} writes, {} merge attempts, {} merges, {} cow breaks, {} guarded \
+             writes, {} passes",
+            p.elapsed.as_secs_f64(),
+            p.writes,
+            s.merge_attempts,
+            s.merges,
+            s.cow_breaks,
+            s.guarded_writes,
+            s.full_scans
+        );
+    });
+    println!("{}", report.text());
+    println!("{}", report.result_line());
+    if report.lost_writes() == 0 {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    }
+}
