@@ -43,6 +43,10 @@ Memory merging (--dedup):
     advisor_max_cpu=50            advisor: CPU cap in percent of one core
     pressure_low_percent=20       pressure: scan harder while MemAvailable < 20% of RAM
     pressure_high_percent=40      pressure: stop scanning while MemAvailable >= 40% of RAM
+  Memory guard knobs (docs/operations.md):
+    mem_pressure_percent=90       pause merging at 90% of the memory cgroup's limit (or host RAM)
+    mem_stop_percent=98           stop every guest, exit 1, at 98% of the cgroup's limit (0: never)
+    mem_check_ms=100              how often the guard looks
 
   --dedup-tune MODE:
     fixed     pages_to_scan and sleep_millisecs stay as set (default)
