@@ -4,7 +4,7 @@
 
 use std::path::Path;
 
-use vm_memory::{Bytes, GuestAddress};
+use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend};
 
 use crate::arch::x86_64::layout::{
     ACPI_ADDR, BOOT_STACK_TOP, CMDLINE_ADDR, CMDLINE_MAX, GDT_ADDR, PML4_ADDR, ZERO_PAGE_ADDR,
@@ -97,7 +97,17 @@ pub fn prepare(ram: &GuestRam, config: &GuestConfig) -> Result<Entry, Error> {
             cmdline,
         } => prepare_linux(ram, config, kernel, initrd.as_deref(), cmdline)?,
         Boot::Flat { image, entry } => {
-            SourceFile::open("--flat", image)?.load(ram.memory(), *entry)?;
+            let file = SourceFile::open("--flat", image)?;
+            // An empty binary loads nowhere; its entry point must still be guest RAM.
+            if !ram.memory().address_in_range(GuestAddress(*entry)) {
+                return Err(Error::Load(loader::Error::DoesNotFit {
+                    what: "--flat",
+                    path: image.clone(),
+                    len: file.len(),
+                    addr: *entry,
+                }));
+            }
+            file.load(ram.memory(), *entry)?;
             Entry::Flat {
                 rip: *entry,
                 map_end: paging::identity_map_end(ram_end(ram.size())),
@@ -235,6 +245,19 @@ mod tests {
             Start::LongMode { args, .. } => assert_eq!(args.rsi, ZERO_PAGE_ADDR),
             other => panic!("{other:?}"),
         }
+    }
+
+    #[test]
+    fn empty_flat_binary_needs_its_entry_in_ram() {
+        // Found by the loader fuzz target: an empty --flat file with --entry past the end of
+        // RAM was accepted, and the vCPUs would have started outside RAM.
+        let f = vmm_sys_util::tempfile::TempFile::new().unwrap();
+        let ram = GuestRam::new(4 << 20, false).unwrap();
+        let err = prepare(&ram, &flat_config(f.as_path(), 8 << 20)).unwrap_err();
+        assert!(err.to_string().contains("does not fit"), "{err}");
+        let err = prepare(&ram, &flat_config(f.as_path(), 4 << 20)).unwrap_err();
+        assert!(err.to_string().contains("does not fit"), "{err}");
+        assert!(prepare(&ram, &flat_config(f.as_path(), (4 << 20) - 1)).is_ok());
     }
 
     #[test]
