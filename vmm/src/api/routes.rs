@@ -58,6 +58,8 @@ impl Reply {
     }
 
     fn not_allowed(method: &str, path: &str, allow: &'static str) -> Self {
+        // The method is the client's text: escape what would break the message's line.
+        let method = method.escape_debug();
         Self {
             allow: Some(allow),
             ..Self::error(
@@ -299,6 +301,16 @@ mod tests {
         }
         let r = handle(&f, "PUT", "/unmerge", b"");
         assert_eq!(r.allow, Some("POST"));
+        // Found by the api_http fuzz target: a method holding a newline went into the message
+        // as it was.
+        let r = handle(&f, "\u{1}/\n", "/stats", b"");
+        assert_eq!(r.status, 405);
+        let msg = body(&r)["error"].as_str().unwrap().to_string();
+        assert!(!msg.chars().any(char::is_control), "{msg:?}");
+        assert!(
+            msg.starts_with("\\u{1}/\\n is not allowed on /stats"),
+            "{msg:?}"
+        );
     }
 
     #[test]
