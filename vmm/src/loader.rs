@@ -63,6 +63,16 @@ pub enum Error {
         /// Its size in memory.
         len: u64,
     },
+    /// An entry point outside guest RAM.
+    #[error(
+        "--kernel {path}: its entry point {entry:#x} is not in guest RAM: is it an x86-64 kernel that fits in --mem?"
+    )]
+    EntryOutsideRam {
+        /// The kernel.
+        path: PathBuf,
+        /// The entry point.
+        entry: u64,
+    },
     /// A bzImage without a 64-bit entry point.
     #[error("--kernel {0} has no 64-bit entry point: give a 64-bit kernel")]
     Not64Bit(PathBuf),
@@ -158,6 +168,14 @@ pub fn load_kernel(mem: &GuestMem, path: &Path) -> Result<LoadedKernel, Error> {
             result.kernel_load.0 + BZIMAGE_ENTRY_64
         }
     };
+    // linux-loader accepts an empty bzImage body at any `code32_start`, or an ELF entry point
+    // past its segments: the vCPU would start outside RAM.
+    if !mem.address_in_range(GuestAddress(entry)) {
+        return Err(Error::EntryOutsideRam {
+            path: path.to_path_buf(),
+            entry,
+        });
+    }
     Ok(LoadedKernel {
         format,
         entry,
@@ -368,6 +386,32 @@ mod tests {
             .read_slice(&mut low, GuestAddress(0x7000))
             .unwrap();
         assert_eq!(low, [0u8; 64], "nothing was written");
+    }
+
+    #[test]
+    fn the_entry_point_must_be_in_ram() {
+        // Found by the loader fuzz target: a bzImage with an empty body and code32_start past
+        // the end of RAM was accepted (linux-loader reads its 0 bytes "successfully").
+        let h = setup_header {
+            setup_sects: 1,
+            header: 0x5372_6448,
+            version: 0x20f,
+            loadflags: 1,
+            code32_start: 0x8d3f_08cc,
+            xloadflags: XLF_KERNEL_64,
+            ..Default::default()
+        };
+        let mut bz = vec![0u8; 1024];
+        let hb = vm_memory::ByteValued::as_slice(&h);
+        bz[0x1f1..0x1f1 + hb.len()].copy_from_slice(hb);
+        let (r, _) = load_elf(&bz, 4 << 20);
+        let err = r.unwrap_err();
+        assert!(matches!(err, Error::EntryOutsideRam { .. }), "{err}");
+        // An ELF whose entry point lies past its segments and RAM.
+        let mut elf = elf_with_segment(HIMEM_START, 16, 16);
+        elf[24..32].copy_from_slice(&(8u64 << 20).to_le_bytes());
+        let (r, _) = load_elf(&elf, 4 << 20);
+        assert!(matches!(r, Err(Error::EntryOutsideRam { entry, .. }) if entry == 8 << 20));
     }
 
     #[test]

@@ -169,7 +169,11 @@ fn check_linux(mem: u64, kernel: &Kernel, initrd: Option<&[u8]>, cmdline: &str) 
                 "kernel ending at {:#x} accepted in {mem:#x} of RAM",
                 k.end
             );
-            assert!(k.entry >= HIMEM_START);
+            assert!(
+                k.entry >= HIMEM_START && k.entry < mem,
+                "entry {:#x}",
+                k.entry
+            );
             assert!(
                 read(&ram, 0, HIMEM_START as usize).iter().all(|&b| b == 0),
                 "the kernel loader wrote below 1 MiB"
