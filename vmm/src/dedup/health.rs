@@ -5,9 +5,9 @@
 //! A failing system call never stops the engine: the batch it concerns rolls back and the pages
 //! stay private with their content. The engine is *degraded* while such failures keep
 //! happening: a cause counts as long as its failures grew during the current or the last
-//! completed pass over guest memory, and clears after a whole pass without one. Two causes are
-//! states rather than failures: `vma_budget` (the VMA budget is tight, only zero pages and runs
-//! merge) and `memory_pressure` (the memory guard paused merging).
+//! completed pass over guest memory, and clears after a whole pass without one. `vma_budget`
+//! counts the merges the VMA budget refused (only zero pages and runs merge while it is tight);
+//! `memory_pressure` is a state: the memory guard paused merging.
 
 use serde::{Deserialize, Serialize};
 use vm_dedup::{Failures, Stats};
@@ -22,7 +22,7 @@ pub enum Cause {
     Pool,
     /// Remaps fail with ENOMEM: the process is at `vm.max_map_count`.
     VmaLimit,
-    /// The VMA budget is tight: only zero pages and runs merge.
+    /// The VMA budget refuses merges: only zero pages and runs merge.
     VmaBudget,
     /// userfaultfd guard operations fail or pages are left outside the guard.
     Guard,
@@ -207,11 +207,12 @@ struct Mark {
 }
 
 /// Failure counters of each cause that is about failures.
-fn counters(s: &Stats) -> [(Cause, u64); 6] {
+fn counters(s: &Stats) -> [(Cause, u64); 7] {
     let f = &s.failures;
     [
         (Cause::Pool, s.pool_errors + f.pool),
         (Cause::VmaLimit, f.vma_limit),
+        (Cause::VmaBudget, f.vma_budget),
         (Cause::Guard, s.guard_repairs + f.unguarded),
         (Cause::Remap, f.remap),
         (Cause::Protect, f.protect),
@@ -236,8 +237,9 @@ fn detail(cause: Cause, s: &Stats) -> String {
             f.vma_limit
         ),
         Cause::VmaBudget => format!(
-            "{} of the {} VMAs of the budget used: only zero pages and runs of pages merge",
-            s.vmas_used, s.vma_budget
+            "{} merges refused by the VMA budget ({} of its {} VMAs used): only zero pages and \
+             runs of pages merge",
+            f.vma_budget, s.vmas_used, s.vma_budget
         ),
         Cause::Guard => format!(
             "{} write-protect guard repairs, {} merges refused outside the guard: the \
@@ -290,12 +292,6 @@ impl Tracker {
                     detail: detail(cause, s),
                 });
             }
-        }
-        if s.vma_budget_reached {
-            now.push(Reason {
-                cause: Cause::VmaBudget,
-                detail: detail(Cause::VmaBudget, s),
-            });
         }
         if let Some(why) = paused {
             now.push(Reason {
@@ -362,20 +358,30 @@ mod tests {
     #[test]
     fn states_hold_while_they_last() {
         let mut t = Tracker::default();
-        let tight = Stats {
-            vma_budget_reached: true,
+        let mut tight = Stats {
             vmas_used: 90,
             vma_budget: 100,
             ..Stats::default()
         };
+        tight.failures.vma_budget = 7;
         let c = t.update(&tight, Some("cgroup at 91%"));
         let causes: Vec<Cause> = c.began.iter().map(|r| r.cause).collect();
         assert_eq!(causes, vec![Cause::VmaBudget, Cause::MemoryPressure]);
-        assert!(c.began[0].detail.starts_with("90 of the 100 VMAs"));
+        assert!(
+            c.began[0]
+                .detail
+                .starts_with("7 merges refused by the VMA budget (90 of its 100 VMAs used)"),
+            "{c:?}"
+        );
         let r = HealthReport::new(&tight, t.reasons(), true, None);
         assert!(r.degraded && r.merging_paused);
         assert_eq!(r.causes(), "vma_budget,memory_pressure");
-        let c = t.update(&Stats::default(), None);
+        // The budget's refusals end after a whole pass without one; the pause at once.
+        let later = Stats {
+            full_scans: 2,
+            ..tight.clone()
+        };
+        let c = t.update(&later, None);
         assert_eq!(c.ended, vec![Cause::VmaBudget, Cause::MemoryPressure]);
         let v =
             serde_json::to_value(HealthReport::new(&Stats::default(), &[], false, None)).unwrap();
