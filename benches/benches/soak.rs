@@ -23,8 +23,10 @@ struct Args {
     /// Guest memories.
     #[arg(long, default_value_t = 4)]
     guests: usize,
-    /// MiB of memory per guest.
-    #[arg(long, default_value_t = 64)]
+    /// MiB of memory per guest. The default keeps every page mergeable within the default VMA
+    /// budget even when each merged page sits alone (two mappings each); beyond it the budget
+    /// refuses merges (counted as `vma_budget` failures).
+    #[arg(long, default_value_t = 16)]
     mem_mib: usize,
     /// Writer threads per guest.
     #[arg(long, default_value_t = 1)]

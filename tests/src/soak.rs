@@ -17,11 +17,13 @@
 //! - after unmerging everything: the same again.
 //!
 //! Writer stalls: every write is timed; writes that took more than [`SLOW_NS`] went through
-//! the kernel (a copy-on-write break, or a wait on the merge guard) and are kept in a
-//! histogram. The engine counts the writes that hit a write-protected page (`guarded_writes`);
-//! since a guard wait lasts for the rest of its batch while a copy-on-write break takes a few
-//! microseconds, the stall figures are those of the slowest `guarded_writes` writes (an
-//! estimate: a write slowed by something else, such as preemption, can take one's place).
+//! the kernel. A write blocked by the merge sleeps there: on the write-protect guard
+//! (userfaultfd; the engine counts those as `guarded_writes`), or on the process's memory-map
+//! lock or the page while the engine remaps. Sleeping counts a *voluntary* context switch for
+//! the thread (`getrusage(RUSAGE_THREAD)`), while a copy-on-write break does not sleep and a
+//! preemption is an involuntary switch: so each slow write is read against the thread's
+//! voluntary switches and kept in one of two histograms, the stalls (writes that slept) and
+//! the other slow writes.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -64,7 +66,7 @@ impl Default for SoakConfig {
     fn default() -> Self {
         Self {
             guests: 4,
-            pages: 16 * 1024,
+            pages: 4 * 1024,
             writers: 1,
             templates: 64,
             duration: Duration::from_secs(60),
@@ -205,12 +207,24 @@ pub struct SoakReport {
     pub pages_checked: u64,
     /// The engine's statistics at the end, before unmerging.
     pub stats: Stats,
-    /// Writes that went through the kernel (longer than [`SLOW_NS`]).
+    /// Writes that went through the kernel (longer than [`SLOW_NS`]) without sleeping there:
+    /// copy-on-write breaks, or writes slowed by preemption.
     pub slow: Histogram,
+    /// Writes that slept in the kernel: waits on the merge guard, or on the memory-map lock or
+    /// the page while the engine remapped.
+    pub stalled: Histogram,
 }
 
 fn us(ns: u64) -> f64 {
     ns as f64 / 1000.0
+}
+
+fn percentiles(h: &Histogram) -> Option<Percentiles> {
+    Some(Percentiles {
+        p50: h.quantile(0.5)?,
+        p99: h.quantile(0.99)?,
+        max: h.max(),
+    })
 }
 
 impl SoakReport {
@@ -219,26 +233,14 @@ impl SoakReport {
         self.lost_during + self.lost_at_end + self.lost_after_unmerge
     }
 
-    /// Percentiles of the writes that went through the kernel.
+    /// Percentiles of the writes that went through the kernel without sleeping.
     pub fn slow_writes(&self) -> Option<Percentiles> {
-        Some(Percentiles {
-            p50: self.slow.quantile(0.5)?,
-            p99: self.slow.quantile(0.99)?,
-            max: self.slow.max(),
-        })
+        percentiles(&self.slow)
     }
 
-    /// Percentiles of the writer stalls under the guard: the slowest `guarded_writes` writes.
+    /// Percentiles of the writer stalls (writes that slept in the kernel).
     pub fn stalls(&self) -> Option<Percentiles> {
-        let n = self.stats.guarded_writes;
-        if n == 0 {
-            return None;
-        }
-        Some(Percentiles {
-            p50: self.slow.top_quantile(n, 0.5)?,
-            p99: self.slow.top_quantile(n, 0.99)?,
-            max: self.slow.max(),
-        })
+        percentiles(&self.stalled)
     }
 
     /// The report as a few lines of text.
@@ -257,10 +259,10 @@ impl SoakReport {
         };
         format!(
             "soak: {} guests x {} pages, {} writer(s) each, {:.1} s\n\
-             writes: {} ({} through the kernel: {})\n\
+             writes: {} ({} through the kernel without sleeping: {})\n\
              engine: {} merge attempts, {} merges, {} copy-on-write breaks, {} full passes, \
              {} guarded writes, {} merges refused ({:?})\n\
-             writer stalls under the guard (slowest {} writes): {}\n\
+             writer stalls ({} writes slept in the kernel): {}\n\
              lost writes: {} (during {}, at the end {}, after unmerging {}; {} pages checked \
              twice)",
             c.guests,
@@ -277,7 +279,7 @@ impl SoakReport {
             s.guarded_writes,
             s.failures.total(),
             s.failures,
-            s.guarded_writes,
+            self.stalled.count(),
             p(self.stalls()),
             self.lost_writes(),
             self.lost_during,
@@ -302,7 +304,8 @@ impl SoakReport {
         };
         format!(
             "RESULT soak duration_s={:.1} guests={} pages={} writers={} writes={} \
-             merge_attempts={} merges={} cow_breaks={} guarded_writes={} lost_writes={}{}{}",
+             merge_attempts={} merges={} cow_breaks={} guarded_writes={} stalls={} \
+             lost_writes={}{}{}",
             self.elapsed.as_secs_f64(),
             self.config.guests,
             self.config.guests * self.config.pages,
@@ -312,6 +315,7 @@ impl SoakReport {
             s.merges,
             s.cow_breaks,
             s.guarded_writes,
+            self.stalled.count(),
             self.lost_writes(),
             f(self.stalls(), "stall"),
             f(self.slow_writes(), "slow_write"),
@@ -356,6 +360,18 @@ struct Written {
     writes: u64,
     lost: u64,
     slow: Histogram,
+    stalled: Histogram,
+}
+
+/// Voluntary context switches of the calling thread so far.
+fn voluntary_switches() -> u64 {
+    // SAFETY: an all-zero rusage is a valid value for getrusage to overwrite.
+    let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
+    // SAFETY: getrusage writes into `usage`, which lives across the call.
+    if unsafe { libc::getrusage(libc::RUSAGE_THREAD, &mut usage) } != 0 {
+        return 0;
+    }
+    usage.ru_nvcsw as u64
 }
 
 fn writer(
@@ -369,8 +385,9 @@ fn writer(
     let every = interval.as_secs_f64() / pages.len().max(1) as f64;
     let start = Instant::now();
     let mut last = vec![0u64; pages.len()];
-    let mut slow = Histogram::default();
+    let (mut slow, mut stalled) = (Histogram::default(), Histogram::default());
     let (mut writes, mut lost, mut seq) = (0u64, 0u64, 0u64);
+    let mut slept = voluntary_switches();
     let mut x = 0x9e37_79b9_7f4a_7c15u64 ^ id.wrapping_mul(0xbf58_476d_1ce4_e5b9);
     while !stop.load(Ordering::Relaxed) {
         x ^= x << 13;
@@ -392,7 +409,13 @@ fn writer(
         unsafe { (addr as *mut u64).write_volatile(value) };
         let ns = t.elapsed().as_nanos() as u64;
         if ns > SLOW_NS {
-            slow.record(ns);
+            let now = voluntary_switches();
+            if now > slept {
+                stalled.record(ns);
+            } else {
+                slow.record(ns);
+            }
+            slept = now;
         }
         last[i] = value;
         writes += 1;
@@ -402,6 +425,7 @@ fn writer(
             let now = Instant::now();
             if due > now {
                 thread::sleep(due - now);
+                slept = voluntary_switches();
             }
         }
     }
@@ -414,6 +438,7 @@ fn writer(
         writes,
         lost,
         slow,
+        stalled,
     }
 }
 
@@ -523,7 +548,8 @@ pub fn run(
     stop.store(true, Ordering::Relaxed);
     let elapsed = start.elapsed();
     let mut last = vec![0u64; c.guests * c.pages];
-    let (mut writes, mut lost_during, mut slow) = (0, 0, Histogram::default());
+    let (mut writes, mut lost_during) = (0, 0);
+    let (mut slow, mut stalled) = (Histogram::default(), Histogram::default());
     for t in threads {
         let w = t
             .join()
@@ -534,6 +560,7 @@ pub fn run(
         writes += w.writes;
         lost_during += w.lost;
         slow.merge(&w.slow);
+        stalled.merge(&w.stalled);
     }
     scanner.stop();
     let stats = engine.stats();
@@ -557,6 +584,7 @@ pub fn run(
         pages_checked: (c.guests * c.pages) as u64,
         stats,
         slow,
+        stalled,
     }
 }
 
