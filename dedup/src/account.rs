@@ -1,4 +1,4 @@
-//! Statistics from the engine state, and unmerging (turning merged pages private again).
+//! Statistics from the engine state, and discarding guest memory.
 
 use crate::engine::EngineError;
 use crate::meta::PageState;
@@ -6,7 +6,6 @@ use crate::state::State;
 use crate::stats::{GuestStats, Stats};
 use crate::sys::PAGE_SIZE;
 use crate::sys::mem;
-use crate::sys::pagemap::{PAGE_IS_FILE, PAGE_IS_PRESENT, PageRegion};
 
 impl State {
     /// Discards pages `[first, first + count)` of region `ri` of guest `gi`: they read as zeros
@@ -124,6 +123,8 @@ impl State {
         s.cpu_ns = t.cpu_ns;
         s.wall_ns = t.wall_ns;
         s.pool_errors = t.pool_errors;
+        s.rebuilt_regions = t.rebuilt_regions;
+        s.unmerged_in_place = t.unmerged_in_place;
         s.pool_error = self.pools.last_error();
         s.phases = t.phases;
         s.bytes_saved = (s.pages_sharing + s.zero_pages) * PAGE_SIZE as u64;
@@ -135,60 +136,5 @@ impl State {
             s.vma_budget_reached = b.tight() || b.denied() > 0;
         }
         s
-    }
-
-    /// Turns the merged and zero pages of guest `gi` back into private pages with the same
-    /// content: `MADV_POPULATE_WRITE` breaks the sharing without changing a byte, so it is safe
-    /// against concurrent writers. Pagemap then confirms each page; slot references are rebuilt
-    /// by the caller.
-    pub(crate) fn unmerge_guest(&mut self, gi: usize) -> Result<(), EngineError> {
-        let State {
-            guests, pagemap, ..
-        } = self;
-        let Some(g) = guests.get_mut(gi).and_then(Option::as_mut) else {
-            return Ok(());
-        };
-        let mut failed = 0u64;
-        for r in g.regions.iter_mut().filter(|r| r.active()) {
-            let mut i = 0;
-            while i < r.pages {
-                let merged =
-                    |k: usize| matches!(r.metas[k].state(), PageState::Merged | PageState::Zero);
-                if !merged(i) {
-                    i += 1;
-                    continue;
-                }
-                let mut j = i + 1;
-                while j < r.pages && merged(j) {
-                    j += 1;
-                }
-                let (addr, len) = (r.hva + i * PAGE_SIZE, (j - i) * PAGE_SIZE);
-                if let Err(e) = mem::populate_write(addr, len) {
-                    log::warn!("vm-dedup: unmerging {len} bytes failed: {e}");
-                }
-                let mut cats: Vec<PageRegion> = Vec::new();
-                if let Err(e) = pagemap.scan(addr, addr + len, &mut cats) {
-                    log::warn!("vm-dedup: PAGEMAP_SCAN failed while unmerging: {e}");
-                }
-                for k in i..j {
-                    let a = (r.hva + k * PAGE_SIZE) as u64;
-                    let cat = cats
-                        .iter()
-                        .find(|c| c.start <= a && a < c.end)
-                        .map_or(0, |c| c.categories);
-                    let private = cat & PAGE_IS_PRESENT != 0 && cat & PAGE_IS_FILE == 0;
-                    if private {
-                        r.metas[k] = r.metas[k].with(PageState::New, 0);
-                    } else {
-                        failed += 1;
-                    }
-                }
-                i = j;
-            }
-        }
-        if failed > 0 {
-            return Err(EngineError::Unmerge(failed));
-        }
-        Ok(())
     }
 }

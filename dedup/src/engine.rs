@@ -303,7 +303,11 @@ impl Engine {
         let shared = st.guests[gi]
             .as_ref()
             .is_some_and(|g| Arc::strong_count(&g.keep) > 1);
-        let result = if shared { st.unmerge_guest(gi) } else { Ok(()) };
+        let result = if shared {
+            st.unmerge_guest(gi, &self.inner.faults)
+        } else {
+            Ok(())
+        };
         if let Some(g) = st.guests[gi].take() {
             for r in &g.regions {
                 if let Some(u) = &r.uffd {
@@ -381,7 +385,7 @@ impl Engine {
         let mut failed = 0;
         for gi in 0..st.guests.len() {
             if st.guests[gi].is_some() {
-                if let Err(EngineError::Unmerge(n)) = st.unmerge_guest(gi) {
+                if let Err(EngineError::Unmerge(n)) = st.unmerge_guest(gi, &self.inner.faults) {
                     failed += n;
                 }
             }

@@ -31,10 +31,16 @@ pub enum FaultPoint {
     PoolFill,
     /// Punching a freed pool slot.
     PoolPunch,
+    /// Unmerging: moving a guest page into the rebuilt mapping (`UFFDIO_MOVE`); the page is
+    /// copied under write protection instead.
+    UnmergeMove,
+    /// Unmerging: moving the rebuilt mapping over guest memory (`mremap`); the rebuild is
+    /// rolled back and the pages are made private where they are.
+    UnmergeRemap,
 }
 
 /// Every fault point.
-pub const FAULT_POINTS: [FaultPoint; 11] = [
+pub const FAULT_POINTS: [FaultPoint; 13] = [
     FaultPoint::Protect,
     FaultPoint::Remap,
     FaultPoint::RemapNoMem,
@@ -46,6 +52,8 @@ pub const FAULT_POINTS: [FaultPoint; 11] = [
     FaultPoint::PoolGrow,
     FaultPoint::PoolFill,
     FaultPoint::PoolPunch,
+    FaultPoint::UnmergeMove,
+    FaultPoint::UnmergeRemap,
 ];
 
 impl FaultPoint {
@@ -68,11 +76,11 @@ impl FaultPoint {
 #[derive(Debug, Default)]
 pub struct Faults {
     #[cfg(feature = "fault-injection")]
-    skip: [AtomicU64; 11],
+    skip: [AtomicU64; FAULT_POINTS.len()],
     #[cfg(feature = "fault-injection")]
-    fail: [AtomicU64; 11],
+    fail: [AtomicU64; FAULT_POINTS.len()],
     #[cfg(feature = "fault-injection")]
-    injected: [AtomicU64; 11],
+    injected: [AtomicU64; FAULT_POINTS.len()],
     #[cfg(feature = "fault-injection")]
     collide: AtomicBool,
 }

@@ -88,6 +88,18 @@ impl Region {
     pub fn active(&self) -> bool {
         self.uffd.is_some()
     }
+
+    /// Replaces the region's userfaultfd: closing the old one wakes every thread it held and
+    /// clears its protection. Without a new one the region is no longer merged.
+    pub fn replace_guard(&mut self) {
+        let len = self.pages * PAGE_SIZE;
+        self.uffd = None;
+        self.unregistered.clear();
+        match Uffd::open().and_then(|u| u.register(self.hva, len).map(|()| u)) {
+            Ok(u) => self.uffd = Some(u),
+            Err(e) => log::error!("vm-dedup: region at {:#x} left unguarded: {e}", self.hva),
+        }
+    }
 }
 
 /// A registered guest.

@@ -79,6 +79,7 @@ pub mod slots;
 pub mod stability;
 pub mod stats;
 pub mod sys;
+pub mod unmerge;
 
 mod account;
 mod state;

@@ -55,6 +55,11 @@ impl Meta {
         Meta(self.0 | REMAPPED)
     }
 
+    /// The same state and payload, flag clear: the page is in anonymous memory again.
+    pub fn anonymous(self) -> Meta {
+        Meta(self.0 & !REMAPPED)
+    }
+
     /// Whether the page ever was remapped onto a pool file.
     pub fn remapped(self) -> bool {
         self.0 & REMAPPED != 0
@@ -119,6 +124,7 @@ mod tests {
         let n = r.with(PageState::New, 0);
         assert!(n.remapped() && n.state() == PageState::New && n.payload() == 0);
         assert!(!Meta::new(PageState::Stable, 1).remapped());
+        assert_eq!(r.anonymous(), Meta::new(PageState::Merged, 5));
     }
 
     #[test]

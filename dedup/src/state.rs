@@ -34,6 +34,8 @@ pub(crate) struct Totals {
     pub cpu_ns: u64,
     pub wall_ns: u64,
     pub pool_errors: u64,
+    pub rebuilt_regions: u64,
+    pub unmerged_in_place: u64,
     pub phases: crate::stats::PhaseTimes,
 }
 

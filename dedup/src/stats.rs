@@ -160,6 +160,11 @@ pub struct Stats {
     /// The most recent pool failure with its cause (`creating the pool of node 0: Too many open
     /// files (os error 24)`), if any failed.
     pub pool_error: Option<String>,
+    /// Regions turned back into one anonymous mapping by unmerging (cumulative).
+    pub rebuilt_regions: u64,
+    /// Regions unmerged in place because rebuilding them failed: their pages are private but
+    /// stay in pool-file VMAs (cumulative).
+    pub unmerged_in_place: u64,
     /// Wall time per phase of the scan steps.
     pub phases: PhaseTimes,
     /// Per guest.

@@ -359,14 +359,7 @@ impl State {
     fn reset_guard(&mut self, hva: usize) {
         for g in self.guests.iter_mut().flatten() {
             for r in g.regions.iter_mut().filter(|r| r.hva == hva) {
-                let len = r.pages * PAGE_SIZE;
-                r.uffd = None;
-                r.unregistered.clear();
-                match crate::sys::uffd::Uffd::open().and_then(|u| u.register(hva, len).map(|()| u))
-                {
-                    Ok(u) => r.uffd = Some(u),
-                    Err(e) => log::error!("vm-dedup: region at {hva:#x} left unguarded: {e}"),
-                }
+                r.replace_guard();
             }
         }
     }

@@ -78,6 +78,9 @@ fn cause_count(s: &Stats, point: FaultPoint) -> u64 {
         | FaultPoint::PoolGrow
         | FaultPoint::PoolFill
         | FaultPoint::PoolPunch => s.pool_errors,
+        // A page that cannot be moved is copied: the rebuild still succeeds.
+        FaultPoint::UnmergeMove => s.rebuilt_regions,
+        FaultPoint::UnmergeRemap => s.unmerged_in_place,
     }
 }
 
@@ -93,7 +96,25 @@ fn scenario(point: FaultPoint) {
     );
     let stop = Arc::new(AtomicBool::new(false));
     let writers = [writer(&a, stop.clone()), writer(&b, stop.clone())];
-    if point == FaultPoint::PoolPunch {
+    if matches!(point, FaultPoint::UnmergeMove | FaultPoint::UnmergeRemap) {
+        // Unmerging rebuilds guest memory: merge first, then unmerge (with the writers
+        // running) while armed. One move goes through, so a region fails half-way.
+        engine.scan_pass().unwrap();
+        engine.scan_pass().unwrap();
+        engine.faults().arm(point, 1, 1_000_000);
+        engine.unmerge_all().unwrap();
+        let s = engine.stats();
+        assert_eq!((s.pages_sharing, s.zero_pages), (0, 0));
+        if point == FaultPoint::UnmergeRemap {
+            // a was rebuilt; b was rolled back and unmerged in place: private pages, pool
+            // mappings still there.
+            assert_eq!((s.rebuilt_regions, s.unmerged_in_place), (1, 1));
+            assert_eq!(pool_mappings(&a), 0);
+            assert!(pool_mappings(&b) > 0);
+        } else {
+            assert_eq!(pool_mappings(&a) + pool_mappings(&b), 0);
+        }
+    } else if point == FaultPoint::PoolPunch {
         // Punching happens when slots are freed: merge first, then unmerge while armed.
         engine.scan_pass().unwrap();
         engine.scan_pass().unwrap();
@@ -150,6 +171,11 @@ fn scenario(point: FaultPoint) {
     engine.unmerge_all().unwrap();
     check(&a, &seeds(0), &la);
     check(&b, &seeds(1), &lb);
+    assert_eq!(
+        pool_mappings(&a) + pool_mappings(&b),
+        0,
+        "{point:?}: unmerging leaves anonymous memory"
+    );
 }
 
 #[test]

@@ -76,6 +76,8 @@ fn unregistering_a_guest_in_use_unmerges_it_only() {
     assert_eq!(s.guests.len(), 2);
     assert_eq!(s.pages_sharing, 2 * 64 - 1);
     assert!(engine.page_info(ids[1], GuestAddress(0)).is_err());
+    assert_eq!(pool_mappings(&b), 0, "b is plain anonymous memory again");
+    assert_eq!(vma_count(&b), 1);
     // b's pages are private now; a and c still share.
     if pfns_visible() {
         let pfns: std::collections::HashSet<_> = (0..64).map(|p| pfn(page_ptr(&b, p))).collect();

@@ -64,6 +64,140 @@ pub unsafe fn map_anonymous_fixed(addr: usize, len: usize) -> io::Result<()> {
     Ok(())
 }
 
+/// A private anonymous mapping at an address the kernel chooses, where guest memory is rebuilt
+/// before it is moved over the guest's range ([`Scratch::move_over`]); unmapped on drop unless
+/// it was moved.
+#[derive(Debug)]
+pub struct Scratch {
+    addr: usize,
+    len: usize,
+}
+
+impl Scratch {
+    /// Maps `len` bytes of private anonymous memory, with the flags `GuestMemoryMmap` uses
+    /// for guest RAM (`MAP_NORESERVE`).
+    pub fn new(len: usize) -> io::Result<Self> {
+        // SAFETY: a fresh mapping chosen by the kernel; it replaces nothing.
+        let p = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE,
+                -1,
+                0,
+            )
+        };
+        if p == libc::MAP_FAILED {
+            return Err(last_os_error());
+        }
+        Ok(Scratch {
+            addr: p as usize,
+            len,
+        })
+    }
+
+    /// Start address.
+    pub fn addr(&self) -> usize {
+        self.addr
+    }
+
+    /// Length in bytes.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    /// Whether the mapping is empty.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// Moves the whole mapping, pages included, over `[dst, dst + len)` (`mremap` with
+    /// `MREMAP_FIXED`): in one step the range holds what the scratch held. On failure the
+    /// scratch is given back unchanged.
+    ///
+    /// # Safety
+    /// `[dst, dst + len)` must be memory the caller owns whose readers may see the scratch's
+    /// content from now on (it holds the same bytes, or the writers are held off).
+    pub unsafe fn move_over(self, dst: usize) -> Result<(), (Scratch, io::Error)> {
+        // SAFETY: the source is this scratch mapping, owned by `self`; the caller owns the
+        // destination, which MREMAP_FIXED replaces exactly.
+        let p = unsafe {
+            libc::mremap(
+                self.addr as *mut libc::c_void,
+                self.len,
+                self.len,
+                libc::MREMAP_MAYMOVE | libc::MREMAP_FIXED,
+                dst as *mut libc::c_void,
+            )
+        };
+        if p == libc::MAP_FAILED {
+            return Err((self, last_os_error()));
+        }
+        std::mem::forget(self);
+        Ok(())
+    }
+}
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        // SAFETY: `addr`/`len` is the mapping this scratch created and still owns.
+        unsafe { libc::munmap(self.addr as *mut libc::c_void, self.len) };
+    }
+}
+
+/// Advice that changes how a mapping is treated, never its content; used to give a rebuilt
+/// mapping the flags of the one it replaces.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Advice {
+    /// `MADV_DONTFORK` (`dc` in smaps' VmFlags).
+    DontFork,
+    /// `MADV_DONTDUMP` (`dd`).
+    DontDump,
+    /// `MADV_HUGEPAGE` (`hg`).
+    HugePage,
+    /// `MADV_NOHUGEPAGE` (`nh`).
+    NoHugePage,
+    /// `MADV_MERGEABLE` (`mg`).
+    Mergeable,
+    /// `MADV_WIPEONFORK` (`wf`).
+    WipeOnFork,
+}
+
+impl Advice {
+    /// The advice that sets the VmFlags mnemonic `flag`, if any.
+    pub fn for_flag(flag: &str) -> Option<Advice> {
+        Some(match flag {
+            "dc" => Advice::DontFork,
+            "dd" => Advice::DontDump,
+            "hg" => Advice::HugePage,
+            "nh" => Advice::NoHugePage,
+            "mg" => Advice::Mergeable,
+            "wf" => Advice::WipeOnFork,
+            _ => return None,
+        })
+    }
+}
+
+/// Gives `[addr, addr + len)` an [`Advice`].
+pub fn advise(addr: usize, len: usize, advice: Advice) -> io::Result<()> {
+    let a = match advice {
+        Advice::DontFork => libc::MADV_DONTFORK,
+        Advice::DontDump => libc::MADV_DONTDUMP,
+        Advice::HugePage => libc::MADV_HUGEPAGE,
+        Advice::NoHugePage => libc::MADV_NOHUGEPAGE,
+        Advice::Mergeable => libc::MADV_MERGEABLE,
+        Advice::WipeOnFork => libc::MADV_WIPEONFORK,
+    };
+    // SAFETY: every `Advice` only changes how the mapping is treated (fork, core dumps,
+    // huge pages, KSM), never its content; on a bad range madvise fails without effect.
+    let rc = unsafe { libc::madvise(addr as *mut libc::c_void, len, a) };
+    if rc != 0 {
+        return Err(last_os_error());
+    }
+    Ok(())
+}
+
 /// Drops the pages of `[addr, addr + len)`; anonymous memory reads back as the zero page.
 ///
 /// # Safety

@@ -55,6 +55,60 @@ pub fn count_vmas(ranges: &[(usize, usize)]) -> io::Result<(usize, usize)> {
     Ok((total, inside))
 }
 
+/// One VMA as /proc/self/smaps shows it.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct VmaFlags {
+    /// Start address.
+    pub start: usize,
+    /// End address.
+    pub end: usize,
+    /// Whether it maps a file.
+    pub file: bool,
+    /// Its `VmFlags` mnemonics (`rd`, `wr`, `nr`, `uw`, ...), sorted.
+    pub flags: Vec<String>,
+}
+
+/// The VMAs of this process that overlap `[start, end)`, with their flags.
+pub fn vma_flags(start: usize, end: usize) -> io::Result<Vec<VmaFlags>> {
+    let smaps = std::fs::read_to_string("/proc/self/smaps")?;
+    Ok(parse_smaps(&smaps, start, end))
+}
+
+fn parse_smaps(smaps: &str, start: usize, end: usize) -> Vec<VmaFlags> {
+    let mut out = Vec::new();
+    let mut current: Option<VmaFlags> = None;
+    for line in smaps.lines() {
+        if let Some(rest) = line.strip_prefix("VmFlags:") {
+            if let Some(mut v) = current.take() {
+                v.flags = rest.split_whitespace().map(str::to_string).collect();
+                v.flags.sort();
+                out.push(v);
+            }
+            continue;
+        }
+        let Some(range) = line.split_whitespace().next() else {
+            continue;
+        };
+        let Some((a, b)) = range.split_once('-') else {
+            continue;
+        };
+        let (Ok(a), Ok(b)) = (usize::from_str_radix(a, 16), usize::from_str_radix(b, 16)) else {
+            continue;
+        };
+        current = None;
+        if a < end && b > start {
+            let inode = line.split_whitespace().nth(4).unwrap_or("0");
+            current = Some(VmaFlags {
+                start: a,
+                end: b,
+                file: inode != "0",
+                flags: Vec::new(),
+            });
+        }
+    }
+    out
+}
+
 fn parse_hex_prefix(line: &[u8]) -> Option<usize> {
     let mut v: usize = 0;
     for &b in line {
@@ -84,4 +138,39 @@ pub fn pss_bytes() -> io::Result<u64> {
         }
     }
     Err(io::Error::from(io::ErrorKind::NotFound))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn smaps_flags_of_overlapping_vmas() {
+        let smaps = "\
+1000-3000 rw-p 00000000 00:00 0 
+Size:                  8 kB
+VmFlags: rd wr mr mw me nr uw 
+3000-4000 rw-p 00000000 00:01 4242                       /memfd:vm-dedup-pool (deleted)
+Size:                  4 kB
+VmFlags: rd wr mr mw me 
+4000-5000 r--p 00000000 00:00 0 
+VmFlags: rd mr 
+";
+        let v = parse_smaps(smaps, 0x2000, 0x4000);
+        assert_eq!(v.len(), 2);
+        assert_eq!((v[0].start, v[0].end, v[0].file), (0x1000, 0x3000, false));
+        assert_eq!(v[0].flags, ["me", "mr", "mw", "nr", "rd", "uw", "wr"]);
+        assert!(v[1].file);
+        assert_eq!(v[1].flags.len(), 5);
+        assert!(parse_smaps(smaps, 0x5000, 0x6000).is_empty());
+    }
+
+    #[test]
+    fn vmas_of_a_fresh_mapping() {
+        let v: Vec<u8> = vec![1; 1 << 20];
+        let a = v.as_ptr() as usize;
+        let here = vma_flags(a, a + 1).unwrap();
+        assert_eq!(here.len(), 1);
+        assert!(here[0].flags.iter().any(|f| f == "rd"));
+    }
 }

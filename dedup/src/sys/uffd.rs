@@ -13,7 +13,10 @@ use super::last_os_error;
 const UFFD_API: u64 = 0xAA;
 const FEATURE_PAGEFAULT_FLAG_WP: u64 = 1 << 0;
 const FEATURE_WP_UNPOPULATED: u64 = 1 << 13;
+const REGISTER_MODE_MISSING: u64 = 1 << 0;
 const REGISTER_MODE_WP: u64 = 1 << 1;
+const MOVE_MODE_DONTWAKE: u64 = 1 << 0;
+const MOVE_MODE_ALLOW_SRC_HOLES: u64 = 1 << 1;
 const WRITEPROTECT_MODE_WP: u64 = 1 << 0;
 const WRITEPROTECT_MODE_DONTWAKE: u64 = 1 << 1;
 const EVENT_PAGEFAULT: u8 = 0x12;
@@ -27,6 +30,8 @@ const UFFDIO_API: u64 = ioc(IOC_WRITE_READ, 0x3F, 24);
 const UFFDIO_REGISTER: u64 = ioc(IOC_WRITE_READ, 0x00, 32);
 const UFFDIO_UNREGISTER: u64 = ioc(IOC_READ, 0x01, 16);
 const UFFDIO_WAKE: u64 = ioc(IOC_READ, 0x02, 16);
+const UFFDIO_COPY: u64 = ioc(IOC_WRITE_READ, 0x03, 40);
+const UFFDIO_MOVE: u64 = ioc(IOC_WRITE_READ, 0x05, 40);
 const UFFDIO_WRITEPROTECT: u64 = ioc(IOC_WRITE_READ, 0x06, 24);
 
 #[repr(C)]
@@ -54,6 +59,17 @@ struct UffdioRegister {
 struct UffdioWriteprotect {
     range: UffdioRange,
     mode: u64,
+}
+
+/// `struct uffdio_move` and `struct uffdio_copy` (same layout: the last field returns how
+/// many bytes were done, or a negative errno).
+#[repr(C)]
+struct UffdioMove {
+    dst: u64,
+    src: u64,
+    len: u64,
+    mode: u64,
+    done: i64,
 }
 
 /// One `struct uffd_msg` (32 bytes); only the page-fault variant is used.
@@ -118,6 +134,61 @@ impl Uffd {
             ioctls: 0,
         };
         self.ioctl(UFFDIO_REGISTER, &mut reg)
+    }
+
+    /// Registers `[addr, addr + len)` (anonymous memory) for missing-page faults as well as
+    /// write-protect faults: any access to a page that is not present blocks until woken.
+    pub fn register_missing(&self, addr: usize, len: usize) -> io::Result<()> {
+        let mut reg = UffdioRegister {
+            range: range(addr, len),
+            mode: REGISTER_MODE_MISSING | REGISTER_MODE_WP,
+            ioctls: 0,
+        };
+        self.ioctl(UFFDIO_REGISTER, &mut reg)
+    }
+
+    /// Moves the anonymous pages of `[src, src + len)` to `[dst, dst + len)` (`UFFDIO_MOVE`,
+    /// Linux 6.8), without copying and without waking anyone; holes in the source are skipped.
+    /// `dst` must be registered with this userfaultfd and hold no pages. Returns how many bytes
+    /// were moved, and the error that stopped the move before `len` (`EAGAIN` after partial
+    /// progress).
+    pub fn move_pages(&self, dst: usize, src: usize, len: usize) -> (usize, io::Result<()>) {
+        self.fill(
+            UFFDIO_MOVE,
+            dst,
+            src,
+            len,
+            MOVE_MODE_DONTWAKE | MOVE_MODE_ALLOW_SRC_HOLES,
+        )
+    }
+
+    /// Copies `[src, src + len)` into the missing pages `[dst, dst + len)` of a range registered
+    /// for missing-page faults (`UFFDIO_COPY`), without waking anyone. Returns the bytes copied,
+    /// and the error that stopped the copy before `len`.
+    pub fn copy_pages(&self, dst: usize, src: usize, len: usize) -> (usize, io::Result<()>) {
+        const COPY_MODE_DONTWAKE: u64 = 1 << 0;
+        self.fill(UFFDIO_COPY, dst, src, len, COPY_MODE_DONTWAKE)
+    }
+
+    fn fill(
+        &self,
+        request: u64,
+        dst: usize,
+        src: usize,
+        len: usize,
+        mode: u64,
+    ) -> (usize, io::Result<()>) {
+        let mut arg = UffdioMove {
+            dst: dst as u64,
+            src: src as u64,
+            len: len as u64,
+            mode,
+            done: 0,
+        };
+        match self.ioctl(request, &mut arg) {
+            Ok(()) => (len, Ok(())),
+            Err(e) => (usize::try_from(arg.done).unwrap_or(0).min(len), Err(e)),
+        }
     }
 
     /// Unregisters `[addr, addr + len)`; threads blocked on it are woken.

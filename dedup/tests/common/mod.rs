@@ -173,3 +173,50 @@ pub fn vmas_in(start: usize, end: usize) -> usize {
         .filter(|&a| a >= start && a < end)
         .count()
 }
+
+/// Host address range `[start, end)` of a memory's regions (first region start to last end).
+pub fn host_range(mem: &Mem) -> (usize, usize) {
+    let start = mem.iter().map(|r| r.as_ptr() as usize).min().unwrap();
+    let end = mem
+        .iter()
+        .map(|r| r.as_ptr() as usize + r.size())
+        .max()
+        .unwrap();
+    (start, end)
+}
+
+/// The /proc/self/maps lines of VMAs that overlap a memory's regions.
+pub fn maps_of(mem: &Mem) -> Vec<String> {
+    let ranges: Vec<(usize, usize)> = mem
+        .iter()
+        .map(|r| (r.as_ptr() as usize, r.as_ptr() as usize + r.size()))
+        .collect();
+    std::fs::read_to_string("/proc/self/maps")
+        .unwrap()
+        .lines()
+        .filter(|l| {
+            let Some((a, b)) = l.split_whitespace().next().and_then(|r| r.split_once('-')) else {
+                return false;
+            };
+            let (a, b) = (
+                usize::from_str_radix(a, 16).unwrap(),
+                usize::from_str_radix(b, 16).unwrap(),
+            );
+            ranges.iter().any(|&(s, e)| a < e && b > s)
+        })
+        .map(str::to_string)
+        .collect()
+}
+
+/// VMAs overlapping a memory's regions.
+pub fn vma_count(mem: &Mem) -> usize {
+    maps_of(mem).len()
+}
+
+/// Pool mappings (`memfd:vm-dedup-pool`) inside a memory's regions.
+pub fn pool_mappings(mem: &Mem) -> usize {
+    maps_of(mem)
+        .iter()
+        .filter(|l| l.contains("vm-dedup-pool"))
+        .count()
+}
