@@ -193,8 +193,10 @@ fn number<T: FromStr + PartialOrd + fmt::Display + Copy>(
 impl Settings {
     /// Sets one knob from its text form.
     pub fn set(&mut self, name: &str, value: &str) -> Result<(), Error> {
+        // Trimmed once: errors name the knob, not the whitespace around it.
+        let name = name.trim();
         let t = &mut self.tune;
-        match name.trim() {
+        match name {
             "tune" => t.mode = value.parse()?,
             "tune_interval_ms" => t.interval_ms = number(name, value, 10, 3_600_000)?,
             "tune_min_pages_to_scan" => t.limits.min = number(name, value, 1, 1 << 30)?,
