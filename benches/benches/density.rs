@@ -448,6 +448,18 @@ fn write_results(config: &Config, set: &ResultSet<'_>) -> Result<Vec<Figures>> {
     let plot = svg(title, &series, zoom_for(&series));
     std::fs::write(config.out.join(format!("{name}.svg")), plot)?;
     println!("\n{md}");
+    let bad: Vec<String> = figures
+        .iter()
+        .filter(|f| f.pages.1 > 0)
+        .map(|f| format!("{} ({} of {} pages)", f.mode, f.pages.1, f.pages.0))
+        .collect();
+    if !bad.is_empty() {
+        return Err(format!(
+            "guest memory differs from what the guests were given in: {}",
+            bad.join(", ")
+        )
+        .into());
+    }
     Ok(figures)
 }
 
