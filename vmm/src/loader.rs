@@ -63,6 +63,9 @@ pub enum Error {
         /// Its size in memory.
         len: u64,
     },
+    /// An ELF kernel without a loadable segment.
+    #[error("--kernel {0} has no loadable segment: give an ELF vmlinux or a bzImage")]
+    NoSegment(PathBuf),
     /// An entry point outside guest RAM.
     #[error(
         "--kernel {path}: its entry point {entry:#x} is not in guest RAM: is it an x86-64 kernel that fits in --mem?"
@@ -190,10 +193,11 @@ fn u64_at(b: &[u8], at: usize) -> u64 {
     u64::from_le_bytes(w)
 }
 
-/// Checks, before anything is written, that every loadable segment of an ELF kernel (its
-/// whole size in memory, `.bss` included) lies in guest RAM at or above 1 MiB: linux-loader
-/// checks only the entry point, and would load segments over the boot structures or accept
-/// a kernel whose `.bss` ends past RAM. Headers it cannot read are left to linux-loader.
+/// Checks, before anything is written, that an ELF kernel has a loadable segment and that
+/// every one (its whole size in memory, `.bss` included) lies in guest RAM at or above 1 MiB:
+/// linux-loader checks only the entry point, and would load segments over the boot
+/// structures, accept a kernel whose `.bss` ends past RAM, or one with nothing to load.
+/// Headers it cannot read are left to linux-loader.
 fn check_elf_segments(mem: &GuestMem, file: &mut File, path: &Path) -> Result<(), Error> {
     let read_err = |source| Error::Read {
         what: "--kernel",
@@ -211,6 +215,7 @@ fn check_elf_segments(mem: &GuestMem, file: &mut File, path: &Path) -> Result<()
     if usize::from(phentsize) != ELF_PHDR_SIZE || file.seek(SeekFrom::Start(phoff)).is_err() {
         return Ok(());
     }
+    let mut loadable = 0;
     for _ in 0..phnum {
         let mut ph = [0u8; ELF_PHDR_SIZE];
         if file.read_exact(&mut ph).is_err() {
@@ -232,6 +237,12 @@ fn check_elf_segments(mem: &GuestMem, file: &mut File, path: &Path) -> Result<()
                 len,
             });
         }
+        loadable += 1;
+    }
+    // Without one, nothing is loaded and the kernel "ends" at 0: the initrd would go below
+    // 1 MiB, over the boot structures.
+    if loadable == 0 {
+        return Err(Error::NoSegment(path.to_path_buf()));
     }
     file.seek(SeekFrom::Start(0)).map_err(read_err)?;
     Ok(())
@@ -386,6 +397,18 @@ mod tests {
             .read_slice(&mut low, GuestAddress(0x7000))
             .unwrap();
         assert_eq!(low, [0u8; 64], "nothing was written");
+    }
+
+    #[test]
+    fn an_elf_without_loadable_segments_is_refused() {
+        // Found by the loader fuzz target: with nothing loaded the kernel "ended" at 0 and the
+        // initrd went below 1 MiB, where the ACPI tables then overwrote it.
+        let mut elf = elf_with_segment(HIMEM_START, 0, 0);
+        elf[56..58].copy_from_slice(&0u16.to_le_bytes());
+        let (r, _) = load_elf(&elf, 4 << 20);
+        assert!(matches!(r, Err(Error::NoSegment(_))), "{r:?}");
+        let (r, _) = load_elf(&elf_with_segment(HIMEM_START, 0, 4096), 4 << 20);
+        assert!(matches!(r, Err(Error::NoSegment(_))), "{r:?}");
     }
 
     #[test]
