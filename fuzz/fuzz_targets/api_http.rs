@@ -193,8 +193,9 @@ fn check_responses(sent: &[u8], mut data: &[u8]) -> usize {
         let status_line = lines.next().unwrap_or_default();
         let mut parts = status_line.splitn(3, ' ');
         let version = parts.next().unwrap_or_default();
+        // tiny_http echoes the request's version, 0.9 included.
         assert!(
-            version.starts_with("HTTP/1."),
+            version.starts_with("HTTP/"),
             "bad status line {status_line:?}"
         );
         let status: u16 = parts
@@ -218,7 +219,7 @@ fn check_responses(sent: &[u8], mut data: &[u8]) -> usize {
         let body_start = head_end + 4;
         let rest = &data[body_start..];
         // A reply to HEAD has the length of a body it does not carry.
-        let bodiless = rest.is_empty() || rest.starts_with(b"HTTP/1.");
+        let bodiless = rest.is_empty() || rest.starts_with(b"HTTP/");
         let length = if bodiless { 0 } else { length };
         let body_end = (body_start + length).min(data.len());
         let body = &data[body_start..body_end];

@@ -230,6 +230,20 @@ fn read(ram: &GuestRam, addr: u64, len: usize) -> Vec<u8> {
     buf
 }
 
+/// Asserts `got == want` naming the first differing offset (not both buffers: they can be
+/// megabytes).
+fn same(what: &str, got: &[u8], want: &[u8]) {
+    assert_eq!(got.len(), want.len(), "{what}: length");
+    if let Some(i) = got.iter().zip(want).position(|(a, b)| a != b) {
+        panic!(
+            "{what}: byte {i:#x} of {:#x} is {:#04x}, not {:#04x}",
+            want.len(),
+            got[i],
+            want[i]
+        );
+    }
+}
+
 fn all_zero(ram: &GuestRam, from: u64, to: u64) -> bool {
     let mut a = from;
     while a < to {
@@ -377,7 +391,7 @@ fn linux(
                         k.end
                     );
                     assert!(image + size <= mem, "initrd past RAM");
-                    assert_eq!(read(&ram, image, b.len()), *b, "initrd bytes");
+                    same("initrd bytes", &read(&ram, image, b.len()), b);
                 }
                 None => assert_eq!((image, size), (0, 0)),
             }
@@ -388,7 +402,11 @@ fn linux(
                     s => usize::from(s),
                 };
                 let body = &bytes[(sects + 1) * 512..];
-                assert_eq!(read(&ram, k.end - body.len() as u64, body.len()), body);
+                same(
+                    "kernel body",
+                    &read(&ram, k.end - body.len() as u64, body.len()),
+                    body,
+                );
             }
         }
         Ok(other) => panic!("a Linux guest started as {other:?}"),
@@ -424,7 +442,7 @@ fn flat(mem: u64, mem_image: Option<&[u8]>, entry: u64, image: &[u8]) {
                 entry < mem && entry + image.len() as u64 <= mem,
                 "flat binary past RAM accepted"
             );
-            assert_eq!(read(&ram, entry, image.len()), image, "flat binary bytes");
+            same("flat binary bytes", &read(&ram, entry, image.len()), image);
             let table: Vec<u8> = gdt::boot_gdt()
                 .iter()
                 .flat_map(|d| d.to_le_bytes())
@@ -453,7 +471,7 @@ fn image(mem: u64, image: &[u8], at_page: u16) {
                 bytes.len() as u64 <= mem,
                 "an image larger than RAM was accepted"
             );
-            assert_eq!(read(&ram, 0, bytes.len()), bytes, "image bytes");
+            same("image bytes", &read(&ram, 0, bytes.len()), &bytes);
             assert!(
                 all_zero(&ram, bytes.len() as u64, mem),
                 "bytes past the image"

@@ -34,6 +34,17 @@ fn read(ram: &GuestRam, addr: u64, len: usize) -> Vec<u8> {
     buf
 }
 
+/// Asserts `got == want` naming the first differing offset (not both buffers).
+fn same(what: &str, got: &[u8], want: &[u8]) {
+    assert_eq!(got.len(), want.len(), "{what}: length");
+    if let Some(i) = got.iter().zip(want).position(|(a, b)| a != b) {
+        panic!(
+            "{what}: byte {i:#x} is {:#04x}, not {:#04x}",
+            got[i], want[i]
+        );
+    }
+}
+
 fn one_line(what: &str, message: &str) {
     assert!(!message.trim().is_empty(), "{what}: empty message");
     assert!(!message.contains('\n'), "{what}: {message:?}");
@@ -223,7 +234,7 @@ fn check_linux(mem: u64, kernel: &Kernel, initrd: Option<&[u8]>, cmdline: &str) 
                     k.end
                 );
                 assert!(image + size <= mem);
-                assert_eq!(read(&ram, image, b.len()), b);
+                same("initrd", &read(&ram, image, b.len()), b);
             }
             if k.format == KernelFormat::BzImage {
                 let sects = match bytes[0x1f1] {
@@ -231,10 +242,10 @@ fn check_linux(mem: u64, kernel: &Kernel, initrd: Option<&[u8]>, cmdline: &str) 
                     s => usize::from(s),
                 };
                 let body = &bytes[(sects + 1) * 512..];
-                assert_eq!(
-                    read(&ram, k.end - body.len() as u64, body.len()),
+                same(
+                    "kernel body",
+                    &read(&ram, k.end - body.len() as u64, body.len()),
                     body,
-                    "kernel overwritten"
                 );
             }
         }
@@ -278,7 +289,7 @@ proptest! {
             match setup::prepare(&ram, &config) {
                 Ok(_) => {
                     prop_assert!(entry < mem && entry + bytes.len() as u64 <= mem);
-                    prop_assert_eq!(read(&ram, entry, bytes.len()), bytes.clone());
+                    same("flat binary", &read(&ram, entry, bytes.len()), &bytes);
                 }
                 Err(e) => {
                     one_line("prepare", &e.to_string());
@@ -294,7 +305,7 @@ proptest! {
         match ram.load_image(&path) {
             Ok(()) => {
                 prop_assert!(image.len() as u64 <= mem);
-                prop_assert!(read(&ram, 0, image.len()) == image);
+                same("image", &read(&ram, 0, image.len()), &image);
             }
             Err(e) => {
                 one_line("load_image", &e.to_string());
