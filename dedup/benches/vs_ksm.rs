@@ -10,7 +10,11 @@
 //! pages from the shared set (75, of which a twentieth are zero pages), `VS_KSM_DEFAULTS_SECS`
 //! time cap for KSM at its defaults (60; 0 skips it), `VS_KSM_MAX_SECS` cap for the other
 //! modes (300), `VS_KSM_SCAN_MIB` memory for the scan measurement (2048), `VS_KSM_SKIP_KSM=1`
-//! to run only this engine (for profiling).
+//! to run only this engine (for profiling), `VS_KSM_THREADS` worker threads of this engine (all
+//! cores), `VS_KSM_OPTIONS` more engine knobs (`name=value,...`, e.g. `batch_pages=256`).
+//!
+//! Besides the table, it prints this engine's statistics when it reached 95%: wall time per
+//! phase, CPU time, passes, and the cost per page of each phase, to see where the time goes.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::sync::Arc;
@@ -139,14 +143,15 @@ struct Run {
     cpu_end: f64,
 }
 
-/// Polls `saved()` until 95% of `attainable`, then until two more full scans (`scans()`)
-/// or the cap.
+/// Polls `saved()` until 95% of `attainable` (calling `at95` then), then until two more full
+/// scans (`scans()`) or the cap.
 fn converge(
     attainable: u64,
     cap: Duration,
     saved: impl Fn() -> u64,
     scans: impl Fn() -> u64,
     cpu: impl Fn() -> f64,
+    mut at95: impl FnMut(),
 ) -> Run {
     let t0 = Instant::now();
     let cpu0 = cpu();
@@ -161,6 +166,7 @@ fn converge(
             r.t95 = Some(el.as_secs_f64());
             r.cpu95 = Some(cpu() - cpu0);
             scans_at_95 = scans();
+            at95();
         }
         if r.t95.is_some() && scans() >= scans_at_95 + 2 || el >= cap {
             r.saved = s;
@@ -213,6 +219,7 @@ fn run_ksm(lay: &Layout, attainable: u64, pages_to_scan: &str, sleep: &str, cap:
         },
         || ksm::stats().map(|s| s.full_scans).unwrap_or(0),
         || ksm::ksmd_cpu_ns().unwrap_or(0) as f64 / 1e9,
+        || {},
     );
     guard.unmerge_all().unwrap();
     drop(mems);
@@ -226,24 +233,36 @@ fn engine_config(threads: usize) -> Config {
         "pages_to_scan=65536,sleep_millisecs=0,use_zero_pages=1,max_page_sharing=256,threads={threads}"
     ))
     .unwrap();
+    if let Ok(extra) = std::env::var("VS_KSM_OPTIONS") {
+        c.apply_options(&extra).unwrap();
+    }
     c
 }
 
-fn run_ours(lay: &Layout, attainable: u64, cap: Duration) -> (Run, vm_dedup::Stats) {
+/// This engine's run: the convergence, its statistics at 95% and at the end.
+struct Ours {
+    run: Run,
+    at95: Option<vm_dedup::Stats>,
+    end: vm_dedup::Stats,
+}
+
+fn run_ours(lay: &Layout, attainable: u64, cap: Duration, threads: usize) -> Ours {
     let mems = build(lay);
-    let engine = Engine::new(engine_config(0)).unwrap();
+    let engine = Engine::new(engine_config(threads)).unwrap();
     for (i, m) in mems.iter().enumerate() {
         engine
             .register(GuestConfig::new(format!("g{i}"), "bench"), m.clone())
             .unwrap();
     }
     let scanner = engine.start().unwrap();
+    let mut at95 = None;
     let run = converge(
         attainable,
         cap,
         || engine.stats().bytes_saved / PAGE as u64,
         || engine.stats().full_scans,
         || Engine::process_cpu_ns() as f64 / 1e9,
+        || at95 = Some(engine.stats()),
     );
     scanner.stop();
     let stats = engine.stats();
@@ -258,7 +277,47 @@ fn run_ours(lay: &Layout, attainable: u64, cap: Duration) -> (Run, vm_dedup::Sta
             assert!(page == want.as_slice(), "content changed by merging");
         }
     }
-    (run, stats)
+    Ours {
+        run,
+        at95,
+        end: stats,
+    }
+}
+
+/// Where this engine's time went up to 95%: wall time per phase, and per page.
+fn show_phases(s: &vm_dedup::Stats, threads: usize) {
+    let p = &s.phases;
+    let ms = |ns: u64| ns as f64 / 1e6;
+    let per = |ns: u64, n: u64| {
+        if n == 0 { 0.0 } else { ns as f64 / n as f64 }
+    };
+    println!(
+        "vm-dedup at 95% ({threads} threads): {} full scans, {} pages hashed, {} merges of {} \
+         attempts, {} pool slots; engine CPU {:.2} s in {:.2} s of steps",
+        s.full_scans,
+        s.pages_scanned,
+        s.merges,
+        s.merge_attempts,
+        s.pages_shared,
+        s.cpu_ns as f64 / 1e9,
+        s.wall_ns as f64 / 1e9
+    );
+    println!(
+        "  wall ms: scan {:.0}, plan {:.0}, fill {:.0}, commit {:.0}, account {:.0}",
+        ms(p.scan_ns),
+        ms(p.plan_ns),
+        ms(p.fill_ns),
+        ms(p.commit_ns),
+        ms(p.account_ns)
+    );
+    println!(
+        "  wall ns per page: scan {:.0} per page hashed, plan {:.0} per attempt, fill {:.0} \
+         per slot, commit {:.0} per attempt",
+        per(p.scan_ns, s.pages_scanned),
+        per(p.plan_ns, s.merge_attempts),
+        per(p.fill_ns, s.pages_shared),
+        per(p.commit_ns, s.merge_attempts),
+    );
 }
 
 /// Seconds for the first pass (hashing only) over `mib` MiB with `threads` threads.
@@ -325,12 +384,17 @@ fn main() {
         eprintln!("kernel KSM not available: comparison skipped");
         None
     };
-    eprintln!("vm-dedup...");
-    let (ours, stats) = run_ours(&lay, attainable, cap);
+    let all_threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let threads = env("VS_KSM_THREADS", all_threads as u64) as usize;
+    eprintln!("vm-dedup ({threads} threads)...");
+    let Ours {
+        run: ours,
+        at95,
+        end: stats,
+    } = run_ours(&lay, attainable, cap, threads);
     eprintln!("scan throughput...");
     let one = scan_pass_secs(scan_mib, 1);
-    let all_threads = std::thread::available_parallelism().map_or(1, |n| n.get());
-    let all = scan_pass_secs(scan_mib, all_threads);
+    let all = scan_pass_secs(scan_mib, threads);
     let gb = (scan_mib << 20) as f64 / 1e9;
 
     println!();
@@ -342,7 +406,7 @@ fn main() {
     if let Some(r) = &ksm_max {
         show("kernel KSM max rate", r, attainable);
     }
-    show("vm-dedup", &ours, attainable);
+    show(&format!("vm-dedup ({threads} threads)"), &ours, attainable);
     println!();
     println!(
         "vm-dedup: {} merges, {} remaps refused, metadata {:.1} bytes per guest page, \
@@ -352,13 +416,15 @@ fn main() {
         stats.metadata_bytes as f64 / total as f64,
         stats.vmas_used
     );
-    println!("vm-dedup phases (wall): {:?}", stats.phases);
+    if let Some(s) = &at95 {
+        show_phases(s, threads);
+    }
     println!(
-        "scan (first pass, hashing) over {scan_mib} MiB: 1 thread {:.2} GB/s; {all_threads} threads \
-         {:.2} GB/s ({:.2} GB/s per core)",
+        "scan (first pass, hashing) over {scan_mib} MiB: 1 thread {:.2} GB/s; {threads} threads \
+         {:.2} GB/s ({:.2} GB/s per thread)",
         gb / one,
         gb / all,
-        gb / all / all_threads as f64
+        gb / all / threads as f64
     );
     let ratio = |a: Option<f64>, b: Option<f64>| match (a, b) {
         (Some(a), Some(b)) if b > 0.0 => format!("{:.2}", a / b),
