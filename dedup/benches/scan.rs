@@ -82,6 +82,7 @@ fn main() {
         // SAFETY: our own mapping, read only here.
         let bytes = unsafe { std::slice::from_raw_parts(r.as_ptr(), mib << 20) };
         hash_rate("xxh3_64", bytes, xxhash_rust::xxh3::xxh3_64);
+        hash_rate("page_hash", bytes, vm_dedup::hash::page_hash);
         hash_rate("word_sum", bytes, word_sum);
     }
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
