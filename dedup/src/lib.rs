@@ -82,6 +82,7 @@ pub mod sys;
 pub mod unmerge;
 
 mod account;
+mod commit;
 mod state;
 mod step;
 

@@ -69,9 +69,12 @@ pub struct Item {
     pub run: u32,
     /// Whether the VMA budget admitted the page's run.
     pub admitted: bool,
+    /// The page fills its (new) slot: it is copied there while write-protected, which makes
+    /// the two equal without a comparison.
+    pub fill: bool,
 }
 
-/// A guest region as the committer sees it.
+/// A guest region (or the part of it a work unit commits) as the committer sees it.
 #[derive(Debug)]
 pub struct RegionGuard<'a> {
     /// Host address of the region.
@@ -82,8 +85,8 @@ pub struct RegionGuard<'a> {
     pub uffd: &'a Uffd,
     /// Host ranges (start to end) not registered with the userfaultfd: pages remapped onto the
     /// pool (a remap drops the registration) are registered again only when they are about to
-    /// be guarded again, which most never are.
-    pub unregistered: &'a mut Ranges,
+    /// be guarded again, which most never are. A work unit holds the ranges of its own pages.
+    pub unregistered: Ranges,
 }
 
 /// Disjoint host address ranges, start to end.
@@ -149,8 +152,15 @@ pub struct Repairs {
 pub struct RegionReport {
     /// One outcome per item.
     pub outcomes: Vec<Outcome>,
-    /// Per item: a writer hit the page while it was guarded.
-    pub written: Vec<bool>,
+    /// Addresses where a writer hit a guarded page (of this region; with several work units on
+    /// one userfaultfd, possibly of another unit's items).
+    pub faulted: Vec<usize>,
+    /// Slots filled from their donors.
+    pub filled: Vec<u32>,
+    /// Time spent filling slots, in nanoseconds.
+    pub fill_ns: u64,
+    /// Slot fills that failed.
+    pub pool_errors: u64,
     /// Guard repairs.
     pub repairs: Repairs,
     /// Write-protect ioctls issued.
@@ -175,11 +185,14 @@ pub struct Committer<'a> {
     pub batch_pages: usize,
 }
 
-fn page_bytes<'a>(addr: usize) -> &'a [u8] {
-    // SAFETY: `addr` is a page of registered guest memory, which stays mapped while the engine
-    // holds the guest's memory; while the page is write-protected nobody can change it, and
-    // racing writers elsewhere only make a comparison fail.
-    unsafe { std::slice::from_raw_parts(addr as *const u8, PAGE_SIZE) }
+/// Most pages under one guard when a planned run is kept whole (one remap for the run).
+pub const MAX_BATCH_PAGES: usize = 512;
+
+fn page_bytes<'a>(addr: usize, pages: usize) -> &'a [u8] {
+    // SAFETY: `addr` starts `pages` pages of registered guest memory, which stays mapped while
+    // the engine holds the guest's memory; while the pages are write-protected nobody can
+    // change them, and racing writers elsewhere only make a comparison fail.
+    unsafe { std::slice::from_raw_parts(addr as *const u8, pages * PAGE_SIZE) }
 }
 
 /// Maximal runs `[i, j)` of items with consecutive page numbers.
@@ -211,13 +224,12 @@ impl Committer<'_> {
     pub fn commit(&self, r: &mut RegionGuard<'_>, items: &[Item]) -> RegionReport {
         let mut rep = RegionReport {
             outcomes: vec![Outcome::Refused(Cause::Unguarded); items.len()],
-            written: vec![false; items.len()],
             ..RegionReport::default()
         };
         // Register the remapped ranges that hold pages to guard now.
         let mut wanted: Vec<(usize, usize)> = items
             .iter()
-            .filter_map(|it| range_of(r.unregistered, r.hva + it.page as usize * PAGE_SIZE))
+            .filter_map(|it| range_of(&r.unregistered, r.hva + it.page as usize * PAGE_SIZE))
             .collect();
         wanted.dedup();
         for (s, e) in wanted {
@@ -245,6 +257,13 @@ impl Committer<'_> {
             {
                 j += 1;
             }
+            // Keep a planned run whole: one remap, one VMA.
+            while j < items.len()
+                && j - i < MAX_BATCH_PAGES
+                && crate::commit::same_run(&items[j - 1], &items[j])
+            {
+                j += 1;
+            }
             self.commit_batch(r, &items[i..j], i, &mut rep);
             i = j;
         }
@@ -263,7 +282,7 @@ impl Committer<'_> {
         // Pages still outside the guard (their registration failed) are left alone.
         let unguarded: Vec<bool> = items
             .iter()
-            .map(|it| range_of(r.unregistered, addr_of(it)).is_some())
+            .map(|it| range_of(&r.unregistered, addr_of(it)).is_some())
             .collect();
         // 1. Write-protect each run of consecutive pages.
         let mut protected: Vec<(usize, usize)> = Vec::new();
@@ -300,26 +319,71 @@ impl Committer<'_> {
                 }
             }
         }
-        // 2. Compare under the guard.
+        // 2. Under the guard: leave out excluded pages, fill new slots from their donors (the
+        // copy equals the page), compare the other pages with their slot (or check all-zero).
         let mut equal = vec![false; items.len()];
+        let mut check = vec![false; items.len()];
         for &(i0, i1) in &protected {
             for k in i0..i1 {
-                let it = &items[k];
-                let gpa = GuestAddress(r.gpa + u64::from(it.page) * PAGE_SIZE as u64);
+                let gpa = GuestAddress(r.gpa + u64::from(items[k].page) * PAGE_SIZE as u64);
                 if self.exclusion.is_some_and(|x| x.is_excluded(gpa)) {
                     rep.outcomes[base + k] = Outcome::Refused(Cause::Excluded);
-                    continue;
+                } else {
+                    check[k] = true;
                 }
-                let bytes = page_bytes(addr_of(it));
-                let same = match it.target {
-                    Target::Zero => Ok(is_zero(bytes)),
-                    Target::Slot(s) => self.pools.slot_bytes(it.node, s).map(|p| p == bytes),
-                };
-                match same {
-                    Ok(true) => equal[k] = true,
-                    Ok(false) => rep.outcomes[base + k] = Outcome::Refused(Cause::Differed),
-                    Err(_) => rep.outcomes[base + k] = Outcome::Refused(Cause::Pool),
+            }
+        }
+        let mut k = 0;
+        while k < items.len() {
+            let (it, Target::Slot(s)) = (items[k], items[k].target) else {
+                k += 1;
+                continue;
+            };
+            if !(check[k] && it.fill) {
+                k += 1;
+                continue;
+            }
+            let mut j = k + 1;
+            while j < items.len()
+                && check[j]
+                && items[j].fill
+                && items[j].node == it.node
+                && items[j].page == items[j - 1].page + 1
+                && items[j].target == Target::Slot(s + (j - k) as u32)
+            {
+                j += 1;
+            }
+            let t = std::time::Instant::now();
+            let filled = self
+                .pools
+                .fill(it.node, s, page_bytes(addr_of(&it), j - k), self.faults);
+            rep.fill_ns += t.elapsed().as_nanos() as u64;
+            match filled {
+                Ok(()) => {
+                    equal[k..j].iter_mut().for_each(|e| *e = true);
+                    rep.filled.extend(s..s + (j - k) as u32);
                 }
+                Err(e) => {
+                    log::warn!("vm-dedup: {e}");
+                    rep.pool_errors += 1;
+                    for m in k..j {
+                        rep.outcomes[base + m] = Outcome::Refused(Cause::Pool);
+                    }
+                }
+            }
+            k = j;
+        }
+        for k in (0..items.len()).filter(|&k| check[k] && !items[k].fill) {
+            let it = &items[k];
+            let bytes = page_bytes(addr_of(it), 1);
+            let same = match it.target {
+                Target::Zero => Ok(is_zero(bytes)),
+                Target::Slot(s) => self.pools.slot_bytes(it.node, s).map(|p| p == bytes),
+            };
+            match same {
+                Ok(true) => equal[k] = true,
+                Ok(false) => rep.outcomes[base + k] = Outcome::Refused(Cause::Differed),
+                Err(_) => rep.outcomes[base + k] = Outcome::Refused(Cause::Pool),
             }
         }
         // 3. Remap runs of equal pages onto consecutive slots; drop zero pages.
@@ -379,15 +443,8 @@ impl Committer<'_> {
             }
         }
         // 4. Drain fault messages: those pages were written during the guard.
-        let mut faulted = Vec::new();
-        if let Err(e) = r.uffd.drain(&mut faulted) {
+        if let Err(e) = r.uffd.drain(&mut rep.faulted) {
             log::warn!("vm-dedup: reading userfaultfd messages failed: {e}");
-        }
-        for a in faulted {
-            let page = ((a.wrapping_sub(r.hva)) / PAGE_SIZE) as u32;
-            if let Ok(k) = items.binary_search_by_key(&page, |it| it.page) {
-                rep.written[base + k] = true;
-            }
         }
         // 5. Un-protect, without waking, what was not remapped.
         for &(i0, i1) in &protected {
@@ -407,7 +464,7 @@ impl Committer<'_> {
         // 7. The remapped ranges lost their registration; they are registered again only when
         // some page of theirs is about to be guarded (see `commit`).
         for &(addr, len) in &remapped {
-            add_range(r.unregistered, addr, addr + len);
+            add_range(&mut r.unregistered, addr, addr + len);
         }
         // 6. Wake the whole batch.
         for &(i0, i1) in &protected {
@@ -489,7 +546,7 @@ impl Committer<'_> {
         }
         if r.uffd.register(addr, len).is_err() {
             rep.repairs.reregister += 1;
-            add_range(r.unregistered, addr, addr + len);
+            add_range(&mut r.unregistered, addr, addr + len);
         }
         if r.uffd.wake(addr, len).is_err() {
             log::error!("vm-dedup: cannot wake writers; replacing the region's userfaultfd");

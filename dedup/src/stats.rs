@@ -63,7 +63,8 @@ pub struct PhaseTimes {
     pub scan_ns: u64,
     /// Merge decisions.
     pub plan_ns: u64,
-    /// Creating, growing and filling pool slots.
+    /// Creating and growing pools, plus filling slots (done inside the commit, where donors are
+    /// copied under the guard: summed over worker threads, and also part of `commit_ns`).
     pub fill_ns: u64,
     /// Guarded compare and remap.
     pub commit_ns: u64,

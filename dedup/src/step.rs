@@ -7,18 +7,17 @@ use std::time::Instant;
 use rayon::prelude::*;
 use vm_memory::GuestAddress;
 
-use std::sync::Mutex;
-
-use crate::budget::{Admission, VmaBudget};
+use crate::budget::VmaBudget;
+use crate::commit::commit_plan;
 use crate::fault::Faults;
-use crate::merge::{Committer, Item, Outcome, RegionGuard, Repairs};
+use crate::merge::Outcome;
 use crate::meta::{Meta, PageState};
 use crate::numa::Topology;
-use crate::plan::{self, Assign, Target};
+use crate::plan::{self, Target};
 use crate::scan::{CHUNK_PAGES, Chunk, scan_chunk};
 use crate::state::{Cursor, EngineView, State};
-use crate::sys::PAGE_SIZE;
 use crate::sys::procfs::{self, thread_cpu_ns};
+use hashbrown::HashSet;
 
 /// What a step needs besides the state.
 pub(crate) struct StepCtx<'a> {
@@ -197,17 +196,12 @@ impl State {
         };
 
         let t_plan = Instant::now();
-        // Fill new slots.
-        let failed_slots = self.fill_slots(ctx, &plan.new_slots, &mut worker_cpu);
+        // Make room for the new slots (they are filled from their donors under the guard).
+        let failed_slots = self.grow_pools(ctx, &plan.new_slots);
 
         let t_fill = Instant::now();
-        // Commit region by region, in parallel.
-        let mut outcomes = vec![Outcome::Refused(crate::merge::Cause::Pool); plan.assigns.len()];
-        let mut written = vec![false; plan.assigns.len()];
-        let mut repairs = Repairs::default();
-        let mut resets: Vec<(usize, usize)> = Vec::new();
-        {
-            let groups = group_assigns(&plan.assigns);
+        // Commit, in parallel over work units of every region.
+        let out = {
             let State {
                 guests,
                 pools,
@@ -215,82 +209,12 @@ impl State {
                 slots,
                 ..
             } = self;
-            let mut work = Vec::new();
-            for (gi, slot) in guests.iter_mut().enumerate() {
-                let Some(g) = slot else { continue };
-                let exclusion = g.exclusion.as_deref();
-                for (ri, region) in g.regions.iter_mut().enumerate() {
-                    let Some(&(_, _, from, to)) = groups.iter().find(|x| x.0 == gi && x.1 == ri)
-                    else {
-                        continue;
-                    };
-                    let Some(uffd) = region.uffd.as_ref() else {
-                        continue;
-                    };
-                    let mut items = Vec::with_capacity(to - from);
-                    let mut index_of = Vec::with_capacity(to - from);
-                    for (k, a) in plan.assigns[from..to].iter().enumerate() {
-                        let node = match a.target {
-                            Target::Slot(s) if failed_slots.contains(&s) => continue,
-                            Target::Slot(s) => slots.node(s),
-                            Target::Zero => 0,
-                        };
-                        items.push(Item {
-                            page: a.loc.page,
-                            target: a.target,
-                            node,
-                            run: 0,
-                            admitted: true,
-                        });
-                        index_of.push(from + k);
-                    }
-                    let guard = RegionGuard {
-                        hva: region.hva,
-                        gpa: region.gpa,
-                        uffd,
-                        unregistered: &mut region.unregistered,
-                    };
-                    work.push((guard, items, index_of, exclusion));
-                }
-            }
-            {
-                let mut lists: Vec<&mut Vec<Item>> = work.iter_mut().map(|w| &mut w.1).collect();
-                admit_runs(&mut lists, &plan.new_slots, budget);
-            }
-            let pools = &*pools;
-            let budget = &*budget;
-            let reports = ctx.threads.install(|| {
-                work.par_iter_mut()
-                    .map(|(guard, items, _, exclusion)| {
-                        let cpu = thread_cpu_ns();
-                        let committer = Committer {
-                            pools,
-                            faults: ctx.faults,
-                            budget,
-                            exclusion: *exclusion,
-                            batch_pages: ctx.batch_pages,
-                        };
-                        let rep = committer.commit(guard, items);
-                        (rep, thread_cpu_ns().saturating_sub(cpu))
-                    })
-                    .collect::<Vec<_>>()
-            });
-            for ((rep, cpu), (guard, _, index_of, _)) in reports.into_iter().zip(&work) {
-                worker_cpu += cpu;
-                if rep.reset_guard {
-                    resets.push((guard.hva, 0));
-                }
-                repairs.unprotect += rep.repairs.unprotect;
-                repairs.wake += rep.repairs.wake;
-                repairs.reregister += rep.repairs.reregister;
-                for (k, &i) in index_of.iter().enumerate() {
-                    outcomes[i] = rep.outcomes[k];
-                    written[i] = rep.written[k];
-                }
-            }
-        }
-
-        for (hva, _) in resets {
+            commit_plan(guests, pools, budget, slots, &plan, &failed_slots, ctx)
+        };
+        worker_cpu += out.cpu_ns;
+        self.totals.pool_errors += out.pool_errors;
+        let (outcomes, written, repairs) = (out.outcomes, out.written, out.repairs);
+        for hva in out.resets {
             self.reset_guard(hva);
         }
         let t_commit = Instant::now();
@@ -346,7 +270,7 @@ impl State {
         let p = &mut self.totals.phases;
         p.scan_ns += ns(wall0, t_scan);
         p.plan_ns += ns(t_scan, t_plan);
-        p.fill_ns += ns(t_plan, t_fill);
+        p.fill_ns += ns(t_plan, t_fill) + out.fill_ns;
         p.commit_ns += ns(t_fill, t_commit);
         p.account_ns += ns(t_commit, t_account) + ns(t_account, t_end);
         self.totals.cpu_ns += thread_cpu_ns().saturating_sub(cpu0) + worker_cpu;
@@ -374,18 +298,9 @@ impl State {
             .get_mut(loc.page as usize)
     }
 
-    /// Creates and grows pools, and fills new slots from their donors (runs of consecutive
-    /// slots with consecutive donors in one write). Returns the slots that could not be filled.
-    fn fill_slots(
-        &mut self,
-        ctx: &StepCtx<'_>,
-        new_slots: &[plan::NewSlot],
-        worker_cpu: &mut u64,
-    ) -> hashbrown::HashSet<u32> {
-        let mut failed = hashbrown::HashSet::new();
-        if new_slots.is_empty() {
-            return failed;
-        }
+    /// Creates and grows the pools for the new slots. Returns the slots that have no room.
+    fn grow_pools(&mut self, ctx: &StepCtx<'_>, new_slots: &[plan::NewSlot]) -> HashSet<u32> {
+        let mut failed = HashSet::new();
         let mut top: hashbrown::HashMap<u8, u32> = hashbrown::HashMap::new();
         for n in new_slots {
             let node = self.slots.node(n.slot);
@@ -401,53 +316,6 @@ impl State {
                         failed.insert(n.slot);
                     }
                 }
-            }
-        }
-        // Runs: (node, first slot, donor address, pages).
-        let mut runs: Vec<(u8, u32, usize, usize)> = Vec::new();
-        let mut sorted: Vec<&plan::NewSlot> = new_slots
-            .iter()
-            .filter(|n| !failed.contains(&n.slot))
-            .collect();
-        sorted.sort_by_key(|n| n.slot);
-        for n in sorted {
-            let node = self.slots.node(n.slot);
-            let Some(addr) = self.addr(n.donor) else {
-                failed.insert(n.slot);
-                continue;
-            };
-            if let Some(last) = runs.last_mut() {
-                if last.0 == node
-                    && last.1 + last.3 as u32 == n.slot
-                    && last.2 + last.3 * PAGE_SIZE == addr
-                {
-                    last.3 += 1;
-                    continue;
-                }
-            }
-            runs.push((node, n.slot, addr, 1));
-        }
-        let pools = &self.pools;
-        let results = ctx.threads.install(|| {
-            runs.par_iter()
-                .map(|&(node, slot, addr, pages)| {
-                    let cpu = thread_cpu_ns();
-                    // SAFETY: `addr` is the start of `pages` consecutive pages of a registered
-                    // guest region (the donors); racing writes only make the slot differ from
-                    // the pages, which the guarded comparison then refuses.
-                    let src =
-                        unsafe { std::slice::from_raw_parts(addr as *const u8, pages * PAGE_SIZE) };
-                    let r = pools.fill(node, slot, src, ctx.faults);
-                    (r, thread_cpu_ns().saturating_sub(cpu))
-                })
-                .collect::<Vec<_>>()
-        });
-        for ((r, cpu), &(_, slot, _, pages)) in results.into_iter().zip(&runs) {
-            *worker_cpu += cpu;
-            if let Err(e) = r {
-                log::warn!("vm-dedup: {e}");
-                self.totals.pool_errors += 1;
-                failed.extend(slot..slot + pages as u32);
             }
         }
         failed
@@ -475,89 +343,4 @@ impl State {
             }
         }
     }
-}
-
-/// Splits each region's items into planned runs (consecutive pages onto consecutive slots of one
-/// node: one remap each) and admits them against the VMA budget. The runs holding the pages of
-/// a new slot are admitted together or not at all, so that no slot is left with one sharer
-/// because its partner ran out of budget. Zero pages cost no VMA.
-fn admit_runs(
-    lists: &mut [&mut Vec<Item>],
-    new_slots: &[plan::NewSlot],
-    budget: &Mutex<VmaBudget>,
-) {
-    let mut run_len: Vec<usize> = Vec::new();
-    let mut slot_runs: hashbrown::HashMap<u32, Vec<u32>> = hashbrown::HashMap::new();
-    for items in lists.iter_mut() {
-        let mut prev: Option<Item> = None;
-        for it in items.iter_mut() {
-            let Target::Slot(s) = it.target else {
-                it.run = u32::MAX;
-                prev = None;
-                continue;
-            };
-            let extends = prev.is_some_and(|p| {
-                p.page + 1 == it.page
-                    && p.node == it.node
-                    && matches!(p.target, Target::Slot(ps) if ps + 1 == s)
-            });
-            if extends {
-                *run_len.last_mut().unwrap_or(&mut 0) += 1;
-            } else {
-                run_len.push(1);
-            }
-            it.run = (run_len.len() - 1) as u32;
-            let runs = slot_runs.entry(s).or_default();
-            if !runs.contains(&it.run) {
-                runs.push(it.run);
-            }
-            prev = Some(*it);
-        }
-    }
-    let mut state: Vec<Option<bool>> = vec![None; run_len.len()];
-    let Ok(mut b) = budget.lock() else {
-        return;
-    };
-    for n in new_slots {
-        let Some(runs) = slot_runs.get(&n.slot) else {
-            continue;
-        };
-        let refused = runs.iter().any(|&r| state[r as usize] == Some(false));
-        let need: Vec<u32> = runs
-            .iter()
-            .copied()
-            .filter(|&r| state[r as usize].is_none())
-            .collect();
-        let ok = !refused && {
-            let lens: Vec<usize> = need.iter().map(|&r| run_len[r as usize]).collect();
-            b.admit_all(&lens) == Admission::Admitted
-        };
-        for r in need {
-            state[r as usize] = Some(ok);
-        }
-    }
-    for (r, st) in state.iter_mut().enumerate() {
-        if st.is_none() {
-            *st = Some(b.admit(run_len[r]) == Admission::Admitted);
-        }
-    }
-    drop(b);
-    for items in lists.iter_mut() {
-        for it in items.iter_mut() {
-            it.admitted = it.run == u32::MAX || state[it.run as usize] == Some(true);
-        }
-    }
-}
-
-/// Consecutive assigns of the same region: `(guest, region, from, to)`.
-fn group_assigns(assigns: &[Assign]) -> Vec<(usize, usize, usize, usize)> {
-    let mut out: Vec<(usize, usize, usize, usize)> = Vec::new();
-    for (i, a) in assigns.iter().enumerate() {
-        let (g, r) = (usize::from(a.loc.guest), usize::from(a.loc.region));
-        match out.last_mut() {
-            Some(last) if last.0 == g && last.1 == r => last.3 = i + 1,
-            _ => out.push((g, r, i, i + 1)),
-        }
-    }
-    out
 }
