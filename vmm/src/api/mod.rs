@@ -1,21 +1,26 @@
-//! The control API: HTTP/1.1 with JSON bodies over a unix socket (`--api-sock PATH`), served by
-//! tiny_http on one thread. The socket is made readable and writable by its owner only, and is
-//! removed when the server stops. Requests and replies are in [`routes`].
+//! The control API: HTTP/1.1 with JSON bodies over a unix socket (`--api-sock PATH`), one
+//! request per connection, served on one thread ([`http`]). The socket is made readable and
+//! writable by its owner only, and is removed when the server stops. Requests and replies are
+//! in [`routes`].
 
+pub mod http;
 pub mod routes;
 
-use std::io::{self, Read};
+use std::io;
 use std::os::unix::fs::{FileTypeExt, PermissionsExt};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::thread::{self, JoinHandle};
-
-use tiny_http::{Header, Request, Response, Server};
+use std::time::Duration;
 
 use crate::control::Control;
-use routes::{MAX_BODY, Reply};
+use routes::Reply;
+
+/// How long a client may take to send its request, or to take the reply, per read or write.
+const CLIENT_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Errors starting the control API.
 #[derive(Debug, thiserror::Error)]
@@ -37,14 +42,6 @@ pub enum Error {
         #[source]
         source: io::Error,
     },
-    /// The HTTP server could not be set up.
-    #[error("--api-sock {path}: cannot serve HTTP: {message}")]
-    Serve {
-        /// The socket path.
-        path: PathBuf,
-        /// What tiny_http said.
-        message: String,
-    },
     /// The server thread could not be started.
     #[error("cannot start the API thread: {0}")]
     Thread(#[source] io::Error),
@@ -59,7 +56,7 @@ impl Error {
 
 /// A running control API.
 pub struct ApiServer {
-    server: Arc<Server>,
+    stopping: Arc<AtomicBool>,
     thread: Option<JoinHandle<()>>,
     path: PathBuf,
 }
@@ -101,23 +98,25 @@ impl ApiServer {
         let listener = UnixListener::bind(path).map_err(listen_err)?;
         std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
             .map_err(listen_err)?;
-        let server = Server::from_listener(listener, None).map_err(|e| Error::Serve {
-            path: path.to_path_buf(),
-            message: e.to_string(),
-        })?;
-        let server = Arc::new(server);
-        let serving = Arc::clone(&server);
+        let stopping = Arc::new(AtomicBool::new(false));
+        let stop = Arc::clone(&stopping);
         let thread = thread::Builder::new()
             .name("api".into())
             .spawn(move || {
-                for request in serving.incoming_requests() {
-                    serve(request, &*control);
+                for stream in listener.incoming() {
+                    if stop.load(Ordering::SeqCst) {
+                        break;
+                    }
+                    match stream {
+                        Ok(s) => serve(s, &*control),
+                        Err(e) => log::debug!("api: accept: {e}"),
+                    }
                 }
             })
             .map_err(Error::Thread)?;
         log::info!("control API on {}", path.display());
         Ok(Self {
-            server,
+            stopping,
             thread: Some(thread),
             path: path.to_path_buf(),
         })
@@ -134,7 +133,11 @@ impl ApiServer {
     }
 
     fn shutdown(&mut self) {
-        self.server.unblock();
+        // Wake the accept with a connection of our own.
+        self.stopping.store(true, Ordering::SeqCst);
+        if let Err(e) = UnixStream::connect(&self.path) {
+            log::debug!("api: waking the server: {e}");
+        }
         if let Some(t) = self.thread.take()
             && t.join().is_err()
         {
@@ -154,46 +157,33 @@ impl Drop for ApiServer {
     }
 }
 
-/// Reads the body (at most [`MAX_BODY`] bytes) and answers one request.
-fn answer(request: &mut Request, control: &dyn Control) -> Reply {
-    if request.body_length().is_some_and(|n| n > MAX_BODY) {
-        return Reply::error(413, format!("body larger than {MAX_BODY} bytes"));
-    }
-    let mut body = Vec::new();
-    let limit = MAX_BODY as u64 + 1;
-    if let Err(e) = request.as_reader().take(limit).read_to_end(&mut body) {
-        return Reply::error(400, format!("cannot read the body: {e}"));
-    }
-    if body.len() > MAX_BODY {
-        return Reply::error(413, format!("body larger than {MAX_BODY} bytes"));
-    }
-    let method = request.method().as_str().to_ascii_uppercase();
-    let url = request.url().to_string();
-    catch_unwind(AssertUnwindSafe(|| {
-        routes::handle(control, &method, &url, &body)
+/// Reads one request from `stream` and answers it.
+fn answer(stream: &mut UnixStream, control: &dyn Control) -> Option<(String, String, Reply)> {
+    let (head, body) = match http::read_request(stream) {
+        Ok(Some(request)) => request,
+        Ok(None) => return None,
+        Err(reply) => return Some((String::new(), String::new(), reply)),
+    };
+    let method = head.method.to_ascii_uppercase();
+    let reply = catch_unwind(AssertUnwindSafe(|| {
+        routes::handle(control, &method, &head.target, &body)
     }))
-    .unwrap_or_else(|_| Reply::error(500, "internal error while handling the request"))
+    .unwrap_or_else(|_| Reply::error(500, "internal error while handling the request"));
+    Some((method, head.target, reply))
 }
 
-fn serve(mut request: Request, control: &dyn Control) {
-    let reply = answer(&mut request, control);
-    log::debug!(
-        "api: {} {} -> {}",
-        request.method(),
-        request.url(),
-        reply.status
-    );
-    let mut response = Response::from_string(reply.body).with_status_code(reply.status);
-    let headers = [
-        Some(("Content-Type", reply.content_type)),
-        reply.allow.map(|a| ("Allow", a)),
-    ];
-    for (name, value) in headers.into_iter().flatten() {
-        if let Ok(h) = Header::from_bytes(name.as_bytes(), value.as_bytes()) {
-            response.add_header(h);
+fn serve(mut stream: UnixStream, control: &dyn Control) {
+    for set in [UnixStream::set_read_timeout, UnixStream::set_write_timeout] {
+        if let Err(e) = set(&stream, Some(CLIENT_TIMEOUT)) {
+            log::debug!("api: socket timeout: {e}");
         }
     }
-    if let Err(e) = request.respond(response) {
+    let Some((method, target, reply)) = answer(&mut stream, control) else {
+        return;
+    };
+    log::debug!("api: {method} {target} -> {}", reply.status);
+    if let Err(e) = http::write_reply(&mut stream, &reply, method == "HEAD") {
         log::debug!("api: the client went away: {e}");
     }
+    let _ = stream.shutdown(std::net::Shutdown::Both);
 }
