@@ -159,14 +159,30 @@ impl ContentIndex {
         hash_of: impl Fn(Entry) -> Option<u32>,
         usable: impl Fn(Entry) -> bool,
     ) -> Vec<Entry> {
+        let mut out = Vec::new();
+        self.lookup_into(key, hash, hash_of, usable, &mut out);
+        out
+    }
+
+    /// [`ContentIndex::lookup`] into `out` (cleared first), which callers reuse.
+    pub fn lookup_into(
+        &self,
+        key: IndexKey,
+        hash: u32,
+        hash_of: impl Fn(Entry) -> Option<u32>,
+        usable: impl Fn(Entry) -> bool,
+        out: &mut Vec<Entry>,
+    ) {
+        out.clear();
         let Some(t) = self.tables.get(&key) else {
-            return Vec::new();
+            return;
         };
-        t.iter_hash(mix(hash))
-            .filter_map(|&v| self.unpack(v))
-            .filter(|&e| usable(e) && hash_of(e) == Some(hash))
-            .take(MAX_PROBE)
-            .collect()
+        out.extend(
+            t.iter_hash(mix(hash))
+                .filter_map(|&v| self.unpack(v))
+                .filter(|&e| usable(e) && hash_of(e) == Some(hash))
+                .take(MAX_PROBE),
+        );
     }
 
     /// Adds an entry with content hash `hash`.

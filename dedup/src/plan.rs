@@ -116,10 +116,12 @@ pub fn plan(
     view: &impl PlanView,
 ) -> Plan {
     let mut out = Plan::default();
-    let mut pending: HashMap<u32, u32> = HashMap::new();
-    let mut assigned: HashSet<PageLoc> = HashSet::new();
+    out.assigns.reserve(cands.len());
+    let mut pending: HashMap<u32, u32> = HashMap::with_capacity(cands.len() / 2);
+    let mut assigned: HashSet<PageLoc> = HashSet::with_capacity(cands.len());
     let mut last_new: Option<(PageLoc, u32)> = None;
-    let mut donors: HashMap<u32, PageLoc> = HashMap::new();
+    let mut donors: HashMap<u32, PageLoc> = HashMap::with_capacity(cands.len() / 2);
+    let mut entries: Vec<Entry> = Vec::with_capacity(crate::index::MAX_PROBE);
     let max = u32::from(rules.max_page_sharing.max(2));
     for c in cands {
         if assigned.contains(&c.loc) {
@@ -136,7 +138,7 @@ pub fn plan(
         let key = index_key(rules, c.domain, c.node);
         let has_room =
             |s: u32| u32::from(slots.refs(s)) + pending.get(&s).copied().unwrap_or(0) < max;
-        let entries = index.lookup(
+        index.lookup_into(
             key,
             c.hash,
             |e| entry_hash(slots, view, e),
@@ -144,6 +146,7 @@ pub fn plan(
                 Entry::Slot(s) => has_room(s),
                 Entry::Page(_) => true,
             },
+            &mut entries,
         );
         // With one entry the hash decides (the guarded comparison catches a collision); with
         // several, compare now to pick the right one.

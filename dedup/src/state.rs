@@ -130,18 +130,20 @@ impl State {
     /// Recounts every slot's references from page metadata (kept exact by the pagemap checks of
     /// each pass) and frees the slots nobody maps.
     pub fn rebuild_refs(&mut self, faults: &crate::fault::Faults) {
-        let mut counts: hashbrown::HashMap<u32, u32> = hashbrown::HashMap::new();
+        let mut counts = vec![0u32; self.slots.high_water() as usize];
         for g in self.guests.iter().flatten() {
             for r in &g.regions {
                 for m in &r.metas {
                     if m.state() == PageState::Merged {
-                        *counts.entry(m.payload()).or_insert(0) += 1;
+                        if let Some(c) = counts.get_mut(m.payload() as usize) {
+                            *c += 1;
+                        }
                     }
                 }
             }
         }
         for s in self.slots.all_allocated() {
-            let n = counts.get(&s).copied().unwrap_or(0);
+            let n = counts.get(s as usize).copied().unwrap_or(0);
             let n = u16::try_from(n).unwrap_or(u16::MAX);
             if self.slots.refs(s) != n {
                 log::debug!(
