@@ -218,6 +218,11 @@ fn check_responses(sent: &[u8], mut data: &[u8]) -> usize {
             }
         }
         let body_start = head_end + 4;
+        if (100..200).contains(&status) {
+            // An interim reply (100 Continue): no body, the real one follows.
+            data = &data[body_start..];
+            continue;
+        }
         let rest = &data[body_start..];
         // A reply to HEAD has the length of a body it does not carry.
         let bodiless = rest.is_empty() || rest.starts_with(b"HTTP/");
