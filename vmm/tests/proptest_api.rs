@@ -179,6 +179,91 @@ fn request(control: &DedupControl, method: &str, url: &str, body: &[u8]) {
     }
 }
 
+/// A client connection: the request bytes in, the reply out.
+struct Conn(std::io::Cursor<Vec<u8>>, Vec<u8>);
+
+impl std::io::Read for Conn {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        self.0.read(buf)
+    }
+}
+
+impl std::io::Write for Conn {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.1.write(buf)
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+fn head_text() -> impl Strategy<Value = Vec<u8>> {
+    let line = prop_oneof![
+        proptest::sample::select(vec![
+            "GET /stats HTTP/1.1",
+            "PATCH /config HTTP/1.1",
+            "GET /stats HTTP/2.0",
+            "GET /stats",
+            "get /x HTTP/1.0",
+            "",
+        ])
+        .prop_map(str::to_string),
+        "[ -~]{0,30}",
+    ];
+    let header = prop_oneof![
+        proptest::sample::select(vec![
+            "Content-Length: 2",
+            "Content-Length: 99999999999999999999",
+            "Content-Length: x",
+            "Content-Length: 70000",
+            "Transfer-Encoding: chunked",
+            "Expect: 100-continue",
+            "Expect: other",
+            "Host: localhost",
+            "no colon",
+        ])
+        .prop_map(str::to_string),
+        "[ -~]{0,20}",
+    ];
+    (
+        line,
+        proptest::collection::vec(header, 0..4),
+        proptest::collection::vec(any::<u8>(), 0..8),
+    )
+        .prop_map(|(l, hs, body)| {
+            let mut out = format!("{l}\r\n{}\r\n", hs.join("\r\n")).into_bytes();
+            out.extend_from_slice(b"\r\n");
+            out.extend_from_slice(&body);
+            out
+        })
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(1024))]
+
+    /// The API's HTTP layer (the `api_http` fuzz target's properties, without the socket):
+    /// any bytes give a request or a 4xx with a JSON error of one line.
+    #[test]
+    fn any_bytes_give_a_request_or_a_4xx(
+        bytes in prop_oneof![head_text(), proptest::collection::vec(any::<u8>(), 0..200)],
+    ) {
+        let mut conn = Conn(std::io::Cursor::new(bytes), Vec::new());
+        match vmm::api::http::read_request(&mut conn) {
+            Ok(Some((head, body))) => {
+                prop_assert_eq!(body.len(), head.content_length);
+                prop_assert!(head.content_length <= routes::MAX_BODY);
+            }
+            Ok(None) => {}
+            Err(reply) => {
+                prop_assert!((400..500).contains(&reply.status), "{}", reply.status);
+                let v: Value = serde_json::from_str(&reply.body).unwrap();
+                let msg = v["error"].as_str().unwrap();
+                prop_assert!(!msg.is_empty() && !msg.chars().any(char::is_control), "{:?}", msg);
+            }
+        }
+    }
+}
+
 proptest! {
     #![proptest_config(ProptestConfig::with_cases(48))]
 
