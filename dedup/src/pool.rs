@@ -3,6 +3,13 @@
 //! maps them (a private mapping does not snapshot the file) and punched only when nobody maps
 //! them any more. The file can grow but never shrink (`F_SEAL_SHRINK`), so no sharer can ever
 //! fault on a truncated page.
+//!
+//! Slots are filled with `UFFDIO_COPY` through a writable mapping registered for missing-page
+//! faults (never touched otherwise), not with `pwrite`: a write to a shmem file holds the
+//! file's inode lock, so parallel fills queued behind one another (measured on 16 cores: 23 us
+//! per slot summed over threads, against 2.3 us on 2), while `UFFDIO_COPY` allocates, copies
+//! and inserts each page under the page cache's own locks only, and does not zero the page
+//! first. Where that is not available, `pwrite` is used.
 
 use std::io;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
@@ -12,7 +19,8 @@ use crate::fault::{FaultPoint, Faults};
 use crate::meta::PAYLOAD_MASK;
 use crate::numa::{Topology, TopologyError};
 use crate::sys::PAGE_SIZE;
-use crate::sys::mem::{self, ReadView};
+use crate::sys::mem::{self, FillView, ReadView};
+use crate::sys::uffd::Uffd;
 
 /// Address space reserved for each node's read-only view: every possible slot.
 const VIEW_BYTES: usize = (PAYLOAD_MASK as usize + 1) * PAGE_SIZE;
@@ -78,11 +86,13 @@ pub enum PoolError {
     Missing(u8),
 }
 
-/// One node's pool file and its read-only view.
+/// One node's pool file, its read-only view, and where slots are filled.
 #[derive(Debug)]
 struct NodePool {
     fd: OwnedFd,
     view: ReadView,
+    /// The fill mapping and its userfaultfd (`None`: filled with `pwrite`).
+    filler: Option<(FillView, Uffd)>,
     size: u64,
 }
 
@@ -181,14 +191,26 @@ impl Pools {
             .ok_or(PoolError::Missing(node))
     }
 
-    /// Writes `src` (whole pages) into consecutive slots from `slot` on, and maps them into the
-    /// read-only view (so the guarded comparisons that follow do not fault).
+    /// Writes `src` (whole pages) into consecutive free slots from `slot` on (holes in the file:
+    /// new or punched slots), and maps them into the read-only view (so the guarded comparisons
+    /// that follow do not fault).
     pub fn fill(&self, node: u8, slot: u32, src: &[u8], faults: &Faults) -> Result<(), PoolError> {
         let pool = self.note(self.get(node))?;
         let off = u64::from(slot) * PAGE_SIZE as u64;
         let written = faults
             .check(FaultPoint::PoolFill)
-            .and_then(|()| mem::write_at(pool.fd.as_fd(), src, off))
+            .and_then(|()| match &pool.filler {
+                // A free slot that holds a page (a read of the hole through the view allocates
+                // one) is written over instead: nobody maps it.
+                Some((view, uffd)) => copy_in(view, uffd, src, off as usize).or_else(|e| {
+                    if e.raw_os_error() == Some(libc::EEXIST) {
+                        mem::write_at(pool.fd.as_fd(), src, off)
+                    } else {
+                        Err(e)
+                    }
+                }),
+                None => mem::write_at(pool.fd.as_fd(), src, off),
+            })
             .map_err(|source| PoolError::Fill { slot, source });
         self.note(written)?;
         if let Err(e) = mem::populate_read(pool.view.addr() + off as usize, src.len()) {
@@ -249,7 +271,45 @@ fn create(node: u8, topology: &dyn Topology, faults: &Faults) -> Result<NodePool
     topology
         .bind(node, view.addr(), view.len())
         .map_err(PoolError::Bind)?;
-    Ok(NodePool { fd, view, size: 0 })
+    let filler = FillView::new(fd.as_fd(), VIEW_BYTES)
+        .and_then(|v| {
+            let u = Uffd::open_for_shmem()?;
+            u.register_missing_only(v.addr(), v.len())?;
+            Ok((v, u))
+        })
+        .map_err(|e| log::info!("vm-dedup: pool slots filled with pwrite: {e}"))
+        .ok();
+    Ok(NodePool {
+        fd,
+        view,
+        filler,
+        size: 0,
+    })
+}
+
+/// Copies `src` into the holes at `off` of the file behind `view`.
+fn copy_in(view: &FillView, uffd: &Uffd, src: &[u8], off: usize) -> io::Result<()> {
+    if off + src.len() > view.len() {
+        return Err(io::Error::from_raw_os_error(libc::EINVAL));
+    }
+    let mut done = 0;
+    let mut again = 0;
+    while done < src.len() {
+        let (n, r) = uffd.copy_pages(
+            view.addr() + off + done,
+            src.as_ptr() as usize + done,
+            src.len() - done,
+        );
+        done += n;
+        match r {
+            Ok(()) => break,
+            Err(e) if e.raw_os_error() == Some(libc::EAGAIN) && (n > 0 || again < 100) => {
+                again += 1;
+            }
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
 }
 
 #[cfg(test)]
@@ -270,8 +330,19 @@ mod tests {
         pools.fill(0, 2, &src, &faults).unwrap();
         assert!(pools.slot_bytes(0, 2).unwrap().iter().all(|&b| b == 7));
         assert!(pools.slot_bytes(0, 3).unwrap().iter().all(|&b| b == 9));
+        assert!(
+            pools.get(0).unwrap().filler.is_some(),
+            "filled with UFFDIO_COPY on this kernel"
+        );
         pools.punch(0, 2, 2, &faults).unwrap();
         assert!(pools.slot_bytes(0, 2).unwrap().iter().all(|&b| b == 0));
+        // A punched slot can be filled anew: a hole again, or a page if it was read meanwhile
+        // (as above).
+        pools.fill(0, 2, &src[PAGE_SIZE..], &faults).unwrap();
+        assert!(pools.slot_bytes(0, 2).unwrap().iter().all(|&b| b == 9));
+        pools.punch(0, 2, 1, &faults).unwrap();
+        pools.fill(0, 2, &src[..PAGE_SIZE], &faults).unwrap();
+        assert!(pools.slot_bytes(0, 2).unwrap().iter().all(|&b| b == 7));
         assert_eq!(pools.last_error(), None);
         assert!(pools.ensure(1, 0, &topo, &faults).is_err());
         assert_eq!(pools.last_error().as_deref(), Some("no NUMA node 1"));

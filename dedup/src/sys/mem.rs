@@ -364,3 +364,57 @@ impl Drop for ReadView {
         unsafe { libc::munmap(self.addr as *mut libc::c_void, self.len) };
     }
 }
+
+/// A writable shared mapping of a file that user code never reads or writes: the target of
+/// `UFFDIO_COPY` into the file's holes. Unmapped on drop.
+#[derive(Debug)]
+pub struct FillView {
+    addr: usize,
+    len: usize,
+}
+
+impl FillView {
+    /// Maps `len` bytes of `fd` shared and writable.
+    pub fn new(fd: BorrowedFd<'_>, len: usize) -> io::Result<Self> {
+        // SAFETY: a fresh mapping chosen by the kernel; it replaces nothing.
+        let p = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_SHARED | libc::MAP_NORESERVE,
+                fd.as_raw_fd(),
+                0,
+            )
+        };
+        if p == libc::MAP_FAILED {
+            return Err(last_os_error());
+        }
+        Ok(FillView {
+            addr: p as usize,
+            len,
+        })
+    }
+
+    /// Start address of the mapping.
+    pub fn addr(&self) -> usize {
+        self.addr
+    }
+
+    /// Length of the mapping in bytes.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    /// Whether the mapping is empty.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+}
+
+impl Drop for FillView {
+    fn drop(&mut self) {
+        // SAFETY: `addr`/`len` is the mapping this view created and still owns.
+        unsafe { libc::munmap(self.addr as *mut libc::c_void, self.len) };
+    }
+}

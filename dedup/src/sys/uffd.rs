@@ -12,6 +12,7 @@ use super::last_os_error;
 
 const UFFD_API: u64 = 0xAA;
 const FEATURE_PAGEFAULT_FLAG_WP: u64 = 1 << 0;
+const FEATURE_MISSING_SHMEM: u64 = 1 << 5;
 const FEATURE_WP_UNPOPULATED: u64 = 1 << 13;
 const REGISTER_MODE_MISSING: u64 = 1 << 0;
 const REGISTER_MODE_WP: u64 = 1 << 1;
@@ -94,6 +95,17 @@ pub struct Uffd {
 impl Uffd {
     /// Opens a userfaultfd and negotiates write-protect faults, including on unpopulated pages.
     pub fn open() -> io::Result<Self> {
+        Self::open_with(FEATURE_PAGEFAULT_FLAG_WP | FEATURE_WP_UNPOPULATED)
+    }
+
+    /// Opens a userfaultfd for missing-page faults on shared memory (`memfd`), for filling pages
+    /// with [`Uffd::copy_pages`] through a mapping registered with
+    /// [`Uffd::register_missing_only`].
+    pub fn open_for_shmem() -> io::Result<Self> {
+        Self::open_with(FEATURE_MISSING_SHMEM)
+    }
+
+    fn open_with(features: u64) -> io::Result<Self> {
         // SAFETY: userfaultfd(2) takes only flags and returns a new descriptor or -1.
         let raw =
             unsafe { libc::syscall(libc::SYS_userfaultfd, libc::O_CLOEXEC | libc::O_NONBLOCK) };
@@ -105,7 +117,7 @@ impl Uffd {
         let fd = unsafe { OwnedFd::from_raw_fd(raw) };
         let mut api = UffdioApi {
             api: UFFD_API,
-            features: FEATURE_PAGEFAULT_FLAG_WP | FEATURE_WP_UNPOPULATED,
+            features,
             ioctls: 0,
         };
         // SAFETY: UFFDIO_API reads and writes exactly one `struct uffdio_api`, which `api` is.
@@ -142,6 +154,16 @@ impl Uffd {
         let mut reg = UffdioRegister {
             range: range(addr, len),
             mode: REGISTER_MODE_MISSING | REGISTER_MODE_WP,
+            ioctls: 0,
+        };
+        self.ioctl(UFFDIO_REGISTER, &mut reg)
+    }
+
+    /// Registers `[addr, addr + len)` for missing-page faults only.
+    pub fn register_missing_only(&self, addr: usize, len: usize) -> io::Result<()> {
+        let mut reg = UffdioRegister {
+            range: range(addr, len),
+            mode: REGISTER_MODE_MISSING,
             ioctls: 0,
         };
         self.ioctl(UFFDIO_REGISTER, &mut reg)
