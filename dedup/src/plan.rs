@@ -5,7 +5,7 @@
 
 use hashbrown::{HashMap, HashSet};
 
-use crate::index::{ANY_NODE, ContentIndex, Entry, IndexKey, PageLoc};
+use crate::index::{ANY_NODE, ContentIndex, Entry, IndexKey, MAX_PROBE, PageLoc};
 use crate::slots::SlotTable;
 
 /// A stable private page offered for merging.
@@ -107,6 +107,67 @@ pub fn entry_hash(slots: &SlotTable, view: &impl PlanView, e: Entry) -> Option<u
     }
 }
 
+/// Index lookups done ahead of [`plan_with`], for each candidate, without the room rule (which
+/// depends on the plan's own decisions). Chunks of candidates can be looked up in parallel
+/// ([`prefetch`]) and joined in order ([`Prefetch::join`]).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Prefetch {
+    entries: Vec<Entry>,
+    /// Per candidate: first entry and count.
+    spans: Vec<(u32, u8)>,
+}
+
+impl Prefetch {
+    /// The lookups of consecutive chunks of candidates, in order.
+    pub fn join(parts: Vec<Prefetch>) -> Prefetch {
+        let mut out = Prefetch::default();
+        for p in parts {
+            let base = out.entries.len() as u32;
+            out.entries.extend(p.entries);
+            out.spans
+                .extend(p.spans.into_iter().map(|(s, n)| (s + base, n)));
+        }
+        out
+    }
+
+    fn get(&self, i: usize) -> Option<&[Entry]> {
+        let &(s, n) = self.spans.get(i)?;
+        self.entries.get(s as usize..s as usize + usize::from(n))
+    }
+}
+
+/// Looks up the index entries of each candidate (see [`Prefetch`]); reads only.
+pub fn prefetch(
+    cands: &[Candidate],
+    rules: &Rules,
+    index: &ContentIndex,
+    slots: &SlotTable,
+    view: &impl PlanView,
+) -> Prefetch {
+    let mut out = Prefetch {
+        entries: Vec::with_capacity(cands.len()),
+        spans: Vec::with_capacity(cands.len()),
+    };
+    let mut found = Vec::with_capacity(MAX_PROBE);
+    for c in cands {
+        let start = out.entries.len() as u32;
+        if !(c.zero && rules.use_zero_pages) {
+            let key = index_key(rules, c.domain, c.node);
+            index.lookup_into(
+                key,
+                c.hash,
+                |e| entry_hash(slots, view, e),
+                |_| true,
+                &mut found,
+            );
+            out.entries.extend_from_slice(&found);
+        }
+        out.spans.push((start, found.len() as u8));
+        found.clear();
+    }
+    out
+}
+
 /// Decides the merges of `cands` (in address order), updating the index and allocating slots.
 pub fn plan(
     cands: &[Candidate],
@@ -115,15 +176,32 @@ pub fn plan(
     slots: &mut SlotTable,
     view: &impl PlanView,
 ) -> Plan {
+    plan_with(cands, rules, index, slots, view, None)
+}
+
+/// [`plan`], with the index lookups of the candidates done ahead (`pre`, from [`prefetch`] on
+/// the same index): the expensive, cache-missing part of planning can then run in parallel, and
+/// the decisions, taken in order here, are the same. A lookup is done again where the plan has
+/// changed the index for that hash, or where the prefetched list was full (it may have been cut
+/// before entries that the room rule would let through).
+pub fn plan_with(
+    cands: &[Candidate],
+    rules: &Rules,
+    index: &mut ContentIndex,
+    slots: &mut SlotTable,
+    view: &impl PlanView,
+    pre: Option<&Prefetch>,
+) -> Plan {
+    let mut touched: HashSet<(IndexKey, u32)> = HashSet::new();
     let mut out = Plan::default();
     out.assigns.reserve(cands.len());
     let mut pending: HashMap<u32, u32> = HashMap::with_capacity(cands.len() / 2);
     let mut assigned: HashSet<PageLoc> = HashSet::with_capacity(cands.len());
     let mut last_new: Option<(PageLoc, u32)> = None;
     let mut donors: HashMap<u32, PageLoc> = HashMap::with_capacity(cands.len() / 2);
-    let mut entries: Vec<Entry> = Vec::with_capacity(crate::index::MAX_PROBE);
+    let mut entries: Vec<Entry> = Vec::with_capacity(MAX_PROBE);
     let max = u32::from(rules.max_page_sharing.max(2));
-    for c in cands {
+    for (ci, c) in cands.iter().enumerate() {
         if assigned.contains(&c.loc) {
             continue;
         }
@@ -138,16 +216,26 @@ pub fn plan(
         let key = index_key(rules, c.domain, c.node);
         let has_room =
             |s: u32| u32::from(slots.refs(s)) + pending.get(&s).copied().unwrap_or(0) < max;
-        index.lookup_into(
-            key,
-            c.hash,
-            |e| entry_hash(slots, view, e),
-            |e| match e {
-                Entry::Slot(s) => has_room(s),
-                Entry::Page(_) => true,
-            },
-            &mut entries,
-        );
+        let usable = |e: Entry| match e {
+            Entry::Slot(s) => has_room(s),
+            Entry::Page(_) => true,
+        };
+        let ahead = pre
+            .and_then(|p| p.get(ci))
+            .filter(|l| l.len() < MAX_PROBE && !touched.contains(&(key, c.hash)));
+        match ahead {
+            Some(list) => {
+                entries.clear();
+                entries.extend(list.iter().copied().filter(|&e| usable(e)));
+            }
+            None => index.lookup_into(
+                key,
+                c.hash,
+                |e| entry_hash(slots, view, e),
+                usable,
+                &mut entries,
+            ),
+        }
         // With one entry the hash decides (the guarded comparison catches a collision); with
         // several, compare now to pick the right one.
         let several = entries.len() > 1 || view.distrusted(c.loc);
@@ -208,6 +296,7 @@ pub fn plan(
             index.replace(key, c.hash, Entry::Page(p), Entry::Slot(s), |e| {
                 entry_hash(slots, view, e)
             });
+            touched.insert((key, c.hash));
             last_new = Some((p, s));
             continue;
         }
@@ -215,6 +304,7 @@ pub fn plan(
             index.insert(key, c.hash, Entry::Page(c.loc), |e| {
                 entry_hash(slots, view, e)
             });
+            touched.insert((key, c.hash));
         }
     }
     out.assigns.sort_by_key(|a| a.loc);
@@ -361,6 +451,67 @@ mod tests {
         );
         assert!(p.assigns.is_empty());
         assert_eq!(slots.allocated_count(), 0);
+    }
+
+    #[test]
+    fn prefetched_lookups_give_the_same_plan() {
+        // Pages with few hashes (some colliding with different content), three domains, a
+        // small sharing limit, planned step by step so that later steps see earlier slots and
+        // pages, and so that some hashes have more entries than a lookup returns.
+        let mut x = 0x9E37_79B9_7F4A_7C15u64;
+        let mut next = || {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x
+        };
+        let pages: Vec<(u32, u64)> = (0..4000)
+            .map(|_| {
+                let r = next();
+                let hash = (r % 12) as u32;
+                let content = u64::from(hash) * 10 + (r >> 32) % 3;
+                (hash, content)
+            })
+            .collect();
+        let view = View(pages.clone());
+        let rules = Rules {
+            max_page_sharing: 3,
+            ..RULES
+        };
+        let fresh = || {
+            let mut idx = ContentIndex::new();
+            idx.number_region(0, 0, 0, 4000);
+            (idx, SlotTable::new())
+        };
+        let (mut idx_a, mut slots_a) = fresh();
+        let (mut idx_b, mut slots_b) = fresh();
+        let mut total = 0;
+        for step in pages.chunks(500).enumerate() {
+            let (n, chunk) = step;
+            let cands: Vec<Candidate> = (0..chunk.len())
+                .map(|i| {
+                    let page = (n * 500 + i) as u32;
+                    let mut c = cand(page, pages[page as usize].0);
+                    c.domain = (page % 3) as u16;
+                    c.zero = pages[page as usize].0 == 0;
+                    c
+                })
+                .collect();
+            let a = plan(&cands, &rules, &mut idx_a, &mut slots_a, &view);
+            let pre = Prefetch::join(
+                cands
+                    .chunks(64)
+                    .map(|ch| prefetch(ch, &rules, &idx_b, &slots_b, &view))
+                    .collect(),
+            );
+            let b = plan_with(&cands, &rules, &mut idx_b, &mut slots_b, &view, Some(&pre));
+            assert_eq!(a, b, "step {n}");
+            let merged = vec![true; a.assigns.len()];
+            settle(&a, &merged, &mut slots_a);
+            settle(&b, &merged, &mut slots_b);
+            total += a.assigns.len();
+        }
+        assert!(total > 2000, "{total} merges planned");
     }
 
     #[test]

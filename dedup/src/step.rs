@@ -27,6 +27,10 @@ pub(crate) struct StepCtx<'a> {
     pub batch_pages: usize,
 }
 
+/// Candidates below which the planner looks the index up itself, and per parallel lookup task.
+const PREFETCH_MIN: usize = 4096;
+const PREFETCH_CHUNK: usize = 2048;
+
 /// One chunk to scan: guest, region, first page, page count.
 type Spec = (usize, usize, usize, usize);
 
@@ -178,18 +182,22 @@ impl State {
         }
 
         let t_scan = Instant::now();
-        // Plan.
+        // Plan: the index lookups in parallel, the decisions in order.
         let plan = {
             let mut index = std::mem::take(&mut self.index);
             let mut slots = std::mem::take(&mut self.slots);
             let rules = self.rules;
-            let p = plan::plan(
-                &cands,
-                &rules,
-                &mut index,
-                &mut slots,
-                &EngineView { state: self },
-            );
+            let view = EngineView { state: self };
+            let pre = (cands.len() >= PREFETCH_MIN).then(|| {
+                let parts = ctx.threads.install(|| {
+                    cands
+                        .par_chunks(PREFETCH_CHUNK)
+                        .map(|ch| plan::prefetch(ch, &rules, &index, &slots, &view))
+                        .collect::<Vec<_>>()
+                });
+                plan::Prefetch::join(parts)
+            });
+            let p = plan::plan_with(&cands, &rules, &mut index, &mut slots, &view, pre.as_ref());
             self.index = index;
             self.slots = slots;
             p
