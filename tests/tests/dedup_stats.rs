@@ -1,7 +1,7 @@
 //! The statistics of `vmm --dedup` as users read them: `GET /stats` and the `--stats-json`
 //! file have the documented, stable field names (globally and per guest, with each guest's
-//! name and trust domain), the file is replaced atomically, `GET /metrics` is Prometheus text
-//! and a one-line summary goes to stderr every interval.
+//! name and trust domain, and the engine's phase times), the file is replaced atomically,
+//! `GET /metrics` is Prometheus text and a one-line summary goes to stderr every interval.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)] // test code: a failed setup is a failed test
 
@@ -64,6 +64,29 @@ fn stats_json_file_api_metrics_and_summary_line_agree_on_documented_fields() {
     assert_stats_shape(&stats);
     assert_eq!(stats["mode"], "dedup");
     assert!(field(&stats, "pages_sharing") > 0, "{stats}");
+    // The engine's figures beyond KSM's: merges, and the time per phase of its steps.
+    assert!(field(&stats, "merges") > 0, "{stats}");
+    assert!(field(&stats, "merge_attempts") >= field(&stats, "merges"));
+    assert!(field(&stats, "wall_ns") > 0, "{stats}");
+    let phases = &stats["phases"];
+    assert_eq!(
+        keys(phases),
+        ["account_ns", "commit_ns", "fill_ns", "plan_ns", "scan_ns"]
+            .map(String::from)
+            .into(),
+        "{stats}"
+    );
+    // Pages were scanned and merged: those phases took time. The wall-time phases stay within
+    // the steps' wall time (fill_ns is summed over threads and overlaps commit_ns).
+    for p in ["scan_ns", "plan_ns", "commit_ns", "account_ns"] {
+        assert!(field(phases, p) > 0, "{p}: {stats}");
+    }
+    let wall: u64 = ["scan_ns", "plan_ns", "commit_ns", "account_ns"]
+        .iter()
+        .map(|p| field(phases, p))
+        .sum();
+    assert!(wall <= field(&stats, "wall_ns"), "{stats}");
+    assert!(phases["fill_ns"].is_u64(), "{stats}");
     let names: Vec<&str> = stats["guests"]
         .as_array()
         .unwrap()

@@ -7,7 +7,7 @@ use vm_dedup::{GuestStats, Stats};
 
 use crate::dedup::{self, Shared};
 use crate::kernel_ksm::KernelKsm;
-use crate::report::{Counts, EngineDetails, GuestReport, Mode, PAGE_BYTES, Report};
+use crate::report::{Counts, EngineDetails, GuestReport, Mode, PAGE_BYTES, Phases, Report};
 
 /// Why a request could not be done.
 #[derive(Debug, thiserror::Error)]
@@ -103,6 +103,8 @@ pub fn dedup_report(s: &Stats, dirty: impl Fn(&str) -> u64) -> Report {
             vma_budget_reached: s.vma_budget_reached,
             metadata_bytes: s.metadata_bytes,
             cpu_ns: s.cpu_ns,
+            wall_ns: s.wall_ns,
+            phases: Phases::from(&s.phases),
         }),
         health: None,
         guests: s
@@ -250,13 +252,27 @@ mod tests {
             full_scans: 11,
             merges: 12,
             pages: 10,
+            wall_ns: 100,
+            phases: vm_dedup::stats::PhaseTimes {
+                scan_ns: 21,
+                plan_ns: 22,
+                fill_ns: 23,
+                commit_ns: 24,
+                account_ns: 25,
+            },
             guests: vec![g],
             ..Stats::default()
         };
         let r = dedup_report(&s, |n| if n == "guest1" { 13 } else { 0 });
         assert_eq!(r.mode, Mode::Dedup);
         assert_eq!((r.counts.pages_shared, r.counts.full_scans), (1, 11));
-        assert_eq!(r.engine.unwrap().merges, 12);
+        let e = r.engine.unwrap();
+        assert_eq!((e.merges, e.wall_ns), (12, 100));
+        let p = e.phases;
+        assert_eq!(
+            [p.scan_ns, p.plan_ns, p.fill_ns, p.commit_ns, p.account_ns],
+            [21, 22, 23, 24, 25]
+        );
         let gr = &r.guests[0];
         assert_eq!((gr.name.as_str(), gr.domain.as_str()), ("guest1", "tenant"));
         let c = gr.counts;

@@ -73,6 +73,37 @@ pub struct GuestReport {
     pub pages_dirty: u64,
 }
 
+/// Time the engine's scan steps spent in each phase, in nanoseconds (cumulative). Every phase
+/// is wall time of the step except `fill_ns`: creating and growing pools (wall time) plus
+/// filling new slots from their donors, which happens inside the commit on every worker thread
+/// and is summed over them, so it is also part of `commit_ns`. Hence `scan_ns + plan_ns +
+/// commit_ns + account_ns` is at most the engine's `wall_ns`, and `fill_ns` is not to be added.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct Phases {
+    /// Reading page states, hashing, stability.
+    pub scan_ns: u64,
+    /// Merge decisions.
+    pub plan_ns: u64,
+    /// Pool creation and growth, plus slot fills summed over threads (overlaps `commit_ns`).
+    pub fill_ns: u64,
+    /// Guarded compare and remap.
+    pub commit_ns: u64,
+    /// Bookkeeping, slot release, end-of-pass recount.
+    pub account_ns: u64,
+}
+
+impl From<&vm_dedup::stats::PhaseTimes> for Phases {
+    fn from(p: &vm_dedup::stats::PhaseTimes) -> Self {
+        Self {
+            scan_ns: p.scan_ns,
+            plan_ns: p.plan_ns,
+            fill_ns: p.fill_ns,
+            commit_ns: p.commit_ns,
+            account_ns: p.account_ns,
+        }
+    }
+}
+
 /// Engine figures beyond KSM's (with `--dedup`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
 pub struct EngineDetails {
@@ -92,6 +123,10 @@ pub struct EngineDetails {
     pub metadata_bytes: u64,
     /// CPU time the engine used, in nanoseconds.
     pub cpu_ns: u64,
+    /// Wall time inside the engine's scan steps, in nanoseconds (cumulative).
+    pub wall_ns: u64,
+    /// Time per phase of the scan steps.
+    pub phases: Phases,
 }
 
 /// The whole report: `GET /stats`.
@@ -251,6 +286,14 @@ mod tests {
             pages: 100,
             engine: Some(EngineDetails {
                 merges: 10,
+                wall_ns: 100,
+                phases: Phases {
+                    scan_ns: 1,
+                    plan_ns: 2,
+                    fill_ns: 3,
+                    commit_ns: 4,
+                    account_ns: 5,
+                },
                 ..EngineDetails::default()
             }),
             health: None,
@@ -273,6 +316,14 @@ mod tests {
         }
         assert_eq!(top["mode"], "dedup");
         assert_eq!(top["merges"], 10);
+        assert_eq!(top["wall_ns"], 100);
+        // The phases as one nested object with exactly the documented names.
+        let phases = top["phases"].as_object().unwrap();
+        let names = ["scan_ns", "plan_ns", "fill_ns", "commit_ns", "account_ns"];
+        assert_eq!(phases.len(), names.len(), "{phases:?}");
+        for (i, n) in names.iter().enumerate() {
+            assert_eq!(phases[*n], i as u64 + 1, "{n}");
+        }
         let g = &top["guests"][0];
         for (f, _, _) in COUNT_FIELDS {
             assert!(g[*f].is_number(), "guest {f}");
@@ -294,6 +345,7 @@ mod tests {
         };
         let v: serde_json::Value = serde_json::from_str(&r.to_json()).unwrap();
         assert!(v.get("merges").is_none());
+        assert!(v.get("phases").is_none());
         assert_eq!(v["mode"], "ksm");
     }
 
