@@ -1,7 +1,8 @@
 //! The statistics of `vmm --dedup` as users read them: `GET /stats` and the `--stats-json`
 //! file have the documented, stable field names (globally and per guest, with each guest's
 //! name and trust domain, and the engine's phase times), the file is replaced atomically,
-//! `GET /metrics` is Prometheus text and a one-line summary goes to stderr every interval.
+//! `GET /metrics` is Prometheus text with the merge counters and health families, and a
+//! one-line summary goes to stderr every interval.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)] // test code: a failed setup is a failed test
 
@@ -16,6 +17,15 @@ use vmm_tests::{
 
 fn keys(v: &Value) -> BTreeSet<String> {
     v.as_object().unwrap().keys().cloned().collect()
+}
+
+/// The value of the Prometheus sample `series` (`name{labels}`) in `body`.
+fn metric(body: &str, series: &str) -> f64 {
+    body.lines()
+        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' '))
+        .unwrap_or_else(|| panic!("no sample {series} in\n{body}"))
+        .parse()
+        .unwrap()
 }
 
 #[test]
@@ -170,6 +180,30 @@ fn stats_json_file_api_metrics_and_summary_line_agree_on_documented_fields() {
             assert!(metrics.body.contains(&sample), "{sample}\n{}", metrics.body);
         }
     }
+
+    // With --dedup, the merge counters and the health families, for the process.
+    for line in [
+        "# TYPE vmm_merges_total counter\n",
+        "# TYPE vmm_merge_attempts_total counter\n",
+        "vmm_degraded{mode=\"dedup\"} 0\n",
+        "vmm_degraded_cause{mode=\"dedup\",cause=\"pool\"} 0\n",
+        "vmm_degraded_cause{mode=\"dedup\",cause=\"memory_pressure\"} 0\n",
+        "# TYPE vmm_merge_failures_total counter\n",
+        "vmm_merge_failures_total{mode=\"dedup\",cause=\"differed\"} ",
+        "vmm_merge_failures_total{mode=\"dedup\",cause=\"vma_limit\"} 0\n",
+        "vmm_pool_errors_total{mode=\"dedup\"} 0\n",
+        "# TYPE vmm_guard_repairs_total counter\n",
+        "# TYPE vmm_guarded_writes_total counter\n",
+        "vmm_merging_paused{mode=\"dedup\"} 0\n",
+        "vmm_memory_level{mode=\"dedup\",level=\"ok\"} 1\n",
+        "vmm_memory_level{mode=\"dedup\",level=\"pressure\"} 0\n",
+        "vmm_memory_level{mode=\"dedup\",level=\"critical\"} 0\n",
+        "vmm_memory_host_available_bytes{mode=\"dedup\"} ",
+    ] {
+        assert!(metrics.body.contains(line), "{line}\n{}", metrics.body);
+    }
+    let merges = metric(&metrics.body, "vmm_merges_total{mode=\"dedup\"}");
+    assert!(merges >= field(&stats, "merges") as f64, "{}", metrics.body);
 
     // The summary line on stderr at start and every interval after, and once more at exit.
     for _ in 0..2 {

@@ -60,6 +60,9 @@ pub enum Level {
 }
 
 impl Level {
+    /// Every level, lowest first.
+    pub const ALL: [Level; 3] = [Level::Ok, Level::Pressure, Level::Critical];
+
     /// `ok`, `pressure` or `critical`.
     pub fn name(self) -> &'static str {
         match self {

@@ -37,6 +37,18 @@ pub enum Cause {
 }
 
 impl Cause {
+    /// Every cause, in the order `degraded_reasons` lists them.
+    pub const ALL: [Cause; 8] = [
+        Cause::Pool,
+        Cause::VmaLimit,
+        Cause::VmaBudget,
+        Cause::Guard,
+        Cause::Remap,
+        Cause::Protect,
+        Cause::ZeroPage,
+        Cause::MemoryPressure,
+    ];
+
     /// The cause's name, as the statistics spell it.
     pub fn name(self) -> &'static str {
         match self {
@@ -82,6 +94,23 @@ pub struct FailureCounts {
     pub zero_page: u64,
     /// No pool copy could be made or read.
     pub pool: u64,
+}
+
+impl FailureCounts {
+    /// Each cause's name, as the statistics spell it, with its count.
+    pub fn by_cause(&self) -> [(&'static str, u64); 9] {
+        [
+            ("differed", self.differed),
+            ("excluded", self.excluded),
+            ("unguarded", self.unguarded),
+            ("vma_budget", self.vma_budget),
+            ("protect", self.protect),
+            ("remap", self.remap),
+            ("vma_limit", self.vma_limit),
+            ("zero_page", self.zero_page),
+            ("pool", self.pool),
+        ]
+    }
 }
 
 impl From<&Failures> for FailureCounts {
@@ -388,5 +417,33 @@ mod tests {
         assert_eq!(v["degraded"], false);
         assert_eq!(v["failures"]["vma_limit"], 0);
         assert!(v["pool_error"].is_null() && v["memory"].is_null());
+    }
+
+    #[test]
+    fn cause_lists_match_the_json_names() {
+        for c in Cause::ALL {
+            assert_eq!(serde_json::to_value(c).unwrap(), c.name());
+        }
+        let mut names: Vec<&str> = Cause::ALL.iter().map(|c| c.name()).collect();
+        names.sort_unstable();
+        names.dedup();
+        assert_eq!(names.len(), Cause::ALL.len());
+        // Distinct counts, so that a name paired with the wrong field shows.
+        let f = FailureCounts {
+            differed: 1,
+            excluded: 2,
+            unguarded: 3,
+            vma_budget: 4,
+            protect: 5,
+            remap: 6,
+            vma_limit: 7,
+            zero_page: 8,
+            pool: 9,
+        };
+        let v = serde_json::to_value(f).unwrap();
+        assert_eq!(v.as_object().unwrap().len(), f.by_cause().len());
+        for (name, count) in f.by_cause() {
+            assert_eq!(v[name], count, "{name}");
+        }
     }
 }
