@@ -1,12 +1,15 @@
 //! The statistics of `vmm --dedup` as users read them: `GET /stats` and the `--stats-json`
 //! file have the documented, stable field names (globally and per guest, with each guest's
-//! name and trust domain, and the engine's phase times), the file is replaced atomically,
-//! `GET /metrics` is Prometheus text with the merge counters and health families, and a
-//! one-line summary goes to stderr every interval.
+//! name and trust domain, the engine's phase times, health and the figures' freshness), the
+//! file is replaced atomically, `GET /metrics` is Prometheus text with the health families, and
+//! a one-line summary goes to stderr every interval. While the engine does not scan (the memory
+//! guard paused merging, `run` 0 or 2), the page figures are marked stale.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)] // test code: a failed setup is a failed test
 
+use std::cell::RefCell;
 use std::collections::BTreeSet;
+use std::time::Duration;
 
 use serde_json::Value;
 use vmm_sys_util::tempdir::TempDir;
@@ -97,6 +100,11 @@ fn stats_json_file_api_metrics_and_summary_line_agree_on_documented_fields() {
         .sum();
     assert!(wall <= field(&stats, "wall_ns"), "{stats}");
     assert!(phases["fill_ns"].is_u64(), "{stats}");
+    // Scanning: the figures follow the guests.
+    assert_eq!(stats["figures"]["stale"], false, "{stats}");
+    assert!(stats["figures"]["reason"].is_null(), "{stats}");
+    assert!(field(&stats["figures"], "as_of_unix_ms") > 0, "{stats}");
+    assert!(stats["figures"]["age_ms"].is_u64(), "{stats}");
     let names: Vec<&str> = stats["guests"]
         .as_array()
         .unwrap()
@@ -199,6 +207,8 @@ fn stats_json_file_api_metrics_and_summary_line_agree_on_documented_fields() {
         "vmm_memory_level{mode=\"dedup\",level=\"pressure\"} 0\n",
         "vmm_memory_level{mode=\"dedup\",level=\"critical\"} 0\n",
         "vmm_memory_host_available_bytes{mode=\"dedup\"} ",
+        "vmm_figures_stale{mode=\"dedup\"} 0\n",
+        "# TYPE vmm_figures_age_seconds gauge\n",
     ] {
         assert!(metrics.body.contains(line), "{line}\n{}", metrics.body);
     }
@@ -219,4 +229,150 @@ fn stats_json_file_api_metrics_and_summary_line_agree_on_documented_fields() {
     // The file holds the final figures, and the socket is gone.
     assert_stats_shape(&read());
     assert!(!sock.exists());
+}
+
+/// The page figures of a statistics object: what the engine counts only while it scans.
+fn page_figures(s: &Value) -> [u64; 6] {
+    [
+        "pages_shared",
+        "pages_sharing",
+        "pages_unshared",
+        "pages_volatile",
+        "cow_breaks",
+        "bytes_saved",
+    ]
+    .map(|f| field(s, f))
+}
+
+fn as_of(s: &Value) -> u64 {
+    field(&s["figures"], "as_of_unix_ms")
+}
+
+#[test]
+fn page_figures_are_marked_stale_while_the_engine_does_not_scan() {
+    if !vmm_tests::require_kvm() {
+        return;
+    }
+    let dir = TempDir::new().unwrap();
+    let sock = dir.as_path().join("api.sock");
+    let layout = DedupImages::new(
+        2,
+        Kinds {
+            dup: 32,
+            shared: 0,
+            unique: 2,
+            zero: 0,
+        },
+        53,
+    );
+    let image = temp_file_with(&layout.images[0]);
+    let probe = ProbeGuest::new();
+    let mut vmm = probe.spawn(
+        "16M",
+        &[
+            "--guests",
+            "2",
+            "--mem-image",
+            image.as_path().to_str().unwrap(),
+            "--dedup",
+            "--api-sock",
+            sock.to_str().unwrap(),
+            "--stats-interval",
+            "100ms",
+        ],
+    );
+    vmm.probe_of("guest0").wait_ready();
+    vmm.probe_of("guest1").wait_ready();
+    let api = ApiClient::new(&sock);
+    api.wait_ready();
+    let merged = settled(&api);
+    assert!(field(&merged, "pages_sharing") >= 32, "{merged}");
+    assert_eq!(merged["figures"]["stale"], false, "{merged}");
+
+    // Provoke the memory guard without a memory cgroup: the host's RAM in use is above 1%.
+    api.set(r#"{"mem_pressure_percent": 1}"#);
+    api.wait_stats("the memory guard to pause merging", |s| {
+        s["merging_paused"] == true
+    });
+    // A step under way when the guard paused may still publish once; then nothing changes.
+    let last = RefCell::new(api.stats());
+    wait_until(
+        "the figures to stop changing",
+        || {
+            std::thread::sleep(Duration::from_millis(300));
+            let now = api.stats();
+            let same = as_of(&now) == as_of(&last.borrow());
+            *last.borrow_mut() = now;
+            same
+        },
+        || format!("{}", last.borrow()),
+    );
+    let before = last.into_inner();
+    assert_eq!(before["figures"]["stale"], true, "{before}");
+    assert_eq!(before["figures"]["reason"], "memory_pressure", "{before}");
+
+    // Guest writes unshare merged pages, but nothing counts them: the figures and their date
+    // stay, their age grows, and every view says so.
+    let dup = layout.dup();
+    let written = 8;
+    for (i, &gpa) in dup.iter().take(written).enumerate() {
+        vmm.probe_of("guest0").fill(gpa, 0x57a1_e000 + i as u64);
+    }
+    let after = api.stats();
+    assert_eq!(after["figures"]["stale"], true, "{after}");
+    assert_eq!(as_of(&after), as_of(&before), "{after}");
+    assert!(
+        field(&after["figures"], "age_ms") > field(&before["figures"], "age_ms"),
+        "{before}\n{after}"
+    );
+    assert_eq!(page_figures(&after), page_figures(&before), "{after}");
+    let metrics = api.get("/metrics").body;
+    assert_eq!(metric(&metrics, "vmm_figures_stale{mode=\"dedup\"}"), 1.0);
+    assert_eq!(metric(&metrics, "vmm_merging_paused{mode=\"dedup\"}"), 1.0);
+    assert_eq!(
+        metric(
+            &metrics,
+            "vmm_memory_level{mode=\"dedup\",level=\"pressure\"}"
+        ),
+        1.0
+    );
+    assert_eq!(
+        metric(
+            &metrics,
+            "vmm_degraded_cause{mode=\"dedup\",cause=\"memory_pressure\"}"
+        ),
+        1.0
+    );
+    assert!(metric(&metrics, "vmm_figures_age_seconds{mode=\"dedup\"}") > 0.0);
+    let line = vmm.wait_stderr(" memory=pressure stale=");
+    assert!(
+        line.text.starts_with("vmm: stats: mode=dedup "),
+        "{}",
+        line.text
+    );
+
+    // Merging resumes: the figures are fresh again and count the writes made meanwhile.
+    api.set(r#"{"mem_pressure_percent": 90}"#);
+    let resumed = api.wait_stats("the figures to catch up after the pause", |s| {
+        s["merging_paused"] == false
+            && s["figures"]["stale"] == false
+            && field(s, "cow_breaks") >= field(&before, "cow_breaks") + written as u64
+    });
+    assert!(resumed["figures"]["reason"].is_null(), "{resumed}");
+    assert!(as_of(&resumed) > as_of(&before), "{resumed}");
+
+    // Stopped through the API, and idle after unmerging: stale too, with the reason.
+    let stopped = api.set(r#"{"run": 0}"#);
+    assert_eq!(stopped["run"], 0);
+    let s = api.stats();
+    assert_eq!(s["figures"]["stale"], true, "{s}");
+    assert_eq!(s["figures"]["reason"], "stopped", "{s}");
+    let unmerged = api.request("POST", "/unmerge", None);
+    assert_eq!(unmerged.status, 200, "{}", unmerged.body);
+    let s = unmerged.json();
+    assert_eq!(s["figures"]["reason"], "unmerged", "{s}");
+    assert_eq!(field(&s, "pages_sharing"), 0, "{s}");
+
+    vmm.send_line("X 0");
+    assert_eq!(vmm.exit_code(), 0, "{}", vmm.transcript());
 }

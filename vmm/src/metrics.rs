@@ -2,9 +2,9 @@
 //! [`COUNT_FIELDS`] entry, named `vmm_<field>` (counters end in `_total`), with one sample for
 //! the process and one per guest (labels `guest` and `domain`), all labelled with `mode`.
 //! With `--dedup` also the engine's merge counters and its health: degraded state and causes,
-//! merge failures by cause, pool errors, the memory guard's pause, level and view of memory
-//! (process-wide samples, labelled with `mode` and, where it makes sense, `cause`, `level` or
-//! `cgroup`).
+//! merge failures by cause, pool errors, the memory guard's pause, level and view of memory,
+//! and whether the page figures are stale (process-wide samples, labelled with `mode` and,
+//! where it makes sense, `cause`, `level` or `cgroup`).
 
 use std::fmt::{Display, Write};
 
@@ -170,6 +170,24 @@ fn health(out: &mut String, mode: &str, h: &HealthReport) {
             single(out, mode, available, host.mem_available_bytes);
         }
     }
+    let f = &h.figures;
+    let stale = (
+        "vmm_figures_stale",
+        "gauge",
+        "Whether the engine is not scanning, so the page figures do not follow the guests (1) or not (0).",
+    );
+    single(out, mode, stale, u8::from(f.stale));
+    let age = (
+        "vmm_figures_age_seconds",
+        "gauge",
+        "Time since the engine last published new page figures.",
+    );
+    single(
+        out,
+        mode,
+        age,
+        format_args!("{:.3}", f.age_ms as f64 / 1000.0),
+    );
 }
 
 /// The report as Prometheus text.
@@ -300,6 +318,7 @@ mod tests {
 
     #[test]
     fn health_families_with_an_engine() {
+        use crate::dedup::figures::{FiguresReport, StaleReason};
         use crate::dedup::health::{CgroupReport, FailureCounts, HostReport, MemoryReport, Reason};
         use crate::report::EngineDetails;
         let health = HealthReport {
@@ -333,6 +352,12 @@ mod tests {
                     used_percent: 75,
                 }),
             }),
+            figures: FiguresReport {
+                stale: true,
+                reason: Some(StaleReason::MemoryPressure),
+                as_of_unix_ms: 1,
+                age_ms: 2500,
+            },
             ..HealthReport::default()
         };
         let report = Report {
@@ -370,6 +395,8 @@ mod tests {
             "vmm_memory_cgroup_limit_bytes{mode=\"dedup\",cgroup=\"/vm\\\"s\",version=\"v1\"} 1000",
             "vmm_memory_cgroup_oom_events_total{mode=\"dedup\",cgroup=\"/vm\\\"s\",version=\"v1\"} 0",
             "vmm_memory_host_available_bytes{mode=\"dedup\"} 1024",
+            "vmm_figures_stale{mode=\"dedup\"} 1",
+            "vmm_figures_age_seconds{mode=\"dedup\"} 2.500",
         ] {
             assert!(text.contains(&format!("{line}\n")), "{line}\n{text}");
         }
@@ -402,6 +429,6 @@ mod tests {
         });
         assert_well_formed(&text);
         assert!(!text.contains("vmm_memory_"), "{text}");
-        assert!(text.contains("vmm_merging_paused{"), "{text}");
+        assert!(text.contains("vmm_figures_stale{"), "{text}");
     }
 }

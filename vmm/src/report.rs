@@ -219,8 +219,9 @@ impl Report {
     }
 
     /// The one-line summary printed on stderr every `--stats-interval`; with `--dedup` it ends
-    /// with ` degraded=CAUSE,..` while the engine is degraded and ` memory=LEVEL` while the
-    /// memory guard is not at `ok`.
+    /// with ` degraded=CAUSE,..` while the engine is degraded, ` memory=LEVEL` while the
+    /// memory guard is not at `ok` and ` stale=AGE` (`12.3s`) while the engine does not scan,
+    /// so that the page figures are as old as that.
     pub fn summary(&self) -> String {
         let mut line = self.counts_summary();
         if let Some(h) = &self.health {
@@ -229,6 +230,10 @@ impl Report {
             }
             if let Some(m) = h.memory.as_ref().filter(|m| m.level != Default::default()) {
                 line.push_str(&format!(" memory={}", m.level.name()));
+            }
+            if h.figures.stale {
+                let ms = h.figures.age_ms;
+                line.push_str(&format!(" stale={}.{}s", ms / 1000, ms % 1000 / 100));
             }
         }
         line
@@ -346,6 +351,7 @@ mod tests {
         let v: serde_json::Value = serde_json::from_str(&r.to_json()).unwrap();
         assert!(v.get("merges").is_none());
         assert!(v.get("phases").is_none());
+        assert!(v.get("figures").is_none());
         assert_eq!(v["mode"], "ksm");
     }
 
@@ -391,6 +397,33 @@ mod tests {
         assert_eq!(v["degraded_reasons"][0]["cause"], "pool");
         assert_eq!(v["memory"]["level"], "pressure");
         assert_eq!(v["merging_paused"], false);
+        assert_eq!(v["figures"]["stale"], false);
+    }
+
+    #[test]
+    fn summary_says_how_old_stale_figures_are() {
+        use crate::dedup::figures::{FiguresReport, StaleReason};
+        use crate::dedup::health::HealthReport;
+        let mut r = sample();
+        let figures = |stale: bool, age_ms: u64| HealthReport {
+            merging_paused: stale,
+            figures: FiguresReport {
+                stale,
+                reason: stale.then_some(StaleReason::MemoryPressure),
+                as_of_unix_ms: 1,
+                age_ms,
+            },
+            ..HealthReport::default()
+        };
+        r.health = Some(figures(false, 12_345));
+        assert!(!r.summary().contains("stale"), "{}", r.summary());
+        r.health = Some(figures(true, 12_345));
+        assert!(r.summary().ends_with(" stale=12.3s"), "{}", r.summary());
+        let v: serde_json::Value = serde_json::from_str(&r.to_json()).unwrap();
+        assert_eq!(v["figures"]["reason"], "memory_pressure");
+        assert_eq!(v["figures"]["age_ms"], 12_345);
+        let back: Report = serde_json::from_str(&r.to_json()).unwrap();
+        assert_eq!(back, r);
     }
 
     #[test]

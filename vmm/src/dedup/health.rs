@@ -1,6 +1,7 @@
 //! Whether the engine is degraded, and why: the statistics fields `degraded`,
 //! `degraded_reasons`, `failures` (merges refused, by cause), `pool_errors`, `pool_error`,
-//! `guard_repairs`, `guarded_writes`, `merging_paused` and `memory`.
+//! `guard_repairs`, `guarded_writes`, `merging_paused`, `memory` and `figures` (whether the page
+//! figures are stale, see [`super::figures`]).
 //!
 //! A failing system call never stops the engine: the batch it concerns rolls back and the pages
 //! stay private with their content. The engine is *degraded* while such failures keep
@@ -12,6 +13,7 @@
 use serde::{Deserialize, Serialize};
 use vm_dedup::{Failures, Stats};
 
+use super::figures::FiguresReport;
 use super::guard::Level;
 
 /// Why the engine is degraded.
@@ -194,15 +196,19 @@ pub struct HealthReport {
     pub merging_paused: bool,
     /// The memory guard's view (`null` before its first look).
     pub memory: Option<MemoryReport>,
+    /// Whether the page figures follow the guests, and from when they date.
+    pub figures: FiguresReport,
 }
 
 impl HealthReport {
-    /// The report for `stats`, with the tracker's reasons and the guard's state.
+    /// The report for `stats`, with the tracker's reasons, the guard's state and the figures'
+    /// freshness.
     pub fn new(
         stats: &Stats,
         reasons: &[Reason],
         paused: bool,
         memory: Option<MemoryReport>,
+        figures: FiguresReport,
     ) -> Self {
         Self {
             degraded: !reasons.is_empty(),
@@ -214,6 +220,7 @@ impl HealthReport {
             guarded_writes: stats.guarded_writes,
             merging_paused: paused,
             memory,
+            figures,
         }
     }
 
@@ -402,7 +409,7 @@ mod tests {
                 .starts_with("7 merges refused by the VMA budget (90 of its 100 VMAs used)"),
             "{c:?}"
         );
-        let r = HealthReport::new(&tight, t.reasons(), true, None);
+        let r = HealthReport::new(&tight, t.reasons(), true, None, FiguresReport::default());
         assert!(r.degraded && r.merging_paused);
         assert_eq!(r.causes(), "vma_budget,memory_pressure");
         // The budget's refusals end after a whole pass without one; the pause at once.
@@ -412,8 +419,14 @@ mod tests {
         };
         let c = t.update(&later, None);
         assert_eq!(c.ended, vec![Cause::VmaBudget, Cause::MemoryPressure]);
-        let v =
-            serde_json::to_value(HealthReport::new(&Stats::default(), &[], false, None)).unwrap();
+        let v = serde_json::to_value(HealthReport::new(
+            &Stats::default(),
+            &[],
+            false,
+            None,
+            FiguresReport::default(),
+        ))
+        .unwrap();
         assert_eq!(v["degraded"], false);
         assert_eq!(v["failures"]["vma_limit"], 0);
         assert!(v["pool_error"].is_null() && v["memory"].is_null());

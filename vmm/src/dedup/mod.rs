@@ -8,6 +8,7 @@
 
 pub mod advisor;
 pub mod dirty;
+pub mod figures;
 pub mod guard;
 pub mod health;
 pub mod pressure;
@@ -16,11 +17,13 @@ mod tuner;
 mod watch;
 
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::time::{Instant, SystemTime};
 
 use vm_dedup::{Engine, EngineError, GuestConfig, GuestId, RunMode, Scanner, Stats};
 
 use crate::vm::Guest;
 use dirty::DirtyLog;
+use figures::{FiguresReport, Freshness, StaleReason};
 use health::{HealthReport, MemoryReport, Reason};
 use settings::{Settings, TuneSettings};
 pub use watch::OnCritical;
@@ -186,6 +189,8 @@ pub struct Shared {
     status: Mutex<Status>,
     /// Set when the memory guard stopped the guests: the error to report.
     critical: Mutex<Option<String>>,
+    /// When the engine last published new statistics.
+    freshness: Mutex<Freshness>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -291,8 +296,29 @@ impl Shared {
 
     /// The health fields of the statistics, for `stats` (the engine's latest).
     pub fn health(&self, stats: &Stats) -> HealthReport {
+        let figures = self.figures(stats);
         let status = lock(&self.status);
-        HealthReport::new(stats, &status.reasons, status.paused, status.memory.clone())
+        HealthReport::new(
+            stats,
+            &status.reasons,
+            status.paused,
+            status.memory.clone(),
+            figures,
+        )
+    }
+
+    /// Notes `stats` (the engine's latest): the watch thread does at every look, so that the
+    /// figures' date is known to within `mem_check_ms` even while nobody asks for them.
+    fn note_figures(&self, stats: &Stats) {
+        lock(&self.freshness).observe(stats, Instant::now(), SystemTime::now());
+    }
+
+    /// Notes `stats` (the engine's latest) and says whether the page figures are stale.
+    fn figures(&self, stats: &Stats) -> FiguresReport {
+        self.note_figures(stats);
+        let paused = lock(&self.paused).is_some();
+        let reason = StaleReason::of(paused, self.engine.config().run);
+        lock(&self.freshness).report(reason, Instant::now())
     }
 
     /// The error to report when the memory guard stopped the guests.
@@ -358,6 +384,7 @@ impl Dedup {
             paused: Mutex::new(None),
             status: Mutex::new(Status::default()),
             critical: Mutex::new(None),
+            freshness: Mutex::new(Freshness::new(Instant::now(), SystemTime::now())),
         });
         let dedup = Self {
             shared,

@@ -234,9 +234,9 @@ impl State {
             self.level = level;
         }
         let paused = lock(&shared.paused).as_ref().map(|p| p.why.clone());
-        let changes = self
-            .tracker
-            .update(&shared.engine.stats(), paused.as_deref());
+        let stats = shared.engine.stats();
+        shared.note_figures(&stats);
+        let changes = self.tracker.update(&stats, paused.as_deref());
         for r in &changes.began {
             log::warn!("dedup degraded: {}: {}", r.cause.name(), r.detail);
         }
