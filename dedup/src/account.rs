@@ -126,6 +126,21 @@ impl State {
         s.rebuilt_regions = t.rebuilt_regions;
         s.unmerged_in_place = t.unmerged_in_place;
         s.pool_error = self.pools.last_error();
+        s.held_back = t.held_back;
+        let now = std::time::Instant::now();
+        s.failing = self
+            .troubles
+            .episodes()
+            .iter()
+            .map(|e| crate::stats::Failing {
+                cause: e.trouble.name().to_string(),
+                what: e.trouble.describe(),
+                failures: e.failures,
+                last_error: e.last_error.clone(),
+                secs: now.duration_since(e.began).as_secs(),
+                held_back: e.trouble.backs_off(),
+            })
+            .collect();
         s.phases = t.phases;
         s.bytes_saved = (s.pages_sharing + s.zero_pages) * PAGE_SIZE as u64;
         s.metadata_bytes = metadata as u64;
@@ -133,7 +148,8 @@ impl State {
         if let Ok(b) = self.budget.lock() {
             s.vmas_used = b.used();
             s.vma_budget = b.limit();
-            s.vma_budget_reached = b.tight() || b.denied() > 0;
+            s.vma_budget_learned = b.learned();
+            s.vma_budget_reached = b.reached();
         }
         s
     }

@@ -1,9 +1,13 @@
 //! The VMA budget. Each remap of guest pages onto pool slots can cost up to two VMAs (the new
 //! mapping and the split of the old one), and the whole process fails `mmap` and `mprotect` with
 //! ENOMEM past `vm.max_map_count`. The budget counts VMAs inside guest memory, is measured from
-//! /proc/self/maps once per pass, charges two VMAs per remap in between, and is never exceeded.
-//! Past three quarters of it, only runs (several consecutive pages in one remap) are admitted;
-//! zero pages cost no VMA and always continue.
+//! /proc/self/maps at the end of a pass that changed them, charges two VMAs per remap in
+//! between, and is never exceeded. Past three quarters of it, only runs (several consecutive
+//! pages in one remap) are admitted; zero pages cost no VMA and always continue.
+//!
+//! When a remap fails with ENOMEM all the same (the configured budget is more than the process
+//! may map, or the rest of the process grew), the budget *learns* the count of that moment as
+//! its limit until a later try shows more room.
 
 /// VMAs one remap may add.
 pub const VMAS_PER_REMAP: u64 = 2;
@@ -14,8 +18,13 @@ pub const MIN_RUN_WHEN_TIGHT: usize = 4;
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct VmaBudget {
     limit: u64,
+    /// A lower limit learnt from ENOMEM.
+    learned: Option<u64>,
     used: u64,
     denied: u64,
+    /// Refusals in the pass going on, and in the last completed one.
+    denied_pass: u64,
+    denied_last_pass: u64,
 }
 
 /// What the budget says about one remap.
@@ -34,8 +43,11 @@ impl VmaBudget {
     pub fn new(limit: u64, used: u64) -> Self {
         VmaBudget {
             limit,
+            learned: None,
             used,
             denied: 0,
+            denied_pass: 0,
+            denied_last_pass: 0,
         }
     }
 
@@ -48,14 +60,24 @@ impl VmaBudget {
             .saturating_sub(headroom)
     }
 
+    fn deny(&mut self, n: u64) {
+        self.denied += n;
+        self.denied_pass += n;
+    }
+
+    /// Counts `n` remaps refused without asking (their slot's other runs were refused).
+    pub fn refuse(&mut self, n: u64) {
+        self.deny(n);
+    }
+
     /// Asks to remap a run of `run_pages` pages.
     pub fn admit(&mut self, run_pages: usize) -> Admission {
-        if self.used + VMAS_PER_REMAP > self.limit {
-            self.denied += 1;
+        if self.used + VMAS_PER_REMAP > self.limit() {
+            self.deny(1);
             return Admission::Exhausted;
         }
         if self.tight() && run_pages < MIN_RUN_WHEN_TIGHT {
-            self.denied += 1;
+            self.deny(1);
             return Admission::TooShort;
         }
         self.used += VMAS_PER_REMAP;
@@ -65,12 +87,12 @@ impl VmaBudget {
     /// Asks to remap several runs together (all or none), `run_pages[i]` pages each.
     pub fn admit_all(&mut self, run_pages: &[usize]) -> Admission {
         let cost = VMAS_PER_REMAP * run_pages.len() as u64;
-        if self.used + cost > self.limit {
-            self.denied += run_pages.len() as u64;
+        if self.used + cost > self.limit() {
+            self.deny(run_pages.len() as u64);
             return Admission::Exhausted;
         }
         if self.tight() && run_pages.iter().any(|&p| p < MIN_RUN_WHEN_TIGHT) {
-            self.denied += run_pages.len() as u64;
+            self.deny(run_pages.len() as u64);
             return Admission::TooShort;
         }
         self.used += cost;
@@ -82,18 +104,51 @@ impl VmaBudget {
         self.used = used;
     }
 
-    /// Changes the limit.
+    /// Changes the configured limit (a learnt one stays).
     pub fn set_limit(&mut self, limit: u64) {
         self.limit = limit;
     }
 
-    /// Whether only runs are admitted now.
-    pub fn tight(&self) -> bool {
-        self.used.saturating_mul(4) >= self.limit.saturating_mul(3)
+    /// Learns from ENOMEM that the process can map no more than `used` VMAs inside guest
+    /// memory: the limit becomes `used` until [`VmaBudget::unlearn`].
+    pub fn learn(&mut self, used: u64) {
+        self.learned = Some(used);
+        self.used = self.used.max(used);
     }
 
-    /// The limit.
+    /// Forgets the learnt limit (to try whether there is more room now).
+    pub fn unlearn(&mut self) {
+        self.learned = None;
+    }
+
+    /// The learnt limit, if any.
+    pub fn learned(&self) -> Option<u64> {
+        self.learned
+    }
+
+    /// A pass completed: its refusals become the last pass's.
+    pub fn pass_done(&mut self) {
+        self.denied_last_pass = std::mem::take(&mut self.denied_pass);
+    }
+
+    /// Whether the budget holds merges back now: it is tight, or it refused some during the
+    /// pass going on or the last completed one.
+    pub fn reached(&self) -> bool {
+        self.tight() || self.denied_pass > 0 || self.denied_last_pass > 0
+    }
+
+    /// Whether only runs are admitted now.
+    pub fn tight(&self) -> bool {
+        self.used.saturating_mul(4) >= self.limit().saturating_mul(3)
+    }
+
+    /// The limit in force: the configured one, or the learnt one when lower.
     pub fn limit(&self) -> u64 {
+        self.learned.map_or(self.limit, |l| l.min(self.limit))
+    }
+
+    /// The configured limit.
+    pub fn configured_limit(&self) -> u64 {
         self.limit
     }
 
@@ -148,6 +203,34 @@ mod tests {
         assert_eq!(b.used(), 8);
         assert_eq!(b.admit_all(&[1]), Admission::TooShort);
         assert_eq!(b.admit_all(&[]), Admission::Admitted);
+    }
+
+    #[test]
+    fn learned_limit_holds_until_unlearned_and_reached_is_current() {
+        let mut b = VmaBudget::new(1000, 100);
+        assert!(!b.reached());
+        b.learn(120);
+        assert_eq!(b.limit(), 120);
+        assert_eq!(b.configured_limit(), 1000);
+        assert_eq!(b.used(), 120);
+        assert_eq!(b.admit(64), Admission::Exhausted);
+        assert!(b.reached());
+        b.set_limit(2000);
+        assert_eq!(
+            b.limit(),
+            120,
+            "a new configured limit keeps the learnt one"
+        );
+        b.unlearn();
+        assert_eq!(b.limit(), 2000);
+        b.measured(100);
+        // The refusal counts for the pass it happened in and the next one, then clears.
+        assert!(b.reached());
+        b.pass_done();
+        assert!(b.reached());
+        b.pass_done();
+        assert!(!b.reached());
+        assert_eq!(b.denied(), 1);
     }
 
     #[test]

@@ -7,15 +7,17 @@
 //!    the zero pages;
 //! 2. the pages joining the slots filled in phase 1 (compared with them under the guard).
 //!
-//! The VMA budget is charged before either phase: the runs holding the pages of a new slot are
-//! admitted together or not at all.
+//! The plan was admitted against the VMA budget before (`admit`): every planned run's first remap
+//! is paid for; a run split by a page that differed pays for its extra remaps here.
 
 use std::sync::Mutex;
+use std::sync::atomic::AtomicBool;
 
 use hashbrown::{HashMap, HashSet};
 use rayon::prelude::*;
 
-use crate::budget::{Admission, VmaBudget};
+use crate::backoff::{Tally, Trouble};
+use crate::budget::VmaBudget;
 use crate::guest::Guest;
 use crate::index::PageLoc;
 use crate::merge::{Cause, Committer, Item, Outcome, Ranges, RegionGuard, Repairs, add_range};
@@ -46,6 +48,10 @@ pub(crate) struct CommitOut {
     pub cpu_ns: u64,
     /// Pool slot fills that failed.
     pub pool_errors: u64,
+    /// New slots filled.
+    pub filled: HashSet<u32>,
+    /// Failures by kind, with the first error of each.
+    pub tally: Tally,
 }
 
 /// A region's share of the plan.
@@ -94,6 +100,7 @@ pub(crate) fn commit_plan(
     let donors: HashMap<PageLoc, u32> = plan.new_slots.iter().map(|s| (s.donor, s.slot)).collect();
     let new: HashSet<u32> = plan.new_slots.iter().map(|s| s.slot).collect();
     let groups = group_assigns(&plan.assigns);
+    let (run_ids, _) = crate::admit::runs(&plan.assigns, slots);
 
     // Take each region's unregistered ranges out, to hand them to its units.
     let mut taken: Vec<Option<Ranges>> = groups
@@ -142,7 +149,7 @@ pub(crate) fn commit_plan(
                 page: a.loc.page,
                 target: a.target,
                 node,
-                run: 0,
+                run: run_ids[from + k],
                 admitted: true,
                 fill,
             });
@@ -150,10 +157,6 @@ pub(crate) fn commit_plan(
             w.late.push(late);
         }
         regions.push(w);
-    }
-    {
-        let mut lists: Vec<&mut Vec<Item>> = regions.iter_mut().map(|w| &mut w.items).collect();
-        admit_runs(&mut lists, &plan.new_slots, budget);
     }
     // Each unit's share of its region's unregistered ranges: the pages from its first item to
     // the next unit's first item (the first unit from the region's start, the last to its end).
@@ -174,6 +177,7 @@ pub(crate) fn commit_plan(
 
     let mut faulted: Vec<Vec<usize>> = vec![Vec::new(); regions.len()];
     let mut filled: HashSet<u32> = HashSet::new();
+    let vma_limit_hit = AtomicBool::new(false);
     for phase in 0..2 {
         if phase == 1 {
             // A donor left out (excluded, or outside the guard) leaves its slot empty: fill it
@@ -234,6 +238,7 @@ pub(crate) fn commit_plan(
                         budget,
                         exclusion: u.exclusion,
                         batch_pages: ctx.batch_pages,
+                        vma_limit_hit: &vma_limit_hit,
                     };
                     let rep = if u.items.is_empty() {
                         crate::merge::RegionReport::default()
@@ -255,6 +260,7 @@ pub(crate) fn commit_plan(
             out.repairs.unprotect += rep.repairs.unprotect;
             out.repairs.wake += rep.repairs.wake;
             out.repairs.reregister += rep.repairs.reregister;
+            out.tally.absorb(rep.tally);
             for (k, &i) in u.index_of.iter().enumerate() {
                 if let Some(&o) = rep.outcomes.get(k) {
                     out.outcomes[i] = o;
@@ -292,6 +298,7 @@ pub(crate) fn commit_plan(
             r.unregistered = ranges;
         }
     }
+    out.filled = filled;
     out
 }
 
@@ -321,7 +328,7 @@ fn fill_from_partners(
                     filled.insert(s);
                 }
                 Err(e) => {
-                    log::warn!("vm-dedup: {e}");
+                    out.tally.add(Trouble::Pool(it.node), &e.describe());
                     out.pool_errors += 1;
                 }
             }
@@ -388,78 +395,6 @@ fn group_assigns(assigns: &[plan::Assign]) -> Vec<(usize, usize, usize, usize)> 
         }
     }
     out
-}
-
-/// Splits each region's items into planned runs (consecutive pages onto consecutive slots of one
-/// node: one remap each) and admits them against the VMA budget. The runs holding the pages of
-/// a new slot are admitted together or not at all, so that no slot is left with one sharer
-/// because its partner ran out of budget. Zero pages cost no VMA.
-fn admit_runs(
-    lists: &mut [&mut Vec<Item>],
-    new_slots: &[plan::NewSlot],
-    budget: &Mutex<VmaBudget>,
-) {
-    let mut run_len: Vec<usize> = Vec::new();
-    let mut slot_runs: HashMap<u32, Vec<u32>> = HashMap::new();
-    for items in lists.iter_mut() {
-        let mut prev: Option<Item> = None;
-        for it in items.iter_mut() {
-            let Target::Slot(s) = it.target else {
-                it.run = u32::MAX;
-                prev = None;
-                continue;
-            };
-            let extends = prev.is_some_and(|p| {
-                p.page + 1 == it.page
-                    && p.node == it.node
-                    && matches!(p.target, Target::Slot(ps) if ps + 1 == s)
-            });
-            if extends {
-                *run_len.last_mut().unwrap_or(&mut 0) += 1;
-            } else {
-                run_len.push(1);
-            }
-            it.run = (run_len.len() - 1) as u32;
-            let runs = slot_runs.entry(s).or_default();
-            if !runs.contains(&it.run) {
-                runs.push(it.run);
-            }
-            prev = Some(*it);
-        }
-    }
-    let mut state: Vec<Option<bool>> = vec![None; run_len.len()];
-    let Ok(mut b) = budget.lock() else {
-        return;
-    };
-    for n in new_slots {
-        let Some(runs) = slot_runs.get(&n.slot) else {
-            continue;
-        };
-        let refused = runs.iter().any(|&r| state[r as usize] == Some(false));
-        let need: Vec<u32> = runs
-            .iter()
-            .copied()
-            .filter(|&r| state[r as usize].is_none())
-            .collect();
-        let ok = !refused && {
-            let lens: Vec<usize> = need.iter().map(|&r| run_len[r as usize]).collect();
-            b.admit_all(&lens) == Admission::Admitted
-        };
-        for r in need {
-            state[r as usize] = Some(ok);
-        }
-    }
-    for (r, st) in state.iter_mut().enumerate() {
-        if st.is_none() {
-            *st = Some(b.admit(run_len[r]) == Admission::Admitted);
-        }
-    }
-    drop(b);
-    for items in lists.iter_mut() {
-        for it in items.iter_mut() {
-            it.admitted = it.run == u32::MAX || state[it.run as usize] == Some(true);
-        }
-    }
 }
 
 #[cfg(test)]

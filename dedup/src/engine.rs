@@ -165,6 +165,11 @@ impl Engine {
             next_id: 1,
             distrusted: hashbrown::HashSet::new(),
             next_page_id: 0,
+            troubles: crate::backoff::Troubles::new(),
+            pending: crate::backoff::Tally::default(),
+            vma_probe: false,
+            vmas_changed: true,
+            vmas_counted: None,
         };
         let engine = Engine {
             inner: Arc::new(Inner {
@@ -219,6 +224,8 @@ impl Engine {
         if st.budget_auto {
             st.measure_vmas();
         }
+        // Whatever failed may work with the new settings: try everything again now.
+        st.troubles.retry_now();
         drop(st);
         *self
             .inner

@@ -57,6 +57,7 @@
 //! - Each isolated merged page costs a VMA; the engine keeps within a budget derived from
 //!   `vm.max_map_count` ([`Config::vma_budget`]).
 
+pub mod backoff;
 pub mod budget;
 pub mod config;
 pub mod engine;
@@ -82,6 +83,7 @@ pub mod sys;
 pub mod unmerge;
 
 mod account;
+mod admit;
 mod commit;
 mod state;
 mod step;
@@ -94,7 +96,7 @@ pub use hooks::{DirtySource, ExclusionSource};
 pub use meta::PageState;
 pub use numa::{FakeTopology, HostTopology, Topology};
 pub use scanner::Scanner;
-pub use stats::{Failures, GuestStats, Stats};
+pub use stats::{Failing, Failures, GuestStats, Stats};
 
 #[doc(no_inline)]
 pub use vm_memory::{GuestMemoryBackend, GuestRegionMmap};

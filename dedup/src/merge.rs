@@ -11,7 +11,9 @@
 //! un-protecting or waking fails.
 
 use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, Ordering};
 
+use crate::backoff::{Tally, Trouble};
 use crate::budget::{Admission, VmaBudget};
 use crate::fault::{FaultPoint, Faults};
 use crate::hash::is_zero;
@@ -169,6 +171,8 @@ pub struct RegionReport {
     pub remaps: u64,
     /// Every way of waking writers failed: the region's userfaultfd must be replaced.
     pub reset_guard: bool,
+    /// Failures, by kind, with the first error of each (logged by the engine, rate-limited).
+    pub tally: Tally,
 }
 
 /// Shared context of a commit.
@@ -183,6 +187,9 @@ pub struct Committer<'a> {
     pub exclusion: Option<&'a dyn ExclusionSource>,
     /// Most pages per guard.
     pub batch_pages: usize,
+    /// Set by the first remap that fails with ENOMEM: the process is at `vm.max_map_count`,
+    /// so the remaps after it in the same step are refused without trying.
+    pub vma_limit_hit: &'a AtomicBool,
 }
 
 /// Most pages under one guard when a planned run is kept whole (one remap for the run).
@@ -242,7 +249,7 @@ impl Committer<'_> {
                     r.unregistered.remove(&s);
                 }
                 Err(err) => {
-                    log::warn!("vm-dedup: registering merged pages failed: {err}");
+                    rep.tally.add(Trouble::Guard, &err);
                     rep.repairs.reregister += 1;
                 }
             }
@@ -311,7 +318,7 @@ impl Committer<'_> {
             {
                 Ok(()) => protected.push((i0, i1)),
                 Err(e) => {
-                    log::warn!("vm-dedup: write-protect failed: {e}");
+                    rep.tally.add(Trouble::Protect, &e);
                     for k in i0..i1 {
                         rep.outcomes[base + k] = Outcome::Refused(Cause::Protect);
                     }
@@ -364,7 +371,7 @@ impl Committer<'_> {
                     rep.filled.extend(s..s + (j - k) as u32);
                 }
                 Err(e) => {
-                    log::warn!("vm-dedup: {e}");
+                    rep.tally.add(Trouble::Pool(it.node), &e.describe());
                     rep.pool_errors += 1;
                     for m in k..j {
                         rep.outcomes[base + m] = Outcome::Refused(Cause::Pool);
@@ -425,7 +432,7 @@ impl Committer<'_> {
                         if prepaid {
                             prepaid_used.push(it.run);
                         }
-                        self.remap(addr, len, it.node, s, j - k, prepaid)
+                        self.remap(addr, len, it.node, s, j - k, prepaid, &mut rep.tally)
                     }
                 };
                 for m in k..j {
@@ -444,7 +451,8 @@ impl Committer<'_> {
         }
         // 4. Drain fault messages: those pages were written during the guard.
         if let Err(e) = r.uffd.drain(&mut rep.faulted) {
-            log::warn!("vm-dedup: reading userfaultfd messages failed: {e}");
+            rep.tally
+                .add(Trouble::Guard, &format_args!("reading fault messages: {e}"));
         }
         // 5. Un-protect, without waking, what was not remapped.
         for &(i0, i1) in &protected {
@@ -455,7 +463,8 @@ impl Committer<'_> {
                     .check(FaultPoint::Unprotect)
                     .and_then(|()| r.uffd.unprotect_nowake(addr, len));
                 if let Err(e) = ok {
-                    log::warn!("vm-dedup: un-protect failed, unregistering: {e}");
+                    rep.tally
+                        .add(Trouble::Guard, &format_args!("un-protecting: {e}"));
                     rep.repairs.unprotect += 1;
                     self.release(r, addr, len, rep);
                 }
@@ -469,14 +478,19 @@ impl Committer<'_> {
         // 6. Wake the whole batch.
         for &(i0, i1) in &protected {
             let (addr, len) = (addr_of(&items[i0]), (i1 - i0) * PAGE_SIZE);
+            let mut err = None;
             let woke = (0..2).any(|_| {
                 self.faults
                     .check(FaultPoint::Wake)
                     .and_then(|()| r.uffd.wake(addr, len))
+                    .map_err(|e| err = Some(e))
                     .is_ok()
             });
             if !woke {
-                log::warn!("vm-dedup: waking writers failed, unregistering");
+                if let Some(e) = err {
+                    rep.tally
+                        .add(Trouble::Guard, &format_args!("waking writers: {e}"));
+                }
                 rep.repairs.wake += 1;
                 self.release(r, addr, len, rep);
             }
@@ -484,7 +498,9 @@ impl Committer<'_> {
     }
 
     /// Remaps `pages` pages onto consecutive slots. A remap that was not paid for when the plan
-    /// was admitted (a planned run split by a page that differed) is charged now.
+    /// was admitted (a planned run split by a page that differed) is charged now. After a
+    /// remap failed with ENOMEM in this step, remaps are refused without trying.
+    #[allow(clippy::too_many_arguments)]
     fn remap(
         &self,
         addr: usize,
@@ -493,7 +509,11 @@ impl Committer<'_> {
         slot: u32,
         pages: usize,
         prepaid: bool,
+        tally: &mut Tally,
     ) -> Result<(), Cause> {
+        if self.vma_limit_hit.load(Ordering::Relaxed) {
+            return Err(Cause::VmaLimit);
+        }
         if !prepaid {
             let admitted = match self.budget.lock() {
                 Ok(mut b) => b.admit(pages),
@@ -513,10 +533,12 @@ impl Committer<'_> {
                 mem::map_private_fixed(addr, len, fd, u64::from(slot) * PAGE_SIZE as u64)
             })
             .map_err(|e| {
-                log::warn!("vm-dedup: remap failed: {e}");
                 if e.raw_os_error() == Some(libc::ENOMEM) {
+                    self.vma_limit_hit.store(true, Ordering::Relaxed);
+                    tally.add(Trouble::VmaLimit, &e);
                     Cause::VmaLimit
                 } else {
+                    tally.add(Trouble::Remap, &e);
                     Cause::Remap
                 }
             })

@@ -5,6 +5,7 @@
 
 use std::sync::OnceLock;
 
+use crate::backoff::{Tally, Trouble};
 use crate::hash::{is_zero, page_hash};
 use crate::index::PageLoc;
 use crate::meta::{Meta, PageState, short_hash};
@@ -60,6 +61,8 @@ pub struct ChunkOut {
     pub cpu_ns: u64,
     /// The pagemap query failed: the chunk was left untouched.
     pub failed: bool,
+    /// Failures (pagemap or NUMA queries), logged by the engine.
+    pub tally: Tally,
 }
 
 fn page_slice<'a>(addr: usize) -> &'a [u8] {
@@ -82,7 +85,8 @@ pub fn scan_chunk(
     let end = start + c.metas.len() * PAGE_SIZE;
     let mut cats: Vec<PageRegion> = Vec::with_capacity(16);
     if let Err(e) = pagemap.scan(start, end, &mut cats) {
-        log::warn!("vm-dedup: PAGEMAP_SCAN failed: {e}");
+        out.tally
+            .add(Trouble::Scan, &format_args!("PAGEMAP_SCAN: {e}"));
         out.failed = true;
         return out;
     }
@@ -178,7 +182,10 @@ pub fn scan_chunk(
                 }
             }
             Err(e) => {
-                log::warn!("vm-dedup: NUMA query failed, chunk skipped: {e}");
+                out.tally.add(
+                    Trouble::Scan,
+                    &format_args!("NUMA query, chunk skipped: {e}"),
+                );
                 out.cands.clear();
             }
         }

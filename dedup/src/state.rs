@@ -36,6 +36,7 @@ pub(crate) struct Totals {
     pub pool_errors: u64,
     pub rebuilt_regions: u64,
     pub unmerged_in_place: u64,
+    pub held_back: u64,
     pub phases: crate::stats::PhaseTimes,
 }
 
@@ -58,6 +59,16 @@ pub(crate) struct State {
     pub distrusted: hashbrown::HashSet<PageLoc>,
     /// Next free number in the index's page numbering (numbers are never reused).
     pub next_page_id: u64,
+    /// Kinds of failure going on, their backoff and their log lines.
+    pub troubles: crate::backoff::Troubles,
+    /// Failures not yet handed to `troubles` (from operations outside a step's commit).
+    pub pending: crate::backoff::Tally,
+    /// A learnt VMA limit was lifted to see whether there is more room now.
+    pub vma_probe: bool,
+    /// Something may have changed the VMAs inside guest memory since they were counted.
+    pub vmas_changed: bool,
+    /// When the VMAs were last counted.
+    pub vmas_counted: Option<std::time::Instant>,
 }
 
 impl State {
@@ -109,10 +120,12 @@ impl State {
                 j += 1;
             }
             let ok = if self.pools.exists(node) {
-                self.pools
-                    .punch(node, slots[i], (j - i) as u32, faults)
-                    .map_err(|e| log::warn!("vm-dedup: {e}"))
-                    .is_ok()
+                let punched = self.pools.punch(node, slots[i], (j - i) as u32, faults);
+                if let Err(e) = &punched {
+                    self.pending
+                        .add(crate::backoff::Trouble::Punch, &e.describe());
+                }
+                punched.is_ok()
             } else {
                 true
             };

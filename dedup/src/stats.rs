@@ -56,6 +56,24 @@ impl Failures {
     }
 }
 
+/// A kind of failure going on (see `vm_dedup::backoff`).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Failing {
+    /// Short name: `vma_limit`, `remap`, `protect`, `zero_page`, `pool`, `punch`, `guard` or
+    /// `scan`.
+    pub cause: String,
+    /// What fails, e.g. `the pool of node 0`.
+    pub what: String,
+    /// Failures since it began.
+    pub failures: u64,
+    /// The latest error, e.g. `Too many open files (os error 24)`.
+    pub last_error: String,
+    /// Seconds since it began.
+    pub secs: u64,
+    /// Whether the merges it would refuse are held back until the next try.
+    pub held_back: bool,
+}
+
 /// Wall time spent in each phase of the scan steps, in nanoseconds.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct PhaseTimes {
@@ -130,21 +148,34 @@ pub struct Stats {
     pub cow_breaks: u64,
     /// `(pages_sharing + zero_pages) * 4096`.
     pub bytes_saved: u64,
-    /// Merges attempted under the guard.
+    /// Merges attempted under the guard (merges the VMA budget refused, or that were held
+    /// back, are not attempts).
     pub merge_attempts: u64,
     /// Merges that happened (cumulative).
     pub merges: u64,
-    /// Merges refused, by cause.
+    /// Merges refused, by cause. All but `vma_budget` happened during attempts; the VMA
+    /// budget refuses planned merges before they are attempted.
     pub failures: Failures,
+    /// Planned merges left out because a kind of failure they would run into is held back
+    /// (see `failing`), cumulative; not attempts.
+    pub held_back: u64,
+    /// The kinds of failure going on.
+    pub failing: Vec<Failing>,
     /// Guard releases that had to fall back to unregistering.
     pub guard_repairs: u64,
     /// Pages that a writer hit while they were guarded.
     pub guarded_writes: u64,
-    /// VMAs inside guest memory (measured each pass, charged per remap in between).
+    /// VMAs inside guest memory (measured at the end of passes that changed them, and every
+    /// ten seconds; charged per remap in between).
     pub vmas_used: u64,
-    /// Most VMAs the engine may use inside guest memory.
+    /// Most VMAs the engine may use inside guest memory now: the configured (or automatic)
+    /// budget, or the limit learnt from ENOMEM when lower.
     pub vma_budget: u64,
-    /// Whether the VMA budget is tight: only zero pages and runs are merged now.
+    /// The limit learnt from a remap that failed with ENOMEM (the process reached
+    /// `vm.max_map_count`), in force until a later try finds more room.
+    pub vma_budget_learned: Option<u64>,
+    /// Whether the VMA budget holds merges back now: it is tight (only zero pages and runs
+    /// merge), or it refused merges during the pass going on or the last completed one.
     pub vma_budget_reached: bool,
     /// Bytes of engine metadata (page metadata, slots, index).
     pub metadata_bytes: u64,

@@ -1,12 +1,16 @@
-//! One scan step: hash a slice of guest memory in parallel, plan merges, fill new pool slots,
-//! commit region by region in parallel under the write-protect guard, and account for it all.
-//! At the end of a full pass, slot references are rebuilt and the VMA budget is measured.
+//! One scan step: hash a slice of guest memory in parallel, plan merges, leave out what the VMA
+//! budget or a backed-off failure would refuse, fill new pool slots, commit region by region in
+//! parallel under the write-protect guard, and account for it all (failures go to
+//! `backoff::Troubles`, which decides what is held back and what is logged). At the end of a
+//! full pass, slot references are rebuilt and, if anything may have changed them, the VMAs
+//! are counted.
 
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use rayon::prelude::*;
 use vm_memory::GuestAddress;
 
+use crate::backoff::{Tally, Trouble};
 use crate::budget::VmaBudget;
 use crate::commit::commit_plan;
 use crate::fault::Faults;
@@ -33,6 +37,10 @@ const PREFETCH_CHUNK: usize = 2048;
 
 /// One chunk to scan: guest, region, first page, page count.
 type Spec = (usize, usize, usize, usize);
+
+/// Longest time between two counts of the VMAs while nothing the engine does changes them (the
+/// rest of the process may, and the automatic budget leaves room for it).
+const VMA_RECOUNT: Duration = Duration::from_secs(10);
 
 impl State {
     fn begin_pass(&mut self) {
@@ -122,6 +130,9 @@ impl State {
         if !self.in_pass {
             self.begin_pass();
         }
+        let pass = self.totals.full_scans;
+        let mut tally = std::mem::take(&mut self.pending);
+        self.probe_vma_limit(pass, wall0);
         let (specs, done) = self.take_specs(max_pages.max(1));
         let collide = ctx.faults.collide_hashes();
 
@@ -179,6 +190,7 @@ impl State {
                 self.slots.dec(s);
             }
             cands.extend(out.cands);
+            tally.absorb(out.tally);
         }
 
         let t_scan = Instant::now();
@@ -202,14 +214,31 @@ impl State {
             self.slots = slots;
             p
         };
+        // Leave out what a backed-off failure would refuse, then what the VMA budget refuses:
+        // neither is filled, protected nor counted as an attempt.
+        let mut plan = plan;
+        self.totals.held_back += self.hold_back(&mut plan, pass, wall0);
+        {
+            let State {
+                budget,
+                rules,
+                index,
+                slots,
+                ..
+            } = self;
+            if let Ok(b) = budget.get_mut() {
+                self.totals.failures.vma_budget +=
+                    crate::admit::admit_and_prune(&mut plan, rules, index, slots, b);
+            }
+        }
 
         let t_plan = Instant::now();
         // Make room for the new slots (they are filled from their donors under the guard).
-        let failed_slots = self.grow_pools(ctx, &plan.new_slots);
+        let failed_slots = self.grow_pools(ctx, &plan.new_slots, &mut tally);
 
         let t_fill = Instant::now();
         // Commit, in parallel over work units of every region.
-        let out = {
+        let mut out = {
             let State {
                 guests,
                 pools,
@@ -221,6 +250,8 @@ impl State {
         };
         worker_cpu += out.cpu_ns;
         self.totals.pool_errors += out.pool_errors;
+        let filled = std::mem::take(&mut out.filled);
+        tally.absorb(std::mem::take(&mut out.tally));
         let (outcomes, written, repairs) = (out.outcomes, out.written, out.repairs);
         for hva in out.resets {
             self.reset_guard(hva);
@@ -266,8 +297,18 @@ impl State {
             }
         }
         self.totals.guard_repairs += repairs.unprotect + repairs.wake + repairs.reregister;
+        if repairs.unprotect + repairs.wake + repairs.reregister > 0
+            || plan
+                .assigns
+                .iter()
+                .any(|a| matches!(a.target, Target::Slot(_)))
+        {
+            self.vmas_changed = true;
+        }
         let unref = plan::settle(&plan, &merged, &mut self.slots);
         self.release_slots(unref, ctx.faults);
+        tally.absorb(std::mem::take(&mut self.pending));
+        self.settle_troubles(&plan, &outcomes, &filled, &tally, pass, wall0);
 
         let t_account = Instant::now();
         if done {
@@ -306,8 +347,125 @@ impl State {
             .get_mut(loc.page as usize)
     }
 
+    /// Lifts a learnt VMA limit once its backoff allows, to see whether there is more room.
+    fn probe_vma_limit(&mut self, pass: u64, now: Instant) {
+        let learned = self
+            .budget
+            .lock()
+            .map(|b| b.learned().is_some())
+            .unwrap_or(false);
+        if learned && self.troubles.allowed(Trouble::VmaLimit, pass, now) {
+            if let Ok(mut b) = self.budget.lock() {
+                b.unlearn();
+            }
+            self.vma_probe = true;
+        }
+    }
+
+    /// Takes out of `plan` the merges a backed-off failure would refuse: all of them while
+    /// write-protecting fails, remaps while remapping fails, zero pages while dropping them
+    /// fails, and new slots of a node whose pool fails. Returns how many were taken out.
+    fn hold_back(&mut self, plan: &mut plan::Plan, pass: u64, now: Instant) -> u64 {
+        let t = &self.troubles;
+        if t.episodes().iter().all(|e| !e.trouble.backs_off()) {
+            return 0;
+        }
+        let protect = t.allowed(Trouble::Protect, pass, now);
+        let remap = t.allowed(Trouble::Remap, pass, now);
+        let zero = t.allowed(Trouble::ZeroPage, pass, now);
+        let new: HashSet<u32> = plan.new_slots.iter().map(|n| n.slot).collect();
+        let keep: Vec<bool> = plan
+            .assigns
+            .iter()
+            .map(|a| {
+                protect
+                    && match a.target {
+                        Target::Zero => zero,
+                        Target::Slot(s) => {
+                            remap
+                                && (!new.contains(&s)
+                                    || t.allowed(Trouble::Pool(self.slots.node(s)), pass, now))
+                        }
+                    }
+            })
+            .collect();
+        let State {
+            rules,
+            index,
+            slots,
+            ..
+        } = self;
+        crate::admit::prune(plan, &keep, rules, index, slots)
+    }
+
+    /// Hands a step's failures and successes to `troubles` and writes the log lines that
+    /// come back. A remap that failed with ENOMEM teaches the budget the VMA count of now.
+    fn settle_troubles(
+        &mut self,
+        plan: &plan::Plan,
+        outcomes: &[Outcome],
+        filled: &HashSet<u32>,
+        tally: &Tally,
+        pass: u64,
+        now: Instant,
+    ) {
+        let mut lines = Vec::new();
+        if tally.count(Trouble::VmaLimit) > 0 {
+            self.vma_probe = false;
+            let ranges = self.active_ranges();
+            let inside = procfs::count_vmas(&ranges).map(|(_, inside)| inside as u64);
+            if let (Ok(inside), Ok(mut b)) = (inside, self.budget.lock()) {
+                b.learn(inside);
+            }
+        }
+        for (t, n, error) in tally.entries() {
+            lines.extend(self.troubles.failed(t, n, error, pass, now));
+        }
+        let merged_to = |zero: bool| {
+            plan.assigns
+                .iter()
+                .zip(outcomes)
+                .any(|(a, o)| *o == Outcome::Merged && matches!(a.target, Target::Zero) == zero)
+        };
+        let remapped = merged_to(false);
+        let mut worked: Vec<Trouble> = Vec::new();
+        if remapped || merged_to(true) {
+            worked.push(Trouble::Protect);
+        }
+        if remapped {
+            worked.push(Trouble::Remap);
+            if self.vma_probe {
+                self.vma_probe = false;
+                worked.push(Trouble::VmaLimit);
+            }
+        }
+        if merged_to(true) {
+            worked.push(Trouble::ZeroPage);
+        }
+        for n in &plan.new_slots {
+            if filled.contains(&n.slot) {
+                worked.push(Trouble::Pool(n.node));
+            }
+        }
+        worked.dedup();
+        for t in worked {
+            if tally.count(t) == 0 {
+                lines.extend(self.troubles.succeeded(t, now));
+            }
+        }
+        lines.extend(self.troubles.summaries(now));
+        for l in lines {
+            l.emit();
+        }
+    }
+
     /// Creates and grows the pools for the new slots. Returns the slots that have no room.
-    fn grow_pools(&mut self, ctx: &StepCtx<'_>, new_slots: &[plan::NewSlot]) -> HashSet<u32> {
+    fn grow_pools(
+        &mut self,
+        ctx: &StepCtx<'_>,
+        new_slots: &[plan::NewSlot],
+        tally: &mut Tally,
+    ) -> HashSet<u32> {
         let mut failed = HashSet::new();
         let mut top: hashbrown::HashMap<u8, u32> = hashbrown::HashMap::new();
         for n in new_slots {
@@ -317,7 +475,7 @@ impl State {
         }
         for (&node, &last) in &top {
             if let Err(e) = self.pools.ensure(node, last, ctx.topology, ctx.faults) {
-                log::warn!("vm-dedup: {e}");
+                tally.add(Trouble::Pool(node), &e.describe());
                 self.totals.pool_errors += 1;
                 for n in new_slots {
                     if self.slots.node(n.slot) == node {
@@ -334,7 +492,19 @@ impl State {
         self.in_pass = false;
         self.cursor = Cursor::default();
         self.rebuild_refs(faults);
-        self.measure_vmas();
+        if let Ok(mut b) = self.budget.lock() {
+            b.pass_done();
+        }
+        let stale = self.vmas_counted.is_none_or(|t| t.elapsed() >= VMA_RECOUNT);
+        if self.vmas_changed || stale {
+            self.measure_vmas();
+        }
+        for l in self
+            .troubles
+            .pass_done(self.totals.full_scans, Instant::now())
+        {
+            l.emit();
+        }
     }
 
     /// Measures VMAs inside guest memory and, when automatic, the budget's limit.
@@ -343,6 +513,8 @@ impl State {
         let Ok((total, inside)) = procfs::count_vmas(&ranges) else {
             return;
         };
+        self.vmas_changed = false;
+        self.vmas_counted = Some(Instant::now());
         let max = procfs::max_map_count().unwrap_or(65530);
         if let Ok(mut b) = self.budget.lock() {
             b.measured(inside as u64);

@@ -1,0 +1,302 @@
+//! The engine on the composed guest images of the density benchmark (real Debian package files
+//! at different page offsets, 10% zero and 10% unique pages; `guest-images/out/compose-4x512M`):
+//! each image is loaded into its own guest memory the way the VMM loads `--mem-image` (all-zero
+//! pages skipped, so they are never present), the background scanner runs with the fastest
+//! settings until it converges, then keeps running on idle guests for a while. Reports the time
+//! and CPU to 95% of the attainable savings (every non-zero page whose content another page
+//! also holds, minus one copy per content), the savings reached, merges, attempts and
+//! refusals, full scans, the VMAs inside guest memory and how they are made up, and what the
+//! idle passes cost.
+//!
+//! Environment: `IMAGES_DIR` (the compose directory, default
+//! `guest-images/out/compose-4x512M` of the workspace), `IMAGES_OPTIONS` (engine knobs,
+//! `name=value,...`, after `pages_to_scan=65536,sleep_millisecs=0`), `IMAGES_THREADS` (engine
+//! threads, default all cores), `IMAGES_SECS` (time cap to converge, 120), `IMAGES_IDLE_SECS`
+//! (how long to watch the idle engine, 5), `IMAGES_DIRTY` (1: the guests have a dirty-page
+//! source that reports no write, as KVM's dirty log does for idle guests; 0: none, so every
+//! pass hashes every page).
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use vm_dedup::{Config, DirtySource, Engine, GuestConfig, Stats};
+use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
+
+const PAGE: usize = 4096;
+
+type Mem = GuestMemoryMmap<()>;
+
+fn env(name: &str, default: u64) -> u64 {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+/// Idle guests under KVM's dirty log: nothing written since the last look.
+struct NothingWritten;
+
+impl DirtySource for NothingWritten {
+    fn take_dirty(&self, _: usize, _: GuestAddress, _: usize, _: &mut [u64]) -> bool {
+        true
+    }
+}
+
+/// Loads an image into fresh guest memory, skipping all-zero pages.
+fn load(path: &std::path::Path) -> (Arc<Mem>, Vec<u8>) {
+    let data = std::fs::read(path).unwrap();
+    let m = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), data.len())]).unwrap();
+    let r = m.iter().next().unwrap();
+    // SAFETY: the region is ours and as long as the image.
+    let dst = unsafe { std::slice::from_raw_parts_mut(r.as_ptr(), data.len()) };
+    for (d, s) in dst.chunks_exact_mut(PAGE).zip(data.chunks_exact(PAGE)) {
+        if s.iter().any(|&b| b != 0) {
+            d.copy_from_slice(s);
+        }
+    }
+    (Arc::new(m), data)
+}
+
+/// Non-zero pages, and the savings a complete merge of them reaches (pages minus distinct
+/// contents).
+fn attainable(images: &[Vec<u8>]) -> (u64, u64) {
+    let mut seen: HashMap<u128, ()> = HashMap::new();
+    let mut nonzero = 0u64;
+    for img in images {
+        for p in img.chunks_exact(PAGE) {
+            if p.iter().any(|&b| b != 0) {
+                nonzero += 1;
+                seen.insert(xxhash_rust::xxh3::xxh3_128(p), ());
+            }
+        }
+    }
+    (nonzero, nonzero - seen.len() as u64)
+}
+
+/// What the VMAs inside `ranges` are made of.
+#[derive(Debug, Default)]
+struct VmaShape {
+    file: u64,
+    anon: u64,
+    /// File VMAs directly followed by another file VMA: a boundary between two remapped runs
+    /// whose slots are not consecutive.
+    file_file: u64,
+    /// ... of which the next one continues the same file at the next offset (could be one).
+    file_file_contiguous: u64,
+    /// File VMAs of 1, 2-3, 4-15, 16-63, 64+ pages.
+    lengths: [u64; 5],
+}
+
+fn vma_shape(ranges: &[(usize, usize)]) -> VmaShape {
+    let maps = std::fs::read_to_string("/proc/self/maps").unwrap();
+    let mut out = VmaShape::default();
+    let mut prev: Option<(usize, bool, u64)> = None;
+    for line in maps.lines() {
+        let mut f = line.split_whitespace();
+        let (Some(range), Some(_), Some(off), Some(_), Some(inode)) =
+            (f.next(), f.next(), f.next(), f.next(), f.next())
+        else {
+            continue;
+        };
+        let (a, b) = range.split_once('-').unwrap();
+        let (a, b) = (
+            usize::from_str_radix(a, 16).unwrap(),
+            usize::from_str_radix(b, 16).unwrap(),
+        );
+        if !ranges.iter().any(|&(s, e)| a >= s && a < e) {
+            prev = None;
+            continue;
+        }
+        let off = u64::from_str_radix(off, 16).unwrap();
+        let file = inode != "0";
+        if file {
+            out.file += 1;
+            let pages = (b - a) / PAGE;
+            let k = match pages {
+                1 => 0,
+                2..=3 => 1,
+                4..=15 => 2,
+                16..=63 => 3,
+                _ => 4,
+            };
+            out.lengths[k] += 1;
+            if let Some((end, true, next_off)) = prev {
+                if end == a {
+                    out.file_file += 1;
+                    if next_off == off {
+                        out.file_file_contiguous += 1;
+                    }
+                }
+            }
+        } else {
+            out.anon += 1;
+        }
+        prev = Some((b, file, off + (b - a) as u64));
+    }
+    out
+}
+
+fn engine_config(threads: usize) -> Config {
+    let mut c = Config::default();
+    c.apply_options(&format!(
+        "pages_to_scan=65536,sleep_millisecs=0,threads={threads}"
+    ))
+    .unwrap();
+    if let Ok(extra) = std::env::var("IMAGES_OPTIONS") {
+        c.apply_options(&extra).unwrap();
+    }
+    c
+}
+
+fn line(what: &str, s: &Stats) {
+    println!(
+        "{what}: saved {} pages ({:.0} MiB), {} merges of {} attempts, refused {} (budget {}, \
+         VMA limit {}, differed {}), {} full scans, {} VMAs of a budget of {} (reached: {}), \
+         engine CPU {:.2} s",
+        s.bytes_saved / PAGE as u64,
+        s.bytes_saved as f64 / (1 << 20) as f64,
+        s.merges,
+        s.merge_attempts,
+        s.failures.total(),
+        s.failures.vma_budget,
+        s.failures.vma_limit,
+        s.failures.differed,
+        s.full_scans,
+        s.vmas_used,
+        s.vma_budget,
+        s.vma_budget_reached,
+        s.cpu_ns as f64 / 1e9,
+    );
+}
+
+fn main() {
+    let dir = std::env::var("IMAGES_DIR").map_or_else(
+        |_| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../guest-images/out/compose-4x512M"),
+        PathBuf::from,
+    );
+    let cap = Duration::from_secs(env("IMAGES_SECS", 120));
+    let idle = Duration::from_secs(env("IMAGES_IDLE_SECS", 5));
+    let dirty = env("IMAGES_DIRTY", 1) != 0;
+    let all = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let threads = env("IMAGES_THREADS", all as u64) as usize;
+    let mut paths: Vec<PathBuf> = std::fs::read_dir(&dir)
+        .unwrap_or_else(|e| panic!("{}: {e}", dir.display()))
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|x| x == "img"))
+        .collect();
+    paths.sort();
+    assert!(!paths.is_empty(), "no images in {}", dir.display());
+    let loaded: Vec<(Arc<Mem>, Vec<u8>)> = paths.iter().map(|p| load(p)).collect();
+    let images: Vec<Vec<u8>> = loaded.iter().map(|(_, d)| d.clone()).collect();
+    let (nonzero, target) = attainable(&images);
+    println!(
+        "images: {} x {} MiB from {}; {nonzero} non-zero pages, attainable savings {target} pages \
+         ({:.0} MiB); engine: {threads} threads, dirty source: {dirty}, options {:?}",
+        paths.len(),
+        images[0].len() >> 20,
+        dir.display(),
+        (target * PAGE as u64) as f64 / (1 << 20) as f64,
+        std::env::var("IMAGES_OPTIONS").unwrap_or_default(),
+    );
+
+    let engine = Engine::new(engine_config(threads)).unwrap();
+    let ranges: Vec<(usize, usize)> = loaded
+        .iter()
+        .map(|(m, _)| {
+            let r = m.iter().next().unwrap();
+            (r.as_ptr() as usize, r.as_ptr() as usize + r.len() as usize)
+        })
+        .collect();
+    for (i, (m, _)) in loaded.iter().enumerate() {
+        let mut g = GuestConfig::new(format!("g{i}"), "bench");
+        if dirty {
+            g = g.with_dirty_source(Arc::new(NothingWritten));
+        }
+        engine.register(g, m.clone()).unwrap();
+    }
+    let t0 = Instant::now();
+    let cpu0 = Engine::process_cpu_ns();
+    let scanner = engine.start().unwrap();
+    let mut t95 = None;
+    let mut last = (0u64, Instant::now());
+    loop {
+        std::thread::sleep(Duration::from_millis(5));
+        let s = engine.stats();
+        let saved = s.bytes_saved / PAGE as u64;
+        if t95.is_none() && saved >= target * 95 / 100 {
+            t95 = Some((
+                t0.elapsed().as_secs_f64(),
+                (Engine::process_cpu_ns() - cpu0) as f64 / 1e9,
+            ));
+        }
+        if saved != last.0 {
+            last = (saved, Instant::now());
+        }
+        // Converged: no more savings for a second and four passes.
+        if last.1.elapsed() > Duration::from_secs(1) && s.full_scans >= 4 || t0.elapsed() > cap {
+            break;
+        }
+    }
+    let conv = engine.stats();
+    let t_conv = t0.elapsed().as_secs_f64();
+    let cpu_conv = (Engine::process_cpu_ns() - cpu0) as f64 / 1e9;
+    std::thread::sleep(idle);
+    let end = engine.stats();
+    let cpu_end = (Engine::process_cpu_ns() - cpu0) as f64 / 1e9;
+    scanner.stop();
+
+    match t95 {
+        Some((t, c)) => println!("95% of attainable in {t:.2} s, {c:.2} CPU-s"),
+        None => println!("95% of attainable not reached"),
+    }
+    line(
+        &format!("converged after {t_conv:.2} s, {cpu_conv:.2} CPU-s"),
+        &conv,
+    );
+    line(&format!("after {} s idle", idle.as_secs()), &end);
+    let passes = end.full_scans - conv.full_scans;
+    let idle_cpu = cpu_end - cpu_conv;
+    println!(
+        "idle: {passes} passes in {:.1} s, {:.2} CPU-s ({:.2} ms per pass), {} attempts, {} \
+         refusals, {} merges",
+        idle.as_secs_f64(),
+        idle_cpu,
+        if passes > 0 {
+            idle_cpu * 1e3 / passes as f64
+        } else {
+            0.0
+        },
+        end.merge_attempts - conv.merge_attempts,
+        end.failures.total() - conv.failures.total(),
+        end.merges - conv.merges,
+    );
+    let shape = vma_shape(&ranges);
+    println!(
+        "VMAs in guest memory: {} file, {} anonymous; file VMAs followed directly by another: {} \
+         ({} continuing its offsets); file VMA lengths 1 / 2-3 / 4-15 / 16-63 / 64+ pages: {:?}",
+        shape.file, shape.anon, shape.file_file, shape.file_file_contiguous, shape.lengths
+    );
+    let saved_pct = 100.0 * (end.bytes_saved / PAGE as u64) as f64 / target as f64;
+    println!(
+        "RESULT saved_pages={} attainable={target} saved_pct={saved_pct:.1} vmas={} \
+         idle_ms_per_pass={:.2}",
+        end.bytes_saved / PAGE as u64,
+        end.vmas_used,
+        if passes > 0 {
+            idle_cpu * 1e3 / passes as f64
+        } else {
+            0.0
+        }
+    );
+    // Content check: every page still holds its image's bytes.
+    for (m, data) in &loaded {
+        let r = m.iter().next().unwrap();
+        // SAFETY: our own mapping; the scanner has stopped.
+        let got = unsafe { std::slice::from_raw_parts(r.as_ptr(), data.len()) };
+        assert!(got == data.as_slice(), "content changed by merging");
+    }
+    println!("content checked: every page unchanged");
+}

@@ -1,0 +1,249 @@
+//! What of a step's plan goes on to the commit, pure: the VMA budget admits planned runs (or
+//! refuses them) before any pool slot is filled or any page is write-protected, and the work
+//! that a backed-off failure would refuse is left out. What is refused or left out is taken out
+//! of the plan, and the new slots nobody is left to map are freed (they were never filled), so
+//! the commit only attempts what it may do.
+
+use hashbrown::HashMap;
+
+use crate::budget::{Admission, VmaBudget};
+use crate::index::ContentIndex;
+use crate::plan::{self, Assign, Plan, Rules, Target};
+use crate::slots::SlotTable;
+
+/// Run number of each planned merge (`u32::MAX` for zero pages), and the length of each run.
+/// A run is a maximal sequence of consecutive pages of one region mapped to consecutive slots
+/// of one node: one remap. `assigns` must be sorted by page (as plans are).
+pub fn runs(assigns: &[Assign], slots: &SlotTable) -> (Vec<u32>, Vec<usize>) {
+    let mut ids = Vec::with_capacity(assigns.len());
+    let mut lens: Vec<usize> = Vec::new();
+    let mut prev: Option<(Assign, u8)> = None;
+    for a in assigns {
+        let Target::Slot(s) = a.target else {
+            ids.push(u32::MAX);
+            prev = None;
+            continue;
+        };
+        let node = slots.node(s);
+        let extends = prev.is_some_and(|(p, pn)| {
+            p.loc.guest == a.loc.guest
+                && p.loc.region == a.loc.region
+                && p.loc.page + 1 == a.loc.page
+                && pn == node
+                && matches!(p.target, Target::Slot(ps) if ps + 1 == s)
+        });
+        match lens.last_mut() {
+            Some(l) if extends => *l += 1,
+            _ => lens.push(1),
+        }
+        ids.push((lens.len() - 1) as u32);
+        prev = Some((*a, node));
+    }
+    (ids, lens)
+}
+
+/// Which planned merges the budget admits. The runs holding the pages of a new slot are
+/// admitted together or not at all, so that no slot is left with one sharer because its
+/// partner ran out of budget; zero pages cost no VMA. Refusals are counted by the budget.
+pub fn admit(plan: &Plan, slots: &SlotTable, budget: &mut VmaBudget) -> Vec<bool> {
+    let (ids, lens) = runs(&plan.assigns, slots);
+    let mut slot_runs: HashMap<u32, Vec<u32>> = HashMap::new();
+    for (a, &r) in plan.assigns.iter().zip(&ids) {
+        if let Target::Slot(s) = a.target {
+            let v = slot_runs.entry(s).or_default();
+            if !v.contains(&r) {
+                v.push(r);
+            }
+        }
+    }
+    let mut state: Vec<Option<bool>> = vec![None; lens.len()];
+    for n in &plan.new_slots {
+        let Some(rs) = slot_runs.get(&n.slot) else {
+            continue;
+        };
+        let refused = rs.iter().any(|&r| state[r as usize] == Some(false));
+        let need: Vec<u32> = rs
+            .iter()
+            .copied()
+            .filter(|&r| state[r as usize].is_none())
+            .collect();
+        let ok = if refused {
+            budget.refuse(need.len() as u64);
+            false
+        } else {
+            let need_lens: Vec<usize> = need.iter().map(|&r| lens[r as usize]).collect();
+            budget.admit_all(&need_lens) == Admission::Admitted
+        };
+        for r in need {
+            state[r as usize] = Some(ok);
+        }
+    }
+    for (r, st) in state.iter_mut().enumerate() {
+        if st.is_none() {
+            *st = Some(budget.admit(lens[r]) == Admission::Admitted);
+        }
+    }
+    ids.iter()
+        .map(|&r| r == u32::MAX || state[r as usize] == Some(true))
+        .collect()
+}
+
+/// Takes the merges where `keep` is false out of `plan`, and frees the new slots left without
+/// any merge (never filled: no punch needed). Returns how many merges were taken out.
+pub fn prune(
+    plan: &mut Plan,
+    keep: &[bool],
+    rules: &Rules,
+    index: &mut ContentIndex,
+    slots: &mut SlotTable,
+) -> u64 {
+    if keep.iter().all(|&k| k) {
+        return 0;
+    }
+    let mut left: HashMap<u32, u32> = HashMap::new();
+    let mut removed = 0;
+    let mut i = 0;
+    plan.assigns.retain(|a| {
+        let k = keep.get(i).copied().unwrap_or(true);
+        i += 1;
+        if k {
+            if let Target::Slot(s) = a.target {
+                *left.entry(s).or_insert(0) += 1;
+            }
+        } else {
+            removed += 1;
+        }
+        k
+    });
+    plan.new_slots.retain(|n| {
+        let used = left.get(&n.slot).copied().unwrap_or(0) > 0;
+        if !used {
+            plan::release(n.slot, rules, index, slots);
+        }
+        used
+    });
+    removed
+}
+
+/// Prunes what the budget refuses (see [`admit`]); returns how many merges it refused.
+pub fn admit_and_prune(
+    plan: &mut Plan,
+    rules: &Rules,
+    index: &mut ContentIndex,
+    slots: &mut SlotTable,
+    budget: &mut VmaBudget,
+) -> u64 {
+    let keep = admit(plan, slots, budget);
+    prune(plan, &keep, rules, index, slots)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::index::PageLoc;
+    use crate::plan::NewSlot;
+
+    fn loc(page: u32) -> PageLoc {
+        PageLoc {
+            guest: 0,
+            region: 0,
+            page,
+        }
+    }
+
+    fn slot_plan(pairs: &[(u32, u32)], slots: &mut SlotTable) -> Plan {
+        // (page, slot) assigns; every slot new, its first page the donor.
+        let mut plan = Plan::default();
+        for &(page, slot) in pairs {
+            if !slots.allocated(slot) {
+                assert_eq!(slots.alloc(slot, 0, 0, Some(slot)), Some(slot));
+                plan.new_slots.push(NewSlot {
+                    slot,
+                    donor: loc(page),
+                    node: 0,
+                });
+            }
+            plan.assigns.push(Assign {
+                loc: loc(page),
+                target: Target::Slot(slot),
+            });
+        }
+        plan.assigns.sort_by_key(|a| a.loc);
+        plan
+    }
+
+    const RULES: Rules = Rules {
+        use_zero_pages: true,
+        merge_across_nodes: true,
+        max_page_sharing: 256,
+    };
+
+    #[test]
+    fn runs_are_consecutive_pages_on_consecutive_slots() {
+        let mut slots = SlotTable::new();
+        let mut plan = slot_plan(
+            &[
+                (0, 10),
+                (1, 11),
+                (2, 12),
+                (3, 40),
+                (5, 41),
+                (6, 42),
+                (10, 10),
+            ],
+            &mut slots,
+        );
+        plan.assigns.push(Assign {
+            loc: loc(11),
+            target: Target::Zero,
+        });
+        let (ids, lens) = runs(&plan.assigns, &slots);
+        assert_eq!(ids, [0, 0, 0, 1, 2, 2, 3, u32::MAX]);
+        assert_eq!(lens, [3, 1, 2, 1]);
+    }
+
+    #[test]
+    fn refused_runs_are_taken_out_before_anything_is_filled() {
+        // Pages 0-2 open slots 0-2 with pages 10-12 (two runs), pages 20 and 30 open slot 5
+        // (two single pages). Budget: room for two remaps only.
+        let mut slots = SlotTable::new();
+        let mut plan = slot_plan(
+            &[
+                (0, 0),
+                (1, 1),
+                (2, 2),
+                (10, 0),
+                (11, 1),
+                (12, 2),
+                (20, 5),
+                (30, 5),
+            ],
+            &mut slots,
+        );
+        let mut index = ContentIndex::new();
+        index.number_region(0, 0, 0, 64);
+        let mut budget = VmaBudget::new(4, 0);
+        let refused = admit_and_prune(&mut plan, &RULES, &mut index, &mut slots, &mut budget);
+        assert_eq!(refused, 2);
+        assert_eq!(plan.assigns.len(), 6);
+        assert!(plan.assigns.iter().all(|a| a.target != Target::Slot(5)));
+        assert_eq!(plan.new_slots.len(), 3);
+        assert!(!slots.allocated(5), "the refused new slot is freed");
+        assert_eq!(slots.allocated_count(), 3);
+        assert_eq!(budget.used(), 4);
+        assert_eq!(budget.denied(), 2);
+    }
+
+    #[test]
+    fn a_new_slot_is_admitted_with_all_its_runs_or_not_at_all() {
+        // Slot 0's pages are in two runs; room for one remap: neither is admitted.
+        let mut slots = SlotTable::new();
+        let mut plan = slot_plan(&[(0, 0), (9, 0)], &mut slots);
+        let mut budget = VmaBudget::new(3, 0);
+        assert_eq!(admit(&plan, &slots, &mut budget), [false, false]);
+        // Joining pages of an existing slot are single runs, admitted one by one.
+        plan.new_slots.clear();
+        let mut budget = VmaBudget::new(3, 0);
+        assert_eq!(admit(&plan, &slots, &mut budget), [true, false]);
+    }
+}
