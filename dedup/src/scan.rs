@@ -2,6 +2,11 @@
 //! `PAGEMAP_SCAN`, notice merged pages that a write made private (copy-on-write breaks), hash
 //! the private present pages that need it, apply the stability rule, and list the stable ones
 //! as merge candidates.
+//!
+//! When the guest's dirty-page source says that no page of the chunk was written and every
+//! page was looked at before, nothing can have changed (a copy-on-write break, a zero page
+//! filled, a page populated: each is a write), so the pagemap query is skipped, except on
+//! the passes that verify everything (see `Chunk::trust_clean`).
 
 use std::sync::OnceLock;
 
@@ -44,6 +49,9 @@ pub struct Chunk<'a> {
     pub metas: &'a mut [Meta],
     /// The region's dirty bitmap for this pass, when the guest has a dirty-page source.
     pub dirty: Option<&'a [u64]>,
+    /// Whether a chunk that the dirty bitmap reports unwritten may skip the pagemap query
+    /// (false on the passes that verify every page with pagemap).
+    pub trust_clean: bool,
 }
 
 /// What scanning a chunk found.
@@ -72,15 +80,53 @@ fn page_slice<'a>(addr: usize) -> &'a [u8] {
     unsafe { std::slice::from_raw_parts(addr as *const u8, PAGE_SIZE) }
 }
 
-/// Scans one chunk.
-pub fn scan_chunk(
-    c: &mut Chunk<'_>,
-    pagemap: &Pagemap,
-    topology: &dyn Topology,
-    collide: bool,
-) -> ChunkOut {
-    let cpu0 = thread_cpu_ns();
-    let mut out = ChunkOut::default();
+/// Whether the dirty bitmap reports no page of the chunk written and every page of it was looked
+/// at before.
+fn unwritten(c: &Chunk<'_>) -> bool {
+    let Some(d) = c.dirty else {
+        return false;
+    };
+    let first = c.first as usize;
+    let clean = (first..first + c.metas.len())
+        .all(|p| d.get(p / 64).is_some_and(|w| w & (1 << (p % 64)) == 0));
+    clean && c.metas.iter().all(|m| m.state() != PageState::New)
+}
+
+/// A chunk where nothing was written: merged, zero and empty pages stay as they are; pages with
+/// a hash are clean, so stable.
+fn idle_chunk(c: &mut Chunk<'_>, out: &mut ChunkOut) {
+    let zero = zero_hash();
+    let start = c.hva + c.first as usize * PAGE_SIZE;
+    for (i, meta) in c.metas.iter_mut().enumerate() {
+        let m = *meta;
+        if !m.has_hash() {
+            continue;
+        }
+        let next = stability::observe(m, Observation::Clean);
+        *meta = next;
+        if next.state() == PageState::Stable {
+            let page = c.first as usize + i;
+            let addr = start + i * PAGE_SIZE;
+            let is_zero_page =
+                next.payload() == zero && !next.remapped() && is_zero(page_slice(addr));
+            out.cands.push(Candidate {
+                loc: PageLoc {
+                    guest: c.guest,
+                    region: c.region,
+                    page: page as u32,
+                },
+                hash: next.payload(),
+                domain: c.domain,
+                node: 0,
+                zero: is_zero_page,
+            });
+        }
+    }
+}
+
+/// Reads the chunk's page categories and looks at every page; false when the pagemap query
+/// failed (the chunk is left untouched).
+fn scan_pages(c: &mut Chunk<'_>, pagemap: &Pagemap, collide: bool, out: &mut ChunkOut) -> bool {
     let start = c.hva + c.first as usize * PAGE_SIZE;
     let end = start + c.metas.len() * PAGE_SIZE;
     let mut cats: Vec<PageRegion> = Vec::with_capacity(16);
@@ -88,7 +134,7 @@ pub fn scan_chunk(
         out.tally
             .add(Trouble::Scan, &format_args!("PAGEMAP_SCAN: {e}"));
         out.failed = true;
-        return out;
+        return false;
     }
     let zero = zero_hash();
     let mut ri = 0;
@@ -167,6 +213,23 @@ pub fn scan_chunk(
                 zero: is_zero_page,
             });
         }
+    }
+    true
+}
+
+/// Scans one chunk.
+pub fn scan_chunk(
+    c: &mut Chunk<'_>,
+    pagemap: &Pagemap,
+    topology: &dyn Topology,
+    collide: bool,
+) -> ChunkOut {
+    let cpu0 = thread_cpu_ns();
+    let mut out = ChunkOut::default();
+    if c.trust_clean && unwritten(c) {
+        idle_chunk(c, &mut out);
+    } else if !scan_pages(c, pagemap, collide, &mut out) {
+        return out;
     }
     if topology.node_count() > 1 && !out.cands.is_empty() {
         let addrs: Vec<usize> = out

@@ -42,6 +42,10 @@ type Spec = (usize, usize, usize, usize);
 /// rest of the process may, and the automatic budget leaves room for it).
 const VMA_RECOUNT: Duration = Duration::from_secs(10);
 
+/// Every this many passes, chunks that the dirty-page source reports unwritten are checked with
+/// pagemap all the same (a source that missed a write then costs accounting, never data).
+const VERIFY_EVERY: u64 = 8;
+
 impl State {
     fn begin_pass(&mut self) {
         self.index.clear_pages();
@@ -135,6 +139,7 @@ impl State {
         self.probe_vma_limit(pass, wall0);
         let (specs, done) = self.take_specs(max_pages.max(1));
         let collide = ctx.faults.collide_hashes();
+        let trust_clean = (pass + 1) % VERIFY_EVERY != 0;
 
         // Scan chunks in parallel.
         let outs = {
@@ -167,6 +172,7 @@ impl State {
                             domain,
                             metas: mine,
                             dirty,
+                            trust_clean,
                         });
                     }
                 }

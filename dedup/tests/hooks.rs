@@ -106,3 +106,47 @@ fn excluded_pages_are_not_merged() {
     }
     assert_contents(&a, &[5; 32]);
 }
+
+#[test]
+fn unwritten_chunks_skip_pagemap_but_writes_are_seen() {
+    let a = memory(1024);
+    let seeds: Vec<u64> = (0..1024).map(|i| 1 + i % 8).collect();
+    fill_all(&a, &seeds);
+    let log = Arc::new(Log::default());
+    let engine = Engine::new(fast_config()).unwrap();
+    engine
+        .register(
+            GuestConfig::new("a", "d").with_dirty_source(log.clone()),
+            a.clone(),
+        )
+        .unwrap();
+    engine.scan_pass().unwrap();
+    let s = engine.scan_pass().unwrap();
+    assert_eq!(s.pages_sharing, 1024 - 8);
+    // A reported write breaks sharing; the next pass sees it (the page's chunk is queried).
+    fill(&a, 5, 999);
+    *log.dirty.lock().unwrap() = vec![5];
+    let s = engine.scan_pass().unwrap();
+    assert_eq!(s.cow_breaks, 1);
+    assert_eq!(s.pages_sharing, 1024 - 8 - 1);
+    // A write the source misses (page 700, in another chunk) is found by the pass that
+    // verifies every chunk with pagemap, at the latest eight passes on.
+    fill(&a, 700, 998);
+    let mut passes = 0;
+    while engine.stats().cow_breaks < 2 {
+        engine.scan_pass().unwrap();
+        passes += 1;
+        assert!(
+            passes <= 8,
+            "a missed write went unnoticed for {passes} passes"
+        );
+    }
+    assert!(
+        passes > 1,
+        "unwritten chunks were queried at once: {passes}"
+    );
+    let mut want = seeds.clone();
+    want[5] = 999;
+    want[700] = 998;
+    assert_contents(&a, &want);
+}
