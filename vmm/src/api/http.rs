@@ -1,7 +1,9 @@
-//! Just enough HTTP/1.1 for the control API: one request per connection, a body only with
+//! The control API's HTTP/1.1 framing: one request per connection, a body only with
 //! `Content-Length` (at most [`MAX_BODY`]), the reply with `Content-Length` and
-//! `Connection: close`. Every request that cannot be served gets a 4xx with a JSON error; a
-//! declared body larger than the limit is refused before anything of it is read or allocated.
+//! `Connection: close`. The request line and headers are parsed by `httparse` (hyper's
+//! parser); this module adds the limits: every request that cannot be served gets a 4xx with a
+//! JSON error, and a declared body larger than the limit is refused before anything of it is
+//! read or allocated.
 //!
 //! (It replaces tiny_http 0.12, which aborted the whole process on a request declaring a
 //! huge `Content-Length`, by allocating that much to drain it, and never answered a request
@@ -13,6 +15,9 @@ use super::routes::{MAX_BODY, Reply};
 
 /// Largest request line and headers accepted, in bytes.
 pub const MAX_HEAD: usize = 16 << 10;
+
+/// Most headers in a request.
+const MAX_HEADERS: usize = 64;
 
 /// A request's line and the headers that matter here.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -51,75 +56,77 @@ fn quoted(bytes: &[u8]) -> String {
     format!("{:?}", text)
 }
 
-/// Parses the request line and headers (without the blank line that ends them).
-pub fn parse_head(head: &[u8]) -> Result<Head, Reply> {
+/// The first line of what the client sent, for error messages.
+fn first_line(bytes: &[u8]) -> &[u8] {
+    let end = bytes
+        .iter()
+        .position(|&b| b == b'\n')
+        .unwrap_or(bytes.len());
+    bytes[..end].strip_suffix(b"\r").unwrap_or(&bytes[..end])
+}
+
+/// Parses the request line and headers at the start of `buf`: `Ok(None)` while they are
+/// incomplete, else the head and the length of the bytes it took (blank line included).
+pub fn parse_head(buf: &[u8]) -> Result<Option<(Head, usize)>, Reply> {
     let bad = |m: String| Reply::error(400, m);
-    let mut lines = head
-        .split(|&b| b == b'\n')
-        .map(|l| l.strip_suffix(b"\r").unwrap_or(l));
-    let line = lines.next().unwrap_or_default();
-    let parts: Vec<&[u8]> = line.split(|&b| b == b' ').collect();
-    let [method, target, version] = parts.as_slice() else {
-        return Err(bad(format!(
-            "not an HTTP request line: {}; send e.g. GET /stats HTTP/1.1",
-            quoted(line)
-        )));
+    let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
+    let mut request = httparse::Request::new(&mut headers);
+    let len = match request.parse(buf) {
+        Ok(httparse::Status::Complete(len)) => len,
+        Ok(httparse::Status::Partial) => return Ok(None),
+        Err(httparse::Error::Version) => {
+            return Err(bad(format!(
+                "unsupported HTTP version in {}: use HTTP/1.1",
+                quoted(first_line(buf))
+            )));
+        }
+        Err(httparse::Error::TooManyHeaders) => {
+            return Err(Reply::error(
+                431,
+                format!("more than {MAX_HEADERS} header fields"),
+            ));
+        }
+        Err(e) => {
+            return Err(bad(format!(
+                "not an HTTP/1.1 request ({e}) in {}; send e.g. GET /stats HTTP/1.1",
+                quoted(first_line(buf))
+            )));
+        }
     };
-    if method.is_empty()
-        || target.is_empty()
-        || method
-            .iter()
-            .chain(target.iter())
-            .any(|b| !b.is_ascii_graphic())
-    {
-        return Err(bad(format!("bad method or target in {}", quoted(line))));
-    }
-    if *version != b"HTTP/1.1" && *version != b"HTTP/1.0" {
-        return Err(bad(format!(
-            "unsupported HTTP version {}: use HTTP/1.1",
-            quoted(version)
-        )));
-    }
+    // A complete parse always has both; a request line without them is not one.
+    let (Some(method), Some(target)) = (request.method, request.path) else {
+        return Err(bad("not an HTTP request line".into()));
+    };
     let mut content_length: Option<usize> = None;
     let mut expect_continue = false;
-    for l in lines {
-        let Some(colon) = l.iter().position(|&b| b == b':') else {
-            return Err(bad(format!("bad header line {}", quoted(l))));
-        };
-        let name = String::from_utf8_lossy(&l[..colon]).to_ascii_lowercase();
-        let value = String::from_utf8_lossy(&l[colon + 1..]).trim().to_string();
-        if name.is_empty() || name.bytes().any(|b| !b.is_ascii_graphic()) {
-            return Err(bad(format!("bad header line {}", quoted(l))));
-        }
-        match name.as_str() {
-            "content-length" => {
-                if value.is_empty() || !value.bytes().all(|b| b.is_ascii_digit()) {
-                    return Err(bad(format!(
-                        "bad Content-Length {}",
-                        quoted(value.as_bytes())
-                    )));
-                }
-                // Too many digits for usize: larger than any limit anyway.
-                let n: usize = value.parse().unwrap_or(usize::MAX);
-                if content_length.is_some_and(|c| c != n) {
-                    return Err(bad("conflicting Content-Length headers".into()));
-                }
-                content_length = Some(n);
+    for h in request.headers.iter() {
+        let value = String::from_utf8_lossy(h.value).trim().to_string();
+        if h.name.eq_ignore_ascii_case("content-length") {
+            if value.is_empty() || !value.bytes().all(|b| b.is_ascii_digit()) {
+                return Err(bad(format!(
+                    "bad Content-Length {}",
+                    quoted(value.as_bytes())
+                )));
             }
-            "transfer-encoding" => {
-                return Err(Reply::error(
-                    411,
-                    "send the body with Content-Length (no Transfer-Encoding)",
-                ));
+            // Too many digits for usize: larger than any limit anyway.
+            let n: usize = value.parse().unwrap_or(usize::MAX);
+            if content_length.is_some_and(|c| c != n) {
+                return Err(bad("conflicting Content-Length headers".into()));
             }
-            "expect" if value.eq_ignore_ascii_case("100-continue") => expect_continue = true,
-            "expect" => {
+            content_length = Some(n);
+        } else if h.name.eq_ignore_ascii_case("transfer-encoding") {
+            return Err(Reply::error(
+                411,
+                "send the body with Content-Length (no Transfer-Encoding)",
+            ));
+        } else if h.name.eq_ignore_ascii_case("expect") {
+            if !value.eq_ignore_ascii_case("100-continue") {
                 return Err(Reply::error(
                     417,
                     format!("unsupported Expect {}", quoted(value.as_bytes())),
                 ));
             }
-            _ => {}
+            expect_continue = true;
         }
     }
     let content_length = content_length.unwrap_or(0);
@@ -129,12 +136,13 @@ pub fn parse_head(head: &[u8]) -> Result<Head, Reply> {
             format!("body larger than {MAX_BODY} bytes"),
         ));
     }
-    Ok(Head {
-        method: String::from_utf8_lossy(method).into_owned(),
-        target: String::from_utf8_lossy(target).into_owned(),
+    let head = Head {
+        method: method.to_string(),
+        target: target.to_string(),
         content_length,
         expect_continue,
-    })
+    };
+    Ok(Some((head, len)))
 }
 
 /// Reads one request from `stream`: `Ok(None)` when the client sent nothing, `Err` with the
@@ -142,9 +150,11 @@ pub fn parse_head(head: &[u8]) -> Result<Head, Reply> {
 pub fn read_request(stream: &mut (impl Read + Write)) -> Result<Option<(Head, Vec<u8>)>, Reply> {
     let mut buf = Vec::with_capacity(1024);
     let mut chunk = [0u8; 4096];
-    let end = loop {
-        if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
-            break i;
+    let (head, len) = loop {
+        if !buf.is_empty()
+            && let Some(parsed) = parse_head(&buf)?
+        {
+            break parsed;
         }
         if buf.len() > MAX_HEAD {
             return Err(Reply::error(
@@ -160,8 +170,7 @@ pub fn read_request(stream: &mut (impl Read + Write)) -> Result<Option<(Head, Ve
             Err(e) => return Err(Reply::error(400, format!("cannot read the request: {e}"))),
         }
     };
-    let head = parse_head(&buf[..end])?;
-    let mut body = buf.split_off(end + 4);
+    let mut body = buf.split_off(len);
     if body.len() > head.content_length {
         return Err(Reply::error(
             400,

@@ -22,6 +22,12 @@ use routes::Reply;
 /// How long a client may take to send its request, or to take the reply, per read or write.
 const CLIENT_TIMEOUT: Duration = Duration::from_secs(5);
 
+/// How long a refused request's unread bytes are drained before the connection is closed.
+const LINGER: Duration = Duration::from_millis(500);
+
+/// Most bytes drained from a refused request.
+const LINGER_BYTES: usize = 1 << 20;
+
 /// Errors starting the control API.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -157,19 +163,56 @@ impl Drop for ApiServer {
     }
 }
 
+/// How a request was answered.
+struct Answer {
+    method: String,
+    target: String,
+    reply: Reply,
+    /// Whether the client may still be sending a request that was refused unread.
+    unread: bool,
+}
+
 /// Reads one request from `stream` and answers it.
-fn answer(stream: &mut UnixStream, control: &dyn Control) -> Option<(String, String, Reply)> {
+fn answer(stream: &mut UnixStream, control: &dyn Control) -> Option<Answer> {
     let (head, body) = match http::read_request(stream) {
         Ok(Some(request)) => request,
         Ok(None) => return None,
-        Err(reply) => return Some((String::new(), String::new(), reply)),
+        Err(reply) => {
+            return Some(Answer {
+                method: String::new(),
+                target: String::new(),
+                reply,
+                unread: true,
+            });
+        }
     };
     let method = head.method.to_ascii_uppercase();
     let reply = catch_unwind(AssertUnwindSafe(|| {
         routes::handle(control, &method, &head.target, &body)
     }))
     .unwrap_or_else(|_| Reply::error(500, "internal error while handling the request"));
-    Some((method, head.target, reply))
+    Some(Answer {
+        method,
+        target: head.target,
+        reply,
+        unread: false,
+    })
+}
+
+/// Reads and drops what the client still sends, for a short while: closing a unix socket with
+/// unread data resets the connection, and the client could lose the reply it has not read yet.
+fn drain(stream: &mut UnixStream) {
+    if let Err(e) = stream.set_read_timeout(Some(LINGER)) {
+        log::debug!("api: socket timeout: {e}");
+    }
+    let mut sink = [0u8; 4096];
+    let mut drained = 0;
+    while drained < LINGER_BYTES {
+        match io::Read::read(stream, &mut sink) {
+            Ok(0) | Err(_) => break,
+            Ok(n) => drained += n,
+        }
+    }
 }
 
 fn serve(mut stream: UnixStream, control: &dyn Control) {
@@ -178,12 +221,21 @@ fn serve(mut stream: UnixStream, control: &dyn Control) {
             log::debug!("api: socket timeout: {e}");
         }
     }
-    let Some((method, target, reply)) = answer(&mut stream, control) else {
+    let Some(answer) = answer(&mut stream, control) else {
         return;
     };
-    log::debug!("api: {method} {target} -> {}", reply.status);
-    if let Err(e) = http::write_reply(&mut stream, &reply, method == "HEAD") {
+    log::debug!(
+        "api: {} {} -> {}",
+        answer.method,
+        answer.target,
+        answer.reply.status
+    );
+    if let Err(e) = http::write_reply(&mut stream, &answer.reply, answer.method == "HEAD") {
         log::debug!("api: the client went away: {e}");
+    }
+    if answer.unread {
+        let _ = stream.shutdown(std::net::Shutdown::Write);
+        drain(&mut stream);
     }
     let _ = stream.shutdown(std::net::Shutdown::Both);
 }
