@@ -7,8 +7,8 @@
 use hashbrown::HashMap;
 
 use crate::budget::{Admission, VmaBudget};
-use crate::index::ContentIndex;
-use crate::plan::{self, Assign, Plan, Rules, Target};
+use crate::index::{ContentIndex, Entry};
+use crate::plan::{self, Assign, Plan, PlanView, Rules, Target};
 use crate::slots::SlotTable;
 
 /// Run number of each planned merge (`u32::MAX` for zero pages), and the length of each run.
@@ -89,13 +89,15 @@ pub fn admit(plan: &Plan, slots: &SlotTable, budget: &mut VmaBudget) -> Vec<bool
 }
 
 /// Takes the merges where `keep` is false out of `plan`, and frees the new slots left without
-/// any merge (never filled: no punch needed). Returns how many merges were taken out.
+/// any merge (never filled: no punch needed); their donors are stable pages in the index again,
+/// as before the plan. Returns how many merges were taken out.
 pub fn prune(
     plan: &mut Plan,
     keep: &[bool],
     rules: &Rules,
     index: &mut ContentIndex,
     slots: &mut SlotTable,
+    view: &impl PlanView,
 ) -> u64 {
     if keep.iter().all(|&k| k) {
         return 0;
@@ -118,7 +120,14 @@ pub fn prune(
     plan.new_slots.retain(|n| {
         let used = left.get(&n.slot).copied().unwrap_or(0) > 0;
         if !used {
+            let key = plan::index_key(rules, slots.domain(n.slot), slots.node(n.slot));
+            let hash = slots.hash(n.slot);
             plan::release(n.slot, rules, index, slots);
+            if view.stable_hash(n.donor) == Some(hash) {
+                index.insert(key, hash, Entry::Page(n.donor), |e| {
+                    plan::entry_hash(slots, view, e)
+                });
+            }
         }
         used
     });
@@ -131,10 +140,11 @@ pub fn admit_and_prune(
     rules: &Rules,
     index: &mut ContentIndex,
     slots: &mut SlotTable,
+    view: &impl PlanView,
     budget: &mut VmaBudget,
 ) -> u64 {
     let keep = admit(plan, slots, budget);
-    prune(plan, &keep, rules, index, slots)
+    prune(plan, &keep, rules, index, slots, view)
 }
 
 #[cfg(test)]
@@ -172,6 +182,24 @@ mod tests {
         plan
     }
 
+    /// Every planned page is stable with its slot's hash.
+    struct Stable(Vec<(u32, u32)>);
+
+    impl PlanView for Stable {
+        fn stable_hash(&self, l: PageLoc) -> Option<u32> {
+            self.0.iter().find(|p| p.0 == l.page).map(|p| p.1)
+        }
+        fn same_content(&self, _: PageLoc, _: PageLoc) -> bool {
+            true
+        }
+        fn matches_slot(&self, _: PageLoc, _: u32) -> bool {
+            true
+        }
+        fn distrusted(&self, _: PageLoc) -> bool {
+            false
+        }
+    }
+
     const RULES: Rules = Rules {
         use_zero_pages: true,
         merge_across_nodes: true,
@@ -206,29 +234,43 @@ mod tests {
     fn refused_runs_are_taken_out_before_anything_is_filled() {
         // Pages 0-2 open slots 0-2 with pages 10-12 (two runs), pages 20 and 30 open slot 5
         // (two single pages). Budget: room for two remaps only.
+        let pairs = [
+            (0, 0),
+            (1, 1),
+            (2, 2),
+            (10, 0),
+            (11, 1),
+            (12, 2),
+            (20, 5),
+            (30, 5),
+        ];
         let mut slots = SlotTable::new();
-        let mut plan = slot_plan(
-            &[
-                (0, 0),
-                (1, 1),
-                (2, 2),
-                (10, 0),
-                (11, 1),
-                (12, 2),
-                (20, 5),
-                (30, 5),
-            ],
-            &mut slots,
-        );
+        let mut plan = slot_plan(&pairs, &mut slots);
+        let view = Stable(pairs.to_vec());
         let mut index = ContentIndex::new();
         index.number_region(0, 0, 0, 64);
+        // As the planner leaves it: the slot in place of its donor's entry.
+        let key = plan::index_key(&RULES, 0, 0);
+        index.insert(key, 5, Entry::Slot(5), |_| Some(5));
         let mut budget = VmaBudget::new(4, 0);
-        let refused = admit_and_prune(&mut plan, &RULES, &mut index, &mut slots, &mut budget);
+        let refused = admit_and_prune(
+            &mut plan,
+            &RULES,
+            &mut index,
+            &mut slots,
+            &view,
+            &mut budget,
+        );
         assert_eq!(refused, 2);
         assert_eq!(plan.assigns.len(), 6);
         assert!(plan.assigns.iter().all(|a| a.target != Target::Slot(5)));
         assert_eq!(plan.new_slots.len(), 3);
         assert!(!slots.allocated(5), "the refused new slot is freed");
+        assert_eq!(
+            index.lookup(key, 5, |e| plan::entry_hash(&slots, &view, e), |_| true),
+            [Entry::Page(loc(20))],
+            "its donor is a stable page in the index again"
+        );
         assert_eq!(slots.allocated_count(), 3);
         assert_eq!(budget.used(), 4);
         assert_eq!(budget.denied(), 2);

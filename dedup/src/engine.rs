@@ -170,6 +170,8 @@ impl Engine {
             vma_probe: false,
             vmas_changed: true,
             vmas_counted: None,
+            quiet: false,
+            changed: true,
         };
         let engine = Engine {
             inner: Arc::new(Inner {
@@ -226,6 +228,7 @@ impl Engine {
         }
         // Whatever failed may work with the new settings: try everything again now.
         st.troubles.retry_now();
+        st.stir();
         drop(st);
         *self
             .inner
@@ -297,6 +300,7 @@ impl Engine {
             st.next_page_id += r.pages as u64;
         }
         st.guests[gi] = Some(g);
+        st.stir();
         st.measure_vmas();
         self.publish(&st);
         Ok(id)
@@ -330,6 +334,7 @@ impl Engine {
                 ..Cursor::default()
             };
         }
+        st.stir();
         st.rebuild_refs(&self.inner.faults);
         st.measure_vmas();
         self.publish(&st);
@@ -398,6 +403,7 @@ impl Engine {
             }
         }
         st.index.clear_pages();
+        st.stir();
         st.rebuild_refs(&self.inner.faults);
         st.measure_vmas();
         self.publish(&st);
@@ -494,6 +500,7 @@ impl Engine {
             .ok_or(EngineError::NoAddress(gpa.0))?;
         let first = ((gpa.0 - r.gpa) / page) as usize;
         st.discard(gi, ri, first, (len / page) as usize)?;
+        st.stir();
         let unref = st.slots.unreferenced();
         st.release_slots(unref, &self.inner.faults);
         self.publish(&st);

@@ -59,6 +59,8 @@ pub struct Chunk<'a> {
 pub struct ChunkOut {
     /// Stable private pages.
     pub cands: Vec<Candidate>,
+    /// For each candidate: it was not stable before this look (it is new to the planner).
+    pub fresh: Vec<bool>,
     /// Slots that lost a sharer to a write.
     pub broken_slots: Vec<u32>,
     /// Zero pages written since they were dropped.
@@ -105,6 +107,7 @@ fn idle_chunk(c: &mut Chunk<'_>, out: &mut ChunkOut) {
         let next = stability::observe(m, Observation::Clean);
         *meta = next;
         if next.state() == PageState::Stable {
+            out.fresh.push(m.state() != PageState::Stable);
             let page = c.first as usize + i;
             let addr = start + i * PAGE_SIZE;
             let is_zero_page =
@@ -199,6 +202,7 @@ fn scan_pages(c: &mut Chunk<'_>, pagemap: &Pagemap, collide: bool, out: &mut Chu
         };
         *meta = next;
         if next.state() == PageState::Stable {
+            out.fresh.push(m.state() != PageState::Stable);
             let is_zero_page =
                 next.payload() == zero && !next.remapped() && is_zero(page_slice(addr));
             out.cands.push(Candidate {
@@ -250,6 +254,7 @@ pub fn scan_chunk(
                     &format_args!("NUMA query, chunk skipped: {e}"),
                 );
                 out.cands.clear();
+                out.fresh.clear();
             }
         }
     }

@@ -69,6 +69,13 @@ pub(crate) struct State {
     pub vmas_changed: bool,
     /// When the VMAs were last counted.
     pub vmas_counted: Option<std::time::Instant>,
+    /// The pass going on began after a pass that changed nothing: the index kept its stable
+    /// pages, and only pages new to the planner are planned (the others would be decided the
+    /// same way again).
+    pub quiet: bool,
+    /// Something changed during the pass going on (a merge, a copy-on-write break, a slot
+    /// freed, a failure, the VMA count, a registration or a setting).
+    pub changed: bool,
 }
 
 impl State {
@@ -105,9 +112,19 @@ impl State {
             .collect()
     }
 
+    /// Something outside the scan changed guest memory, pages or settings: the next pass
+    /// plans every stable page again.
+    pub fn stir(&mut self) {
+        self.changed = true;
+        self.quiet = false;
+    }
+
     /// Frees slots nobody maps: punches their pool pages, then forgets them. Slots whose punch
     /// fails stay allocated and are tried again later.
     pub fn release_slots(&mut self, mut slots: Vec<u32>, faults: &crate::fault::Faults) {
+        if !slots.is_empty() {
+            self.changed = true;
+        }
         slots.sort_unstable();
         let mut i = 0;
         while i < slots.len() {

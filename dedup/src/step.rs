@@ -10,7 +10,10 @@ use std::time::{Duration, Instant};
 use rayon::prelude::*;
 use vm_memory::GuestAddress;
 
-use crate::backoff::{Tally, Trouble};
+use std::sync::Mutex;
+
+use crate::admit;
+use crate::backoff::{Tally, Trouble, Troubles};
 use crate::budget::VmaBudget;
 use crate::commit::commit_plan;
 use crate::fault::Faults;
@@ -48,7 +51,9 @@ const VERIFY_EVERY: u64 = 8;
 
 impl State {
     fn begin_pass(&mut self) {
-        self.index.clear_pages();
+        if !self.quiet {
+            self.index.clear_pages();
+        }
         for g in self.guests.iter_mut().flatten() {
             for r in &mut g.regions {
                 r.dirty = None;
@@ -186,22 +191,40 @@ impl State {
             })
         };
         let mut cands = Vec::new();
+        let quiet = self.quiet;
         for (out, spec) in outs.into_iter().zip(&specs) {
             worker_cpu += out.cpu_ns;
             if let Some(g) = self.guests.get_mut(spec.0).and_then(Option::as_mut) {
                 g.pages_scanned += out.scanned;
                 g.cow_breaks += out.broken_slots.len() as u64 + out.zero_broken;
             }
+            if !out.broken_slots.is_empty() || out.zero_broken > 0 {
+                self.changed = true;
+            }
             for s in out.broken_slots {
                 self.slots.dec(s);
             }
-            cands.extend(out.cands);
+            if quiet {
+                // Only the pages new to the planner: the others were planned when nothing
+                // had changed since, and would be decided the same way.
+                cands.extend(
+                    out.cands
+                        .into_iter()
+                        .zip(out.fresh)
+                        .filter_map(|(c, f)| f.then_some(c)),
+                );
+            } else {
+                cands.extend(out.cands);
+            }
             tally.absorb(out.tally);
         }
 
         let t_scan = Instant::now();
-        // Plan: the index lookups in parallel, the decisions in order.
-        let plan = {
+        // Plan: the index lookups in parallel, the decisions in order. Then leave out what a
+        // backed-off failure would refuse, and what the VMA budget refuses: neither is filled,
+        // protected nor counted as an attempt.
+        let mut budget = std::mem::replace(&mut self.budget, Mutex::new(VmaBudget::new(0, 0)));
+        let (plan, held, refused) = {
             let mut index = std::mem::take(&mut self.index);
             let mut slots = std::mem::take(&mut self.slots);
             let rules = self.rules;
@@ -215,27 +238,23 @@ impl State {
                 });
                 plan::Prefetch::join(parts)
             });
-            let p = plan::plan_with(&cands, &rules, &mut index, &mut slots, &view, pre.as_ref());
+            let mut p =
+                plan::plan_with(&cands, &rules, &mut index, &mut slots, &view, pre.as_ref());
+            let keep = hold_back(&self.troubles, &p, &slots, pass, wall0);
+            let held = admit::prune(&mut p, &keep, &rules, &mut index, &mut slots, &view);
+            let refused = match budget.get_mut() {
+                Ok(b) => admit::admit_and_prune(&mut p, &rules, &mut index, &mut slots, &view, b),
+                Err(_) => 0,
+            };
             self.index = index;
             self.slots = slots;
-            p
+            (p, held, refused)
         };
-        // Leave out what a backed-off failure would refuse, then what the VMA budget refuses:
-        // neither is filled, protected nor counted as an attempt.
-        let mut plan = plan;
-        self.totals.held_back += self.hold_back(&mut plan, pass, wall0);
-        {
-            let State {
-                budget,
-                rules,
-                index,
-                slots,
-                ..
-            } = self;
-            if let Ok(b) = budget.get_mut() {
-                self.totals.failures.vma_budget +=
-                    crate::admit::admit_and_prune(&mut plan, rules, index, slots, b);
-            }
+        self.budget = budget;
+        self.totals.held_back += held;
+        self.totals.failures.vma_budget += refused;
+        if !plan.assigns.is_empty() || !tally.is_empty() {
+            self.changed = true;
         }
 
         let t_plan = Instant::now();
@@ -368,42 +387,6 @@ impl State {
         }
     }
 
-    /// Takes out of `plan` the merges a backed-off failure would refuse: all of them while
-    /// write-protecting fails, remaps while remapping fails, zero pages while dropping them
-    /// fails, and new slots of a node whose pool fails. Returns how many were taken out.
-    fn hold_back(&mut self, plan: &mut plan::Plan, pass: u64, now: Instant) -> u64 {
-        let t = &self.troubles;
-        if t.episodes().iter().all(|e| !e.trouble.backs_off()) {
-            return 0;
-        }
-        let protect = t.allowed(Trouble::Protect, pass, now);
-        let remap = t.allowed(Trouble::Remap, pass, now);
-        let zero = t.allowed(Trouble::ZeroPage, pass, now);
-        let new: HashSet<u32> = plan.new_slots.iter().map(|n| n.slot).collect();
-        let keep: Vec<bool> = plan
-            .assigns
-            .iter()
-            .map(|a| {
-                protect
-                    && match a.target {
-                        Target::Zero => zero,
-                        Target::Slot(s) => {
-                            remap
-                                && (!new.contains(&s)
-                                    || t.allowed(Trouble::Pool(self.slots.node(s)), pass, now))
-                        }
-                    }
-            })
-            .collect();
-        let State {
-            rules,
-            index,
-            slots,
-            ..
-        } = self;
-        crate::admit::prune(plan, &keep, rules, index, slots)
-    }
-
     /// Hands a step's failures and successes to `troubles` and writes the log lines that
     /// come back. A remap that failed with ENOMEM teaches the budget the VMA count of now.
     fn settle_troubles(
@@ -497,7 +480,10 @@ impl State {
         self.totals.full_scans += 1;
         self.in_pass = false;
         self.cursor = Cursor::default();
-        self.rebuild_refs(faults);
+        // Slot references change only with what marks the pass changed.
+        if self.changed {
+            self.rebuild_refs(faults);
+        }
         if let Ok(mut b) = self.budget.lock() {
             b.pass_done();
         }
@@ -505,6 +491,8 @@ impl State {
         if self.vmas_changed || stale {
             self.measure_vmas();
         }
+        self.quiet = !self.changed && self.troubles.episodes().is_empty();
+        self.changed = false;
         for l in self
             .troubles
             .pass_done(self.totals.full_scans, Instant::now())
@@ -523,10 +511,48 @@ impl State {
         self.vmas_counted = Some(Instant::now());
         let max = procfs::max_map_count().unwrap_or(65530);
         if let Ok(mut b) = self.budget.lock() {
+            let before = (b.used(), b.limit());
             b.measured(inside as u64);
             if self.budget_auto {
                 b.set_limit(VmaBudget::default_limit(max, (total - inside) as u64));
             }
+            if (b.used(), b.limit()) != before {
+                self.changed = true;
+            }
         }
     }
+}
+
+/// Which merges of `plan` to keep: not those a backed-off failure would refuse (all of them
+/// while write-protecting fails, remaps while remapping fails, zero pages while dropping them
+/// fails, new slots of a node whose pool fails).
+fn hold_back(
+    troubles: &Troubles,
+    plan: &plan::Plan,
+    slots: &crate::slots::SlotTable,
+    pass: u64,
+    now: Instant,
+) -> Vec<bool> {
+    let t = troubles;
+    if t.episodes().iter().all(|e| !e.trouble.backs_off()) {
+        return vec![true; plan.assigns.len()];
+    }
+    let protect = t.allowed(Trouble::Protect, pass, now);
+    let remap = t.allowed(Trouble::Remap, pass, now);
+    let zero = t.allowed(Trouble::ZeroPage, pass, now);
+    let new: HashSet<u32> = plan.new_slots.iter().map(|n| n.slot).collect();
+    plan.assigns
+        .iter()
+        .map(|a| {
+            protect
+                && match a.target {
+                    Target::Zero => zero,
+                    Target::Slot(s) => {
+                        remap
+                            && (!new.contains(&s)
+                                || t.allowed(Trouble::Pool(slots.node(s)), pass, now))
+                    }
+                }
+        })
+        .collect()
 }
