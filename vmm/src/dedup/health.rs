@@ -6,7 +6,9 @@
 //! A failing system call never stops the engine: the batch it concerns rolls back and the pages
 //! stay private with their content. The engine is *degraded* while such failures keep
 //! happening: a cause counts as long as its failures grew during the current or the last
-//! completed pass over guest memory, and clears after a whole pass without one. `vma_budget`
+//! completed pass over guest memory, or the engine reports that kind of failure going on
+//! (`Stats::failing`: while a failing operation backs off its counters stand still), and
+//! clears after a whole pass without one once the engine no longer reports it. `vma_budget`
 //! counts the merges the VMA budget refused (only zero pages and runs merge while it is tight);
 //! `memory_pressure` is a state: the memory guard paused merging.
 
@@ -256,6 +258,29 @@ fn counters(s: &Stats) -> [(Cause, u64); 7] {
     ]
 }
 
+/// The cause a kind of failure the engine reports going on (`Stats::failing`) belongs to.
+/// `vma_limit` is left to its counter: once a remap fails with ENOMEM the engine keeps under the
+/// limit it learnt, and what holds merges back from then on is the VMA budget (`vma_budget`).
+fn cause_of_failing(name: &str) -> Option<Cause> {
+    Some(match name {
+        "pool" | "punch" => Cause::Pool,
+        "guard" => Cause::Guard,
+        "remap" => Cause::Remap,
+        "protect" => Cause::Protect,
+        "zero_page" => Cause::ZeroPage,
+        _ => return None,
+    })
+}
+
+/// Whether the engine reports a failure of `cause` going on. Between the tries of its
+/// backoff a failing operation is not tried, so its counters stand still; the cause holds
+/// until the engine sees the operation succeed again.
+fn engine_failing(s: &Stats, cause: Cause) -> bool {
+    s.failing
+        .iter()
+        .any(|f| cause_of_failing(&f.cause) == Some(cause))
+}
+
 fn detail(cause: Cause, s: &Stats) -> String {
     let f = &s.failures;
     match cause {
@@ -322,7 +347,8 @@ impl Tracker {
                 mark.grew_at = Some(s.full_scans);
             }
             mark.value = value;
-            if mark.grew_at.is_some_and(|p| s.full_scans <= p + 1) {
+            let grew_lately = mark.grew_at.is_some_and(|p| s.full_scans <= p + 1);
+            if grew_lately || engine_failing(s, cause) {
                 now.push(Reason {
                     cause,
                     detail: detail(cause, s),
@@ -389,6 +415,28 @@ mod tests {
         let c = t.update(&stats(6, 5), None);
         assert_eq!(c.ended, vec![Cause::Pool]);
         assert!(t.reasons().is_empty());
+    }
+
+    #[test]
+    fn a_failure_the_engine_holds_back_degrades_while_its_counters_stand_still() {
+        let mut t = Tracker::default();
+        let mut s = stats(3, 2);
+        s.failing.push(vm_dedup::Failing {
+            cause: "pool".into(),
+            what: "the pool of node 0".into(),
+            failures: 2,
+            last_error: "Operation not permitted (os error 1)".into(),
+            secs: 1,
+            held_back: true,
+        });
+        assert_eq!(t.update(&s, None).began.len(), 1);
+        // Many passes without a try (backoff): still degraded.
+        s.full_scans = 40;
+        assert_eq!(t.update(&s, None), Changes::default());
+        assert_eq!(t.reasons()[0].cause, Cause::Pool);
+        // The engine saw the pool work again: the cause ends.
+        s.failing.clear();
+        assert_eq!(t.update(&s, None).ended, vec![Cause::Pool]);
     }
 
     #[test]
