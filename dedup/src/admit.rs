@@ -47,34 +47,44 @@ pub fn runs(assigns: &[Assign], slots: &SlotTable) -> (Vec<u32>, Vec<usize>) {
 /// partner ran out of budget; zero pages cost no VMA. Refusals are counted by the budget.
 pub fn admit(plan: &Plan, slots: &SlotTable, budget: &mut VmaBudget) -> Vec<bool> {
     let (ids, lens) = runs(&plan.assigns, slots);
-    let mut slot_runs: HashMap<u32, Vec<u32>> = HashMap::new();
-    for (a, &r) in plan.assigns.iter().zip(&ids) {
-        if let Target::Slot(s) = a.target {
-            let v = slot_runs.entry(s).or_default();
-            if !v.contains(&r) {
-                v.push(r);
-            }
-        }
-    }
+    // The runs holding each new slot's pages: (new slot's number in the plan, run), sorted.
+    let new: HashMap<u32, u32> = plan
+        .new_slots
+        .iter()
+        .enumerate()
+        .map(|(k, n)| (n.slot, k as u32))
+        .collect();
+    let mut slot_runs: Vec<(u32, u32)> = plan
+        .assigns
+        .iter()
+        .zip(&ids)
+        .filter_map(|(a, &r)| match a.target {
+            Target::Slot(s) => new.get(&s).map(|&k| (k, r)),
+            Target::Zero => None,
+        })
+        .collect();
+    slot_runs.sort_unstable();
+    slot_runs.dedup();
     let mut state: Vec<Option<bool>> = vec![None; lens.len()];
-    for n in &plan.new_slots {
-        let Some(rs) = slot_runs.get(&n.slot) else {
-            continue;
-        };
-        let refused = rs.iter().any(|&r| state[r as usize] == Some(false));
-        let need: Vec<u32> = rs
-            .iter()
-            .copied()
-            .filter(|&r| state[r as usize].is_none())
-            .collect();
+    let (mut need, mut need_lens): (Vec<u32>, Vec<usize>) = (Vec::new(), Vec::new());
+    for group in slot_runs.chunk_by(|a, b| a.0 == b.0) {
+        let refused = group.iter().any(|&(_, r)| state[r as usize] == Some(false));
+        need.clear();
+        need.extend(
+            group
+                .iter()
+                .map(|&(_, r)| r)
+                .filter(|&r| state[r as usize].is_none()),
+        );
         let ok = if refused {
             budget.refuse(need.len() as u64);
             false
         } else {
-            let need_lens: Vec<usize> = need.iter().map(|&r| lens[r as usize]).collect();
+            need_lens.clear();
+            need_lens.extend(need.iter().map(|&r| lens[r as usize]));
             budget.admit_all(&need_lens) == Admission::Admitted
         };
-        for r in need {
+        for &r in &need {
             state[r as usize] = Some(ok);
         }
     }
@@ -192,7 +202,7 @@ mod tests {
         fn same_content(&self, _: PageLoc, _: PageLoc) -> bool {
             true
         }
-        fn matches_slot(&self, _: PageLoc, _: u32) -> bool {
+        fn matches_slot(&self, _: PageLoc, _: u8, _: u32) -> bool {
             true
         }
         fn distrusted(&self, _: PageLoc) -> bool {

@@ -104,15 +104,134 @@ fn mix(hash: u32) -> u64 {
     (u64::from(hash) | (u64::from(hash) << 32)).wrapping_mul(0x9E37_79B9_7F4A_7C15)
 }
 
-/// The content index.
+/// Number of shards of the index: an entry lives in the shard its content hash picks, so the
+/// decisions for different shards never touch the same entries and can be taken in parallel.
+pub const SHARDS: usize = 64;
+
+/// The shard of a content hash.
+pub fn shard_of(hash: u32) -> usize {
+    hash as usize % SHARDS
+}
+
+/// One shard of the content index: the entries whose hash picks it, per table.
 #[derive(Debug, Default)]
-pub struct ContentIndex {
+pub struct IndexShard {
     tables: HashMap<IndexKey, HashTable<u32>>,
+}
+
+/// The content index.
+#[derive(Debug)]
+pub struct ContentIndex {
+    shards: Vec<IndexShard>,
     numbering: Numbering,
+}
+
+impl Default for ContentIndex {
+    fn default() -> Self {
+        ContentIndex {
+            shards: (0..SHARDS).map(|_| IndexShard::default()).collect(),
+            numbering: Numbering::default(),
+        }
+    }
 }
 
 /// Most entries looked at for one hash (bounds the work when many contents collide).
 pub const MAX_PROBE: usize = 16;
+
+/// The page numbering that index entries use, shared by every shard.
+#[derive(Debug, Clone, Copy)]
+pub struct Numbers<'a>(&'a Numbering);
+
+impl Numbers<'_> {
+    fn pack(self, e: Entry) -> Option<u32> {
+        match e {
+            Entry::Slot(s) => (s < PAGE_TAG).then_some(s),
+            Entry::Page(l) => self.0.id(l).map(|id| id | PAGE_TAG),
+        }
+    }
+
+    fn unpack(self, v: u32) -> Option<Entry> {
+        if v & PAGE_TAG == 0 {
+            Some(Entry::Slot(v))
+        } else {
+            self.0.loc(v & !PAGE_TAG).map(Entry::Page)
+        }
+    }
+}
+
+impl IndexShard {
+    /// [`ContentIndex::lookup_into`] within this shard.
+    pub fn lookup_into(
+        &self,
+        nums: Numbers<'_>,
+        key: IndexKey,
+        hash: u32,
+        hash_of: impl Fn(Entry) -> Option<u32>,
+        usable: impl Fn(Entry) -> bool,
+        out: &mut Vec<Entry>,
+    ) {
+        out.clear();
+        let Some(t) = self.tables.get(&key) else {
+            return;
+        };
+        out.extend(
+            t.iter_hash(mix(hash))
+                .filter_map(|&v| nums.unpack(v))
+                .filter(|&e| usable(e) && hash_of(e) == Some(hash))
+                .take(MAX_PROBE),
+        );
+    }
+
+    /// [`ContentIndex::insert`] within this shard.
+    pub fn insert(
+        &mut self,
+        nums: Numbers<'_>,
+        key: IndexKey,
+        hash: u32,
+        entry: Entry,
+        hash_of: impl Fn(Entry) -> Option<u32>,
+    ) {
+        let Some(packed) = nums.pack(entry) else {
+            return;
+        };
+        let t = self.tables.entry(key).or_default();
+        t.insert_unique(mix(hash), packed, |&v| {
+            mix(nums.unpack(v).and_then(&hash_of).unwrap_or(0))
+        });
+    }
+
+    /// [`ContentIndex::replace`] within this shard.
+    pub fn replace(
+        &mut self,
+        nums: Numbers<'_>,
+        key: IndexKey,
+        hash: u32,
+        old: Entry,
+        new: Entry,
+        hash_of: impl Fn(Entry) -> Option<u32>,
+    ) {
+        if let (Some(packed), Some(new_packed)) = (nums.pack(old), nums.pack(new)) {
+            if let Some(t) = self.tables.get_mut(&key) {
+                if let Some(v) = t.find_mut(mix(hash), |&v| v == packed) {
+                    *v = new_packed;
+                    return;
+                }
+            }
+        }
+        self.insert(nums, key, hash, new, hash_of);
+    }
+
+    fn remove(&mut self, nums: Numbers<'_>, key: IndexKey, hash: u32, entry: Entry) {
+        let Some(packed) = nums.pack(entry) else {
+            return;
+        };
+        if let Some(t) = self.tables.get_mut(&key) {
+            if let Ok(e) = t.find_entry(mix(hash), |&v| v == packed) {
+                e.remove();
+            }
+        }
+    }
+}
 
 impl ContentIndex {
     /// An empty index.
@@ -135,19 +254,14 @@ impl ContentIndex {
         self.numbering.rebuild();
     }
 
-    fn pack(&self, e: Entry) -> Option<u32> {
-        match e {
-            Entry::Slot(s) => (s < PAGE_TAG).then_some(s),
-            Entry::Page(l) => self.numbering.id(l).map(|id| id | PAGE_TAG),
-        }
+    /// The page numbering and every shard, to work on the shards in parallel.
+    pub fn shards_mut(&mut self) -> (Numbers<'_>, &mut [IndexShard]) {
+        (Numbers(&self.numbering), &mut self.shards)
     }
 
-    fn unpack(&self, v: u32) -> Option<Entry> {
-        if v & PAGE_TAG == 0 {
-            Some(Entry::Slot(v))
-        } else {
-            self.numbering.loc(v & !PAGE_TAG).map(Entry::Page)
-        }
+    /// The page numbering and the shard of `hash`.
+    pub fn shard(&self, hash: u32) -> (Numbers<'_>, &IndexShard) {
+        (Numbers(&self.numbering), &self.shards[shard_of(hash)])
     }
 
     /// Up to [`MAX_PROBE`] entries of table `key` whose content hash is `hash` (as told by
@@ -173,16 +287,8 @@ impl ContentIndex {
         usable: impl Fn(Entry) -> bool,
         out: &mut Vec<Entry>,
     ) {
-        out.clear();
-        let Some(t) = self.tables.get(&key) else {
-            return;
-        };
-        out.extend(
-            t.iter_hash(mix(hash))
-                .filter_map(|&v| self.unpack(v))
-                .filter(|&e| usable(e) && hash_of(e) == Some(hash))
-                .take(MAX_PROBE),
-        );
+        let (nums, shard) = self.shard(hash);
+        shard.lookup_into(nums, key, hash, hash_of, usable, out);
     }
 
     /// Adds an entry with content hash `hash`.
@@ -193,21 +299,8 @@ impl ContentIndex {
         entry: Entry,
         hash_of: impl Fn(Entry) -> Option<u32>,
     ) {
-        let Some(packed) = self.pack(entry) else {
-            return;
-        };
-        let numbering = &self.numbering;
-        let t = self.tables.entry(key).or_default();
-        let unpack = |v: u32| {
-            if v & PAGE_TAG == 0 {
-                Some(Entry::Slot(v))
-            } else {
-                numbering.loc(v & !PAGE_TAG).map(Entry::Page)
-            }
-        };
-        t.insert_unique(mix(hash), packed, |&v| {
-            mix(unpack(v).and_then(&hash_of).unwrap_or(0))
-        });
+        let nums = Numbers(&self.numbering);
+        self.shards[shard_of(hash)].insert(nums, key, hash, entry, hash_of);
     }
 
     /// Replaces `old` (hash `hash`) by `new` with the same hash; inserts `new` if `old` is gone.
@@ -219,32 +312,27 @@ impl ContentIndex {
         new: Entry,
         hash_of: impl Fn(Entry) -> Option<u32>,
     ) {
-        if let (Some(packed), Some(new_packed)) = (self.pack(old), self.pack(new)) {
-            if let Some(t) = self.tables.get_mut(&key) {
-                if let Some(v) = t.find_mut(mix(hash), |&v| v == packed) {
-                    *v = new_packed;
-                    return;
-                }
-            }
-        }
-        self.insert(key, hash, new, hash_of);
+        let nums = Numbers(&self.numbering);
+        self.shards[shard_of(hash)].replace(nums, key, hash, old, new, hash_of);
     }
 
     /// Removes an entry with hash `hash`, if present.
     pub fn remove(&mut self, key: IndexKey, hash: u32, entry: Entry) {
-        let Some(packed) = self.pack(entry) else {
-            return;
-        };
-        if let Some(t) = self.tables.get_mut(&key) {
-            if let Ok(e) = t.find_entry(mix(hash), |&v| v == packed) {
-                e.remove();
-            }
-        }
+        let nums = Numbers(&self.numbering);
+        self.shards[shard_of(hash)].remove(nums, key, hash, entry);
+    }
+
+    fn tables_mut(&mut self) -> impl Iterator<Item = &mut HashTable<u32>> {
+        self.shards.iter_mut().flat_map(|s| s.tables.values_mut())
+    }
+
+    fn tables(&self) -> impl Iterator<Item = &HashTable<u32>> {
+        self.shards.iter().flat_map(|s| s.tables.values())
     }
 
     /// Drops every page entry (the unstable part is rebuilt each full pass).
     pub fn clear_pages(&mut self) {
-        for t in self.tables.values_mut() {
+        for t in self.tables_mut() {
             t.retain(|v| *v & PAGE_TAG == 0);
         }
     }
@@ -258,7 +346,7 @@ impl ContentIndex {
             .filter(|r| r.guest == guest)
             .map(|r| (r.base | PAGE_TAG, (r.base + r.pages) | PAGE_TAG))
             .collect();
-        for t in self.tables.values_mut() {
+        for t in self.tables_mut() {
             t.retain(|&mut v| !ranges.iter().any(|&(lo, hi)| v >= lo && v < hi));
         }
         self.numbering.regions.retain(|r| r.guest != guest);
@@ -267,12 +355,14 @@ impl ContentIndex {
 
     /// Drops everything.
     pub fn clear(&mut self) {
-        self.tables.clear();
+        for s in &mut self.shards {
+            s.tables.clear();
+        }
     }
 
     /// Number of entries.
     pub fn len(&self) -> usize {
-        self.tables.values().map(HashTable::len).sum()
+        self.tables().map(HashTable::len).sum()
     }
 
     /// Whether the index is empty.
@@ -282,11 +372,18 @@ impl ContentIndex {
 
     /// Bytes of memory the index holds.
     pub fn memory_bytes(&self) -> usize {
-        self.tables
-            .values()
-            .map(HashTable::allocation_size)
-            .sum::<usize>()
+        self.tables().map(HashTable::allocation_size).sum::<usize>()
             + self.numbering.regions.capacity() * std::mem::size_of::<Numbered>()
+    }
+
+    #[cfg(test)]
+    fn pack(&self, e: Entry) -> Option<u32> {
+        Numbers(&self.numbering).pack(e)
+    }
+
+    #[cfg(test)]
+    fn unpack(&self, v: u32) -> Option<Entry> {
+        Numbers(&self.numbering).unpack(v)
     }
 }
 

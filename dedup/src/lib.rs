@@ -85,6 +85,7 @@ pub mod unmerge;
 mod account;
 mod admit;
 mod commit;
+mod decide;
 mod state;
 mod step;
 

@@ -142,7 +142,7 @@ impl PlanView for SimView<'_> {
     fn same_content(&self, a: PageLoc, b: PageLoc) -> bool {
         self.content[a.page as usize] == self.content[b.page as usize]
     }
-    fn matches_slot(&self, loc: PageLoc, slot: u32) -> bool {
+    fn matches_slot(&self, loc: PageLoc, _node: u8, slot: u32) -> bool {
         self.slot_content.get(&slot) == Some(&self.content[loc.page as usize])
     }
     fn distrusted(&self, loc: PageLoc) -> bool {

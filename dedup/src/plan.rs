@@ -3,9 +3,7 @@
 //! The commit itself (write-protect, compare, remap) lives in `merge`; the reference model that
 //! these decisions are checked against lives in `model`.
 
-use hashbrown::{HashMap, HashSet};
-
-use crate::index::{ANY_NODE, ContentIndex, Entry, IndexKey, MAX_PROBE, PageLoc};
+use crate::index::{ANY_NODE, ContentIndex, Entry, IndexKey, PageLoc};
 use crate::slots::SlotTable;
 
 /// A stable private page offered for merging.
@@ -79,9 +77,9 @@ pub trait PlanView {
     /// Unguarded byte comparison of two pages, to avoid opening a slot for a hash collision
     /// when several entries share a hash or the candidate is distrusted.
     fn same_content(&self, a: PageLoc, b: PageLoc) -> bool;
-    /// Unguarded comparison of a page with a filled slot, used only when several entries share
-    /// a hash, to pick the right one.
-    fn matches_slot(&self, loc: PageLoc, slot: u32) -> bool;
+    /// Unguarded comparison of a page with a filled slot (in the pool of `node`), used only
+    /// when several entries share a hash, to pick the right one.
+    fn matches_slot(&self, loc: PageLoc, node: u8, slot: u32) -> bool;
     /// Whether a merge of this page was refused for differing bytes before: its hash is not
     /// trusted alone any more (a collision), so it is compared before being planned.
     fn distrusted(&self, loc: PageLoc) -> bool;
@@ -107,208 +105,31 @@ pub fn entry_hash(slots: &SlotTable, view: &impl PlanView, e: Entry) -> Option<u
     }
 }
 
-/// Index lookups done ahead of [`plan_with`], for each candidate, without the room rule (which
-/// depends on the plan's own decisions). Chunks of candidates can be looked up in parallel
-/// ([`prefetch`]) and joined in order ([`Prefetch::join`]).
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub struct Prefetch {
-    entries: Vec<Entry>,
-    /// Per candidate: first entry and count.
-    spans: Vec<(u32, u8)>,
-}
-
-impl Prefetch {
-    /// The lookups of consecutive chunks of candidates, in order.
-    pub fn join(parts: Vec<Prefetch>) -> Prefetch {
-        let mut out = Prefetch::default();
-        for p in parts {
-            let base = out.entries.len() as u32;
-            out.entries.extend(p.entries);
-            out.spans
-                .extend(p.spans.into_iter().map(|(s, n)| (s + base, n)));
-        }
-        out
-    }
-
-    fn get(&self, i: usize) -> Option<&[Entry]> {
-        let &(s, n) = self.spans.get(i)?;
-        self.entries.get(s as usize..s as usize + usize::from(n))
-    }
-}
-
-/// Looks up the index entries of each candidate (see [`Prefetch`]); reads only.
-pub fn prefetch(
-    cands: &[Candidate],
-    rules: &Rules,
-    index: &ContentIndex,
-    slots: &SlotTable,
-    view: &impl PlanView,
-) -> Prefetch {
-    let mut out = Prefetch {
-        entries: Vec::with_capacity(cands.len()),
-        spans: Vec::with_capacity(cands.len()),
-    };
-    let mut found = Vec::with_capacity(MAX_PROBE);
-    for c in cands {
-        let start = out.entries.len() as u32;
-        if !(c.zero && rules.use_zero_pages) {
-            let key = index_key(rules, c.domain, c.node);
-            index.lookup_into(
-                key,
-                c.hash,
-                |e| entry_hash(slots, view, e),
-                |_| true,
-                &mut found,
-            );
-            out.entries.extend_from_slice(&found);
-        }
-        out.spans.push((start, found.len() as u8));
-        found.clear();
-    }
-    out
-}
-
-/// Decides the merges of `cands` (in address order), updating the index and allocating slots.
+/// Decides the merges of `cands` (in address order), updating the index and allocating slots:
+/// zero pages go to the zero page; a page whose content has a slot with room joins it; a page
+/// with a stable partner opens a slot with it (the partner is the donor); others are entered in
+/// the index. The new slots are numbered in donor order, runs of consecutive donors on
+/// consecutive slots (see `decide`).
 pub fn plan(
     cands: &[Candidate],
     rules: &Rules,
     index: &mut ContentIndex,
     slots: &mut SlotTable,
-    view: &impl PlanView,
+    view: &(impl PlanView + Sync),
 ) -> Plan {
-    plan_with(cands, rules, index, slots, view, None)
+    crate::decide::decide(cands, rules, index, slots, view, None)
 }
 
-/// [`plan`], with the index lookups of the candidates done ahead (`pre`, from [`prefetch`] on
-/// the same index): the expensive, cache-missing part of planning can then run in parallel, and
-/// the decisions, taken in order here, are the same. A lookup is done again where the plan has
-/// changed the index for that hash, or where the prefetched list was full (it may have been cut
-/// before entries that the room rule would let through).
-pub fn plan_with(
+/// [`plan`], the index's shards decided in parallel on `threads`: the same plan.
+pub fn plan_parallel(
     cands: &[Candidate],
     rules: &Rules,
     index: &mut ContentIndex,
     slots: &mut SlotTable,
-    view: &impl PlanView,
-    pre: Option<&Prefetch>,
+    view: &(impl PlanView + Sync),
+    threads: &rayon::ThreadPool,
 ) -> Plan {
-    let mut touched: HashSet<(IndexKey, u32)> = HashSet::new();
-    let mut out = Plan::default();
-    out.assigns.reserve(cands.len());
-    let mut pending: HashMap<u32, u32> = HashMap::with_capacity(cands.len() / 2);
-    let mut assigned: HashSet<PageLoc> = HashSet::with_capacity(cands.len());
-    let mut last_new: Option<(PageLoc, u32)> = None;
-    let mut donors: HashMap<u32, PageLoc> = HashMap::with_capacity(cands.len() / 2);
-    let mut entries: Vec<Entry> = Vec::with_capacity(MAX_PROBE);
-    let max = u32::from(rules.max_page_sharing.max(2));
-    for (ci, c) in cands.iter().enumerate() {
-        if assigned.contains(&c.loc) {
-            continue;
-        }
-        if c.zero && rules.use_zero_pages {
-            out.assigns.push(Assign {
-                loc: c.loc,
-                target: Target::Zero,
-            });
-            assigned.insert(c.loc);
-            continue;
-        }
-        let key = index_key(rules, c.domain, c.node);
-        let has_room =
-            |s: u32| u32::from(slots.refs(s)) + pending.get(&s).copied().unwrap_or(0) < max;
-        let usable = |e: Entry| match e {
-            Entry::Slot(s) => has_room(s),
-            Entry::Page(_) => true,
-        };
-        let ahead = pre
-            .and_then(|p| p.get(ci))
-            .filter(|l| l.len() < MAX_PROBE && !touched.contains(&(key, c.hash)));
-        match ahead {
-            Some(list) => {
-                entries.clear();
-                entries.extend(list.iter().copied().filter(|&e| usable(e)));
-            }
-            None => index.lookup_into(
-                key,
-                c.hash,
-                |e| entry_hash(slots, view, e),
-                usable,
-                &mut entries,
-            ),
-        }
-        // With one entry the hash decides (the guarded comparison catches a collision); with
-        // several, compare now to pick the right one.
-        let several = entries.len() > 1 || view.distrusted(c.loc);
-        let same_as_slot = |s: u32| {
-            !several
-                || match donors.get(&s) {
-                    Some(&d) => view.same_content(d, c.loc),
-                    None => view.matches_slot(c.loc, s),
-                }
-        };
-        let open = entries.iter().find_map(|&e| match e {
-            Entry::Slot(s) if has_room(s) && same_as_slot(s) => Some(s),
-            _ => None,
-        });
-        if let Some(s) = open {
-            *pending.entry(s).or_insert(0) += 1;
-            out.assigns.push(Assign {
-                loc: c.loc,
-                target: Target::Slot(s),
-            });
-            assigned.insert(c.loc);
-            continue;
-        }
-        // A lone partner with the same hash is trusted (a collision only costs a slot with one
-        // sharer, and makes the candidate distrusted); with several, or a distrusted candidate,
-        // the bytes are compared first.
-        let partner = entries.iter().find_map(|&e| match e {
-            Entry::Page(p)
-                if p != c.loc
-                    && !assigned.contains(&p)
-                    && (!several || view.same_content(p, c.loc)) =>
-            {
-                Some(p)
-            }
-            _ => None,
-        });
-        if let Some(p) = partner {
-            let prefer = last_new
-                .filter(|(d, _)| d.guest == p.guest && d.region == p.region && d.page + 1 == p.page)
-                .map(|(_, s)| s + 1);
-            let Some(s) = slots.alloc(c.hash, c.node, c.domain, prefer) else {
-                continue;
-            };
-            out.new_slots.push(NewSlot {
-                slot: s,
-                donor: p,
-                node: c.node,
-            });
-            for loc in [p, c.loc] {
-                out.assigns.push(Assign {
-                    loc,
-                    target: Target::Slot(s),
-                });
-                assigned.insert(loc);
-            }
-            pending.insert(s, 2);
-            donors.insert(s, p);
-            index.replace(key, c.hash, Entry::Page(p), Entry::Slot(s), |e| {
-                entry_hash(slots, view, e)
-            });
-            touched.insert((key, c.hash));
-            last_new = Some((p, s));
-            continue;
-        }
-        if !entries.contains(&Entry::Page(c.loc)) {
-            index.insert(key, c.hash, Entry::Page(c.loc), |e| {
-                entry_hash(slots, view, e)
-            });
-            touched.insert((key, c.hash));
-        }
-    }
-    out.assigns.sort_by_key(|a| a.loc);
-    out
+    crate::decide::decide(cands, rules, index, slots, view, Some(threads))
 }
 
 /// Applies the commit's results: `merged[i]` tells whether `plan.assigns[i]` happened. Adds the
@@ -348,7 +169,7 @@ mod tests {
         fn same_content(&self, a: PageLoc, b: PageLoc) -> bool {
             self.0[a.page as usize].1 == self.0[b.page as usize].1
         }
-        fn matches_slot(&self, _loc: PageLoc, _slot: u32) -> bool {
+        fn matches_slot(&self, _loc: PageLoc, _node: u8, _slot: u32) -> bool {
             false
         }
         fn distrusted(&self, _loc: PageLoc) -> bool {
@@ -421,8 +242,8 @@ mod tests {
             fn same_content(&self, a: PageLoc, b: PageLoc) -> bool {
                 self.0.same_content(a, b)
             }
-            fn matches_slot(&self, loc: PageLoc, slot: u32) -> bool {
-                self.0.matches_slot(loc, slot)
+            fn matches_slot(&self, loc: PageLoc, node: u8, slot: u32) -> bool {
+                self.0.matches_slot(loc, node, slot)
             }
             fn distrusted(&self, _loc: PageLoc) -> bool {
                 true
@@ -454,7 +275,7 @@ mod tests {
     }
 
     #[test]
-    fn prefetched_lookups_give_the_same_plan() {
+    fn shards_decided_in_parallel_give_the_same_plan() {
         // Pages with few hashes (some colliding with different content), three domains, a
         // small sharing limit, planned step by step so that later steps see earlier slots and
         // pages, and so that some hashes have more entries than a lookup returns.
@@ -468,7 +289,7 @@ mod tests {
         let pages: Vec<(u32, u64)> = (0..4000)
             .map(|_| {
                 let r = next();
-                let hash = (r % 12) as u32;
+                let hash = (r % 150) as u32;
                 let content = u64::from(hash) * 10 + (r >> 32) % 3;
                 (hash, content)
             })
@@ -485,6 +306,10 @@ mod tests {
         };
         let (mut idx_a, mut slots_a) = fresh();
         let (mut idx_b, mut slots_b) = fresh();
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(4)
+            .build()
+            .unwrap();
         let mut total = 0;
         for step in pages.chunks(500).enumerate() {
             let (n, chunk) = step;
@@ -498,13 +323,7 @@ mod tests {
                 })
                 .collect();
             let a = plan(&cands, &rules, &mut idx_a, &mut slots_a, &view);
-            let pre = Prefetch::join(
-                cands
-                    .chunks(64)
-                    .map(|ch| prefetch(ch, &rules, &idx_b, &slots_b, &view))
-                    .collect(),
-            );
-            let b = plan_with(&cands, &rules, &mut idx_b, &mut slots_b, &view, Some(&pre));
+            let b = plan_parallel(&cands, &rules, &mut idx_b, &mut slots_b, &view, &pool);
             assert_eq!(a, b, "step {n}");
             let merged = vec![true; a.assigns.len()];
             settle(&a, &merged, &mut slots_a);

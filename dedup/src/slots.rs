@@ -75,6 +75,43 @@ impl SlotTable {
         Some(slot)
     }
 
+    /// The first slot of `len` free slots in a row: the lowest free slot if the ones after it
+    /// are free too (the first few holes are tried), else the first slot past every allocated
+    /// one. `None` when slot numbers are exhausted.
+    pub fn free_stretch(&mut self, len: u32) -> Option<u32> {
+        let len = len.max(1) as usize;
+        while self.search_from < self.used.len() && self.used[self.search_from] == u64::MAX {
+            self.search_from += 1;
+        }
+        let end = self.used.len() * 64;
+        let mut s = self.search_from * 64;
+        for _ in 0..8 {
+            // The next hole from `s` on, word by word.
+            while s < end && self.used[s / 64] == u64::MAX {
+                s = (s / 64 + 1) * 64;
+            }
+            while s < end && self.is_used(s as u32) {
+                s += 1;
+            }
+            if s >= end {
+                break;
+            }
+            let mut e = s;
+            while e < end && e - s < len && !self.is_used(e as u32) {
+                e += 1;
+            }
+            if e - s >= len || e >= end {
+                return u32::try_from(s)
+                    .ok()
+                    .filter(|&s| s.saturating_add(len as u32 - 1) <= PAYLOAD_MASK);
+            }
+            s = e;
+        }
+        u32::try_from(end)
+            .ok()
+            .filter(|&s| s.saturating_add(len as u32 - 1) <= PAYLOAD_MASK)
+    }
+
     fn first_free(&mut self) -> Option<u32> {
         let start = self.search_from.min(self.used.len());
         for w in start..self.used.len() {
@@ -245,6 +282,26 @@ mod tests {
         assert_eq!(t.node(2), 1);
         assert_eq!(t.domain(2), 5);
         assert_eq!(t.allocated_count(), 5);
+    }
+
+    #[test]
+    fn free_stretch_skips_holes_too_small() {
+        let mut t = SlotTable::new();
+        for s in 0..10 {
+            t.alloc(1, 0, 0, Some(s));
+        }
+        t.free(2);
+        t.free(5);
+        t.free(6);
+        t.free(7);
+        assert_eq!(t.free_stretch(1), Some(2));
+        assert_eq!(t.free_stretch(3), Some(5));
+        assert_eq!(t.free_stretch(4), Some(10));
+        for s in 10..64 {
+            t.alloc(1, 0, 0, Some(s));
+        }
+        assert_eq!(t.free_stretch(4), Some(64));
+        assert_eq!(SlotTable::new().free_stretch(100), Some(0));
     }
 
     #[test]

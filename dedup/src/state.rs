@@ -222,8 +222,7 @@ impl PlanView for EngineView<'_> {
         }
     }
 
-    fn matches_slot(&self, loc: PageLoc, slot: u32) -> bool {
-        let node = self.state.slots.node(slot);
+    fn matches_slot(&self, loc: PageLoc, node: u8, slot: u32) -> bool {
         match (
             self.state.addr(loc),
             self.state.pools.slot_bytes(node, slot),

@@ -34,9 +34,8 @@ pub(crate) struct StepCtx<'a> {
     pub batch_pages: usize,
 }
 
-/// Candidates below which the planner looks the index up itself, and per parallel lookup task.
-const PREFETCH_MIN: usize = 4096;
-const PREFETCH_CHUNK: usize = 2048;
+/// Candidates below which the planner's shards are decided on this thread.
+const PARALLEL_PLAN_MIN: usize = 2048;
 
 /// One chunk to scan: guest, region, first page, page count.
 type Spec = (usize, usize, usize, usize);
@@ -229,17 +228,11 @@ impl State {
             let mut slots = std::mem::take(&mut self.slots);
             let rules = self.rules;
             let view = EngineView { state: self };
-            let pre = (cands.len() >= PREFETCH_MIN).then(|| {
-                let parts = ctx.threads.install(|| {
-                    cands
-                        .par_chunks(PREFETCH_CHUNK)
-                        .map(|ch| plan::prefetch(ch, &rules, &index, &slots, &view))
-                        .collect::<Vec<_>>()
-                });
-                plan::Prefetch::join(parts)
-            });
-            let mut p =
-                plan::plan_with(&cands, &rules, &mut index, &mut slots, &view, pre.as_ref());
+            let mut p = if cands.len() >= PARALLEL_PLAN_MIN {
+                plan::plan_parallel(&cands, &rules, &mut index, &mut slots, &view, ctx.threads)
+            } else {
+                plan::plan(&cands, &rules, &mut index, &mut slots, &view)
+            };
             let keep = hold_back(&self.troubles, &p, &slots, pass, wall0);
             let held = admit::prune(&mut p, &keep, &rules, &mut index, &mut slots, &view);
             let refused = match budget.get_mut() {
