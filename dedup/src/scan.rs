@@ -106,25 +106,38 @@ fn idle_chunk(c: &mut Chunk<'_>, out: &mut ChunkOut) {
         }
         let next = stability::observe(m, Observation::Clean);
         *meta = next;
-        if next.state() == PageState::Stable {
-            out.fresh.push(m.state() != PageState::Stable);
-            let page = c.first as usize + i;
-            let addr = start + i * PAGE_SIZE;
-            let is_zero_page =
-                next.payload() == zero && !next.remapped() && is_zero(page_slice(addr));
-            out.cands.push(Candidate {
-                loc: PageLoc {
-                    guest: c.guest,
-                    region: c.region,
-                    page: page as u32,
-                },
-                hash: next.payload(),
-                domain: c.domain,
-                node: 0,
-                zero: is_zero_page,
-            });
-        }
+        let loc = PageLoc {
+            guest: c.guest,
+            region: c.region,
+            page: c.first + i as u32,
+        };
+        offer(m, next, loc, c.domain, start + i * PAGE_SIZE, zero, out);
     }
+}
+
+/// Offers the page at `loc` (mapped at `addr`) as a merge candidate when its look left it
+/// stable (`was` before the look, `next` after), noting whether it just became stable.
+fn offer(
+    was: Meta,
+    next: Meta,
+    loc: PageLoc,
+    domain: u16,
+    addr: usize,
+    zero: u32,
+    out: &mut ChunkOut,
+) {
+    if next.state() != PageState::Stable {
+        return;
+    }
+    out.fresh.push(was.state() != PageState::Stable);
+    let is_zero_page = next.payload() == zero && !next.remapped() && is_zero(page_slice(addr));
+    out.cands.push(Candidate {
+        loc,
+        hash: next.payload(),
+        domain,
+        node: 0,
+        zero: is_zero_page,
+    });
 }
 
 /// Reads the chunk's page categories and looks at every page; false when the pagemap query
@@ -201,22 +214,12 @@ fn scan_pages(c: &mut Chunk<'_>, pagemap: &Pagemap, collide: bool, out: &mut Chu
             stability::observe(m, Observation::Clean)
         };
         *meta = next;
-        if next.state() == PageState::Stable {
-            out.fresh.push(m.state() != PageState::Stable);
-            let is_zero_page =
-                next.payload() == zero && !next.remapped() && is_zero(page_slice(addr));
-            out.cands.push(Candidate {
-                loc: PageLoc {
-                    guest: c.guest,
-                    region: c.region,
-                    page: page as u32,
-                },
-                hash: next.payload(),
-                domain: c.domain,
-                node: 0,
-                zero: is_zero_page,
-            });
-        }
+        let loc = PageLoc {
+            guest: c.guest,
+            region: c.region,
+            page: page as u32,
+        };
+        offer(m, next, loc, c.domain, addr, zero, out);
     }
     true
 }

@@ -311,110 +311,86 @@ pub fn punch_hole(fd: BorrowedFd<'_>, offset: u64, len: u64) -> io::Result<()> {
     Ok(())
 }
 
-/// A read-only shared view of a file, unmapped on drop.
+/// A shared mapping of a whole file range from offset 0, unmapped on drop.
 #[derive(Debug)]
-pub struct ReadView {
+struct FileMapping {
     addr: usize,
     len: usize,
 }
+
+impl FileMapping {
+    /// Maps `len` bytes of `fd` shared with protection `prot`, without reserving swap.
+    fn new(fd: BorrowedFd<'_>, len: usize, prot: libc::c_int) -> io::Result<Self> {
+        // SAFETY: a fresh mapping chosen by the kernel; it replaces nothing.
+        let p = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                prot,
+                libc::MAP_SHARED | libc::MAP_NORESERVE,
+                fd.as_raw_fd(),
+                0,
+            )
+        };
+        if p == libc::MAP_FAILED {
+            return Err(last_os_error());
+        }
+        Ok(FileMapping {
+            addr: p as usize,
+            len,
+        })
+    }
+}
+
+impl Drop for FileMapping {
+    fn drop(&mut self) {
+        // SAFETY: `addr`/`len` is the mapping this value created and still owns.
+        unsafe { libc::munmap(self.addr as *mut libc::c_void, self.len) };
+    }
+}
+
+/// A read-only shared view of a file, unmapped on drop.
+#[derive(Debug)]
+pub struct ReadView(FileMapping);
+
+/// A writable shared mapping of a file that user code never reads or writes: the target of
+/// `UFFDIO_COPY` into the file's holes. Unmapped on drop.
+#[derive(Debug)]
+pub struct FillView(FileMapping);
 
 impl ReadView {
     /// Maps `len` bytes of `fd` shared and read-only (beyond the file end reads fault, so the
     /// caller reads only what the file holds).
     pub fn new(fd: BorrowedFd<'_>, len: usize) -> io::Result<Self> {
-        // SAFETY: a fresh mapping chosen by the kernel; it replaces nothing.
-        let p = unsafe {
-            libc::mmap(
-                std::ptr::null_mut(),
-                len,
-                libc::PROT_READ,
-                libc::MAP_SHARED | libc::MAP_NORESERVE,
-                fd.as_raw_fd(),
-                0,
-            )
-        };
-        if p == libc::MAP_FAILED {
-            return Err(last_os_error());
-        }
-        Ok(ReadView {
-            addr: p as usize,
-            len,
-        })
+        FileMapping::new(fd, len, libc::PROT_READ).map(ReadView)
     }
-
-    /// Start address of the view.
-    pub fn addr(&self) -> usize {
-        self.addr
-    }
-
-    /// Length of the view in bytes.
-    pub fn len(&self) -> usize {
-        self.len
-    }
-
-    /// Whether the view is empty.
-    pub fn is_empty(&self) -> bool {
-        self.len == 0
-    }
-}
-
-impl Drop for ReadView {
-    fn drop(&mut self) {
-        // SAFETY: `addr`/`len` is the mapping this view created and still owns.
-        unsafe { libc::munmap(self.addr as *mut libc::c_void, self.len) };
-    }
-}
-
-/// A writable shared mapping of a file that user code never reads or writes: the target of
-/// `UFFDIO_COPY` into the file's holes. Unmapped on drop.
-#[derive(Debug)]
-pub struct FillView {
-    addr: usize,
-    len: usize,
 }
 
 impl FillView {
     /// Maps `len` bytes of `fd` shared and writable.
     pub fn new(fd: BorrowedFd<'_>, len: usize) -> io::Result<Self> {
-        // SAFETY: a fresh mapping chosen by the kernel; it replaces nothing.
-        let p = unsafe {
-            libc::mmap(
-                std::ptr::null_mut(),
-                len,
-                libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_SHARED | libc::MAP_NORESERVE,
-                fd.as_raw_fd(),
-                0,
-            )
-        };
-        if p == libc::MAP_FAILED {
-            return Err(last_os_error());
+        FileMapping::new(fd, len, libc::PROT_READ | libc::PROT_WRITE).map(FillView)
+    }
+}
+
+macro_rules! mapping_accessors {
+    ($($view:ty),*) => {$(
+        impl $view {
+            /// Start address of the mapping.
+            pub fn addr(&self) -> usize {
+                self.0.addr
+            }
+
+            /// Length of the mapping in bytes.
+            pub fn len(&self) -> usize {
+                self.0.len
+            }
+
+            /// Whether the mapping is empty.
+            pub fn is_empty(&self) -> bool {
+                self.0.len == 0
+            }
         }
-        Ok(FillView {
-            addr: p as usize,
-            len,
-        })
-    }
-
-    /// Start address of the mapping.
-    pub fn addr(&self) -> usize {
-        self.addr
-    }
-
-    /// Length of the mapping in bytes.
-    pub fn len(&self) -> usize {
-        self.len
-    }
-
-    /// Whether the mapping is empty.
-    pub fn is_empty(&self) -> bool {
-        self.len == 0
-    }
+    )*};
 }
-
-impl Drop for FillView {
-    fn drop(&mut self) {
-        // SAFETY: `addr`/`len` is the mapping this view created and still owns.
-        unsafe { libc::munmap(self.addr as *mut libc::c_void, self.len) };
-    }
-}
+mapping_accessors!(ReadView, FillView);
