@@ -2,7 +2,7 @@
 //! mapping and the split of the old one), and the whole process fails `mmap` and `mprotect` with
 //! ENOMEM past `vm.max_map_count`. The budget counts VMAs inside guest memory, is measured from
 //! /proc/self/maps at the end of a pass that changed them, charges two VMAs per remap in
-//! between, and is never exceeded. Past three quarters of it, only runs (several consecutive
+//! between, and is never exceeded. Past seven eighths of it, only runs (several consecutive
 //! pages in one remap) are admitted; zero pages cost no VMA and always continue.
 //!
 //! When a remap fails with ENOMEM all the same (the configured budget is more than the process
@@ -11,7 +11,10 @@
 
 /// VMAs one remap may add.
 pub const VMAS_PER_REMAP: u64 = 2;
-/// Shortest run admitted once the budget is three quarters used.
+/// The budget is tight (only runs are admitted) once `TIGHT_NUM / TIGHT_DEN` of it is used.
+const TIGHT_NUM: u64 = 7;
+const TIGHT_DEN: u64 = 8;
+/// Shortest run admitted once the budget is tight.
 pub const MIN_RUN_WHEN_TIGHT: usize = 4;
 
 /// A budget of VMAs inside guest memory.
@@ -139,7 +142,7 @@ impl VmaBudget {
 
     /// Whether only runs are admitted now.
     pub fn tight(&self) -> bool {
-        self.used.saturating_mul(4) >= self.limit().saturating_mul(3)
+        self.used.saturating_mul(TIGHT_DEN) >= self.limit().saturating_mul(TIGHT_NUM)
     }
 
     /// The limit in force: the configured one, or the learnt one when lower.
@@ -184,7 +187,8 @@ mod tests {
 
     #[test]
     fn tight_budget_admits_only_runs() {
-        let mut b = VmaBudget::new(100, 74);
+        let mut b = VmaBudget::new(100, 86);
+        assert!(!b.tight());
         assert_eq!(b.admit(1), Admission::Admitted);
         assert!(b.tight());
         assert_eq!(b.admit(1), Admission::TooShort);
@@ -196,11 +200,11 @@ mod tests {
 
     #[test]
     fn admit_all_is_all_or_nothing() {
-        let mut b = VmaBudget::new(10, 4);
+        let mut b = VmaBudget::new(20, 14);
         assert_eq!(b.admit_all(&[8, 8, 8, 8]), Admission::Exhausted);
-        assert_eq!(b.used(), 4);
+        assert_eq!(b.used(), 14);
         assert_eq!(b.admit_all(&[8, 8]), Admission::Admitted);
-        assert_eq!(b.used(), 8);
+        assert_eq!(b.used(), 18);
         assert_eq!(b.admit_all(&[1]), Admission::TooShort);
         assert_eq!(b.admit_all(&[]), Admission::Admitted);
     }
