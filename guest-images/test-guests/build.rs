@@ -44,7 +44,17 @@ fn build(name: &str, src_dir: &Path, out_dir: &Path, tools: &[String; 3]) -> Res
     let bin = out_dir.join(format!("{name}.bin"));
     let path = |p: &Path| p.to_string_lossy().into_owned();
 
-    run(assembler, &["--64", "-o", &path(&object), &path(&source)])?;
+    run(
+        assembler,
+        &[
+            "--64",
+            "-I",
+            &path(src_dir),
+            "-o",
+            &path(&object),
+            &path(&source),
+        ],
+    )?;
     run(
         linker,
         &[
@@ -74,6 +84,11 @@ fn main() -> ExitCode {
         tool("LD", "ld"),
         tool("OBJCOPY", "objcopy"),
     ];
+    // Shared by several guests through `.include`.
+    println!(
+        "cargo:rerun-if-changed={}",
+        src_dir.join("console.inc").display()
+    );
     for name in GUESTS {
         if let Err(e) = build(name, &src_dir, &out_dir, &tools) {
             eprintln!("test-guests: building {name}: {e}");

@@ -306,57 +306,7 @@ get_char:
     in al, dx
     ret
 
-/* Writes al to the UART. Clobbers rdx. */
-put_char:
-    push rax
-    mov dx, COM1_LSR
-1:  in al, dx
-    test al, LSR_THR_EMPTY
-    jz 1b
-    pop rax
-    mov dx, COM1
-    out dx, al
-    ret
-
-put_newline:
-    mov al, '\n'
-    jmp put_char
-
-/* Writes the NUL-terminated string at rsi. Clobbers rax, rdx, rsi. */
-put_str:
-1:  movzx eax, byte ptr [rsi]
-    test al, al
-    jz 2f
-    call put_char
-    inc rsi
-    jmp 1b
-2:  ret
-
-/* Writes rax in lowercase hex without leading zeros. Clobbers rax, rdx, r10. */
-put_hex:
-    push rbx
-    push rcx
-    mov rbx, rax
-    mov ecx, 60
-1:  test ecx, ecx
-    jz 2f
-    mov rax, rbx
-    shr rax, cl
-    test al, 0xf
-    jnz 2f
-    sub ecx, 4
-    jmp 1b
-2:  mov rax, rbx
-    shr rax, cl
-    and eax, 0xf
-    lea r10, [rip + hex_digits]
-    movzx eax, byte ptr [r10 + rax]
-    call put_char
-    sub ecx, 4
-    jns 2b
-    pop rcx
-    pop rbx
-    ret
+    .include "console.inc"
 
 /* Writes rax in decimal. Clobbers rax, rcx, rdx, rsi. */
 put_dec:
