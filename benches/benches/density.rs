@@ -250,6 +250,12 @@ fn run_mode(
         eprintln!();
     }
     let stats = read_stats_json(&stats_json);
+    // Kernel KSM's own memory for this VMM (reverse-map items), which no PSS shows; the
+    // engine's is in the VMM's PSS already.
+    let kernel_metadata = match mode.ksm_rate() {
+        Some(_) => Some(ksm::process_stat_of(vmm.pid())?.metadata_bytes(4096)),
+        None => None,
+    };
     let (pages_checked, pages_bad) = guests.check_and_stop(vmm)?;
     let _ = std::fs::remove_file(&stats_json);
     drop(cgroup);
@@ -272,6 +278,7 @@ fn run_mode(
             cap_secs: cap.as_secs_f64(),
             pages_checked,
             pages_bad,
+            kernel_metadata,
         },
         stats,
     })
@@ -413,7 +420,11 @@ fn write_results(config: &Config, set: &ResultSet<'_>) -> Result<Vec<Figures>> {
         "Savings are against the `none` run's final PSS; CPU-seconds are counted from the moment \
          every guest was ready (the VMM process's user + system time, plus `ksmd`'s for the KSM \
          modes); \"to 95%\" is the moment savings first reached 95% of the run's final savings. \
-         Cgroup memory is the VMM's own memory cgroup without file cache.\n\n",
+         Cgroup memory is the VMM's own memory cgroup without file cache. Merger memory outside \
+         PSS is kernel KSM's reverse-map items for the VMM, as the kernel counts them in \
+         `ksm_process_profit` (/proc/PID/ksm_stat, read just before the guests stop); this \
+         engine's own memory (page metadata, index, buffers) is in the VMM's PSS already, so \
+         \"saved net\" compares what each merger saves the host after its own memory.\n\n",
     );
     let from_start: Vec<String> = figures
         .iter()
@@ -655,6 +666,7 @@ fn main() -> ExitCode {
     };
     match run(&config) {
         Ok(Finished::Ran(Some(ratios))) => {
+            println!("{}", ratios.net_line());
             println!("{}", ratios.result_line());
             ExitCode::SUCCESS
         }

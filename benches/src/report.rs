@@ -27,6 +27,9 @@ pub struct ModeRun {
     pub pages_checked: usize,
     /// Of which did not match the image.
     pub pages_bad: usize,
+    /// Memory the merger spent outside the VMM's PSS, bytes: kernel KSM's reverse-map items
+    /// for the VMM (`None` for the other modes; the engine's memory is inside the PSS).
+    pub kernel_metadata: Option<u64>,
 }
 
 /// What a run gives, against the baseline memory without merging.
@@ -54,6 +57,11 @@ pub struct Figures {
     pub cgroup: Option<u64>,
     /// Final savings against the baseline, bytes.
     pub saved: i64,
+    /// The merger's memory outside the PSS ([`ModeRun::kernel_metadata`]), bytes.
+    pub kernel_metadata: Option<u64>,
+    /// `saved` less `kernel_metadata`: what merging saved the host net of every merger's own
+    /// memory.
+    pub saved_net: i64,
     /// Final savings as a fraction of guest RAM.
     pub saved_fraction: f64,
     /// Guests per GiB of host memory (PSS).
@@ -84,6 +92,11 @@ impl Figures {
             pss,
             cgroup: last.and_then(|s| s.cgroup),
             saved,
+            kernel_metadata: run.kernel_metadata,
+            saved_net: saved
+                - run
+                    .kernel_metadata
+                    .map_or(0, |m| i64::try_from(m).unwrap_or(i64::MAX)),
             saved_fraction: saved as f64 / guest_ram.max(1) as f64,
             density: f64::from(guests) / (pss.max(1) as f64 / GIB),
             pages: (run.pages_checked, run.pages_bad),
@@ -129,9 +142,10 @@ pub fn markdown_table(rows: &[Figures]) -> String {
     t.push_str(
         "| mode | ready (s) | converged | time to 95% (s) | CPU-s to 95% \
          | CPU-s, whole run (s watched) | host memory, PSS (MiB) | cgroup memory (MiB) \
-         | saved (MiB) | saved, % of guest RAM | guests per GiB | pages checked (bad) |\n",
+         | saved (MiB) | merger memory outside PSS (MiB) | saved net of it (MiB) \
+         | saved, % of guest RAM | guests per GiB | pages checked (bad) |\n",
     );
-    t.push_str("|---|--:|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|\n");
+    t.push_str("|---|--:|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|\n");
     for f in rows {
         let (t95, cpu95) = if f.converged {
             (secs(f.t95), secs(f.cpu95))
@@ -143,7 +157,7 @@ pub fn markdown_table(rows: &[Figures]) -> String {
         };
         let _ = writeln!(
             t,
-            "| {} | {:.1} | {} | {t95} | {cpu95} | {:.1} ({:.0}) | {} | {} | {} | {:.1}% | {:.2} | {} ({}) |",
+            "| {} | {:.1} | {} | {t95} | {cpu95} | {:.1} ({:.0}) | {} | {} | {} | {} | {} | {:.1}% | {:.2} | {} ({}) |",
             f.mode,
             f.ready_secs,
             if f.converged { "yes" } else { "no (time cap)" },
@@ -152,6 +166,8 @@ pub fn markdown_table(rows: &[Figures]) -> String {
             mib(f.pss),
             f.cgroup.map_or_else(|| "-".into(), mib),
             signed_mib(f.saved),
+            f.kernel_metadata.map_or_else(|| "-".into(), mib),
+            signed_mib(f.saved_net),
             (1000.0 * f.saved_fraction).round() / 10.0 + 0.0,
             f.density,
             f.pages.0,
@@ -196,6 +212,8 @@ pub struct Ratios {
     pub cpu_ratio: f64,
     /// Our final savings over KSM's.
     pub savings_ratio: f64,
+    /// The same, each net of its merger's memory outside the PSS (KSM's reverse-map items).
+    pub savings_ratio_net: f64,
 }
 
 impl Ratios {
@@ -207,7 +225,17 @@ impl Ratios {
             speedup: ksm_t / our_t.max(1e-3),
             cpu_ratio: our_cpu / ksm_cpu.max(1e-3),
             savings_ratio: ours.saved as f64 / (ksm.saved.max(1) as f64),
+            savings_ratio_net: ours.saved_net as f64 / (ksm.saved_net.max(1) as f64),
         })
+    }
+
+    /// The line before the benchmark's last: the savings compared net of the mergers' memory.
+    pub fn net_line(&self) -> String {
+        format!(
+            "savings net of the mergers' own memory outside the PSS (kernel KSM's reverse-map \
+             items): savings_ratio_net={:.3}",
+            self.savings_ratio_net
+        )
     }
 
     /// The benchmark's last line.
@@ -242,6 +270,7 @@ mod tests {
             cap_secs: 300.0,
             pages_checked: 8,
             pages_bad: 0,
+            kernel_metadata: None,
         }
     }
 
@@ -290,6 +319,22 @@ mod tests {
             r.result_line(),
             "RESULT speedup_vs_ksm_max=10.00 cpu_ratio=0.200 savings_ratio=2.000"
         );
+        assert!((r.savings_ratio_net - 2.0).abs() < 1e-9);
+        // KSM's reverse-map items come off its savings: 0.5 GiB - 0.25 GiB.
+        let with_items = ModeRun {
+            kernel_metadata: Some(G / 4),
+            ..ksm.clone()
+        };
+        let k = Figures::of(&with_items, base, 4, base);
+        assert_eq!((k.saved, k.saved_net), ((G / 2) as i64, (G / 4) as i64));
+        let r = Ratios::of(&o, &k).unwrap();
+        assert!((r.savings_ratio - 2.0).abs() < 1e-9);
+        assert!((r.savings_ratio_net - 4.0).abs() < 1e-9);
+        assert!(
+            r.net_line().ends_with("savings_ratio_net=4.000"),
+            "{}",
+            r.net_line()
+        );
         // KSM that did not converge counts with the cap as its time and its whole CPU.
         let slow = ModeRun {
             converged: false,
@@ -315,7 +360,10 @@ mod tests {
     fn table_and_csv_have_a_row_per_mode_and_sample() {
         let runs = [
             run("none", true, &[(0.0, 2 * G, 0.0), (3.0, 2 * G, 0.1)]),
-            run("ksm-default", false, &[(0.0, 2 * G, 0.0), (300.0, G, 30.0)]),
+            ModeRun {
+                kernel_metadata: Some(G / 8),
+                ..run("ksm-default", false, &[(0.0, 2 * G, 0.0), (300.0, G, 30.0)])
+            },
         ];
         let figures: Vec<Figures> = runs
             .iter()
@@ -325,11 +373,11 @@ mod tests {
         let lines: Vec<&str> = table.lines().collect();
         assert_eq!(lines.len(), 4);
         assert!(lines[0].starts_with("| mode |"));
-        assert!(
-            lines[2].starts_with("| none | 3.2 | yes | - | - | 0.1 (3) | 2048 | 2048 | 0 | 0.0% |")
-        );
+        assert!(lines[2].starts_with(
+            "| none | 3.2 | yes | - | - | 0.1 (3) | 2048 | 2048 | 0 | - | 0 | 0.0% |"
+        ));
         assert!(lines[3].starts_with("| ksm-default | 3.2 | no (time cap) | > 300 | > 30.0 |"));
-        assert!(lines[3].contains("| 1024 | 50.0% | 4.00 | 8 (0) |"));
+        assert!(lines[3].contains("| 1024 | 128 | 896 | 50.0% | 4.00 | 8 (0) |"));
         let text = csv(&runs, 2 * G);
         let rows: Vec<&str> = text.lines().collect();
         assert_eq!(rows[0], CSV_HEADER);

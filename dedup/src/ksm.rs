@@ -175,9 +175,30 @@ pub fn parse_ksm_stat(text: &str) -> ProcessKsmStat {
 
 /// Reads /proc/self/ksm_stat.
 pub fn process_stat() -> Result<ProcessKsmStat, KsmError> {
-    let path = Path::new("/proc/self/ksm_stat");
+    read_process_stat(Path::new("/proc/self/ksm_stat"))
+}
+
+/// Reads /proc/PID/ksm_stat of process `pid`.
+pub fn process_stat_of(pid: u32) -> Result<ProcessKsmStat, KsmError> {
+    read_process_stat(&Path::new("/proc").join(pid.to_string()).join("ksm_stat"))
+}
+
+fn read_process_stat(path: &Path) -> Result<ProcessKsmStat, KsmError> {
     let text = std::fs::read_to_string(path).map_err(io_err(path))?;
     Ok(parse_ksm_stat(&text))
+}
+
+impl ProcessKsmStat {
+    /// Bytes of kernel memory KSM spends on the process as the kernel counts them in
+    /// `ksm_process_profit` (its reverse-map items): the merged and zero pages' bytes less the
+    /// profit. Kernel memory, so outside the process's PSS.
+    pub fn metadata_bytes(&self, page_size: u64) -> u64 {
+        let saved = (self.merging_pages + self.zero_pages).saturating_mul(page_size);
+        i64::try_from(saved)
+            .unwrap_or(i64::MAX)
+            .saturating_sub(self.process_profit)
+            .max(0) as u64
+    }
 }
 
 /// CPU time `ksmd` has used, in nanoseconds.
@@ -353,6 +374,15 @@ mod tests {
                 process_profit: -40,
             }
         );
+        // 9 pages of 100 bytes saved, a profit of -40: 940 bytes of reverse-map items.
+        assert_eq!(s.metadata_bytes(100), 940);
+        let profitable = ProcessKsmStat {
+            process_profit: 8192 * 3,
+            merging_pages: 4,
+            ..ProcessKsmStat::default()
+        };
+        assert_eq!(profitable.metadata_bytes(8192), 8192);
+        assert_eq!(ProcessKsmStat::default().metadata_bytes(4096), 0);
     }
 
     #[test]
