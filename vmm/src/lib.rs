@@ -39,6 +39,7 @@ pub mod control;
 pub mod dedup;
 pub mod devices;
 pub mod exit;
+pub mod heap;
 pub mod hostmem;
 pub mod kernel_ksm;
 pub mod kvm;

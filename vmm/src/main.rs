@@ -44,6 +44,8 @@ fn main() -> ExitCode {
         },
         Err(e) => log::warn!("overcommit not checked: {e}"),
     }
+    // Before any thread starts: the engine's per-pass buffers go back to the host when freed.
+    vmm::heap::return_large_frees();
     if let Err(e) = vmm::signals::block_termination() {
         return fail(format!("cannot block SIGINT/SIGTERM: {e}"), RUNTIME);
     }
