@@ -85,10 +85,9 @@ fn main() -> ExitCode {
         tool("OBJCOPY", "objcopy"),
     ];
     // Shared by several guests through `.include`.
-    println!(
-        "cargo:rerun-if-changed={}",
-        src_dir.join("console.inc").display()
-    );
+    for include in ["console.inc", "pic.inc"] {
+        println!("cargo:rerun-if-changed={}", src_dir.join(include).display());
+    }
     for name in GUESTS {
         if let Err(e) = build(name, &src_dir, &out_dir, &tools) {
             eprintln!("test-guests: building {name}: {e}");

@@ -66,6 +66,8 @@
     .set NON_CANONICAL, 0x8000000000000000
     .set UNMAPPED, 0x7000000000
 
+    .include "pic.inc"
+
     .text
     .globl _start
 _start:
@@ -272,24 +274,7 @@ setup_interrupts:
     mov [rip + idtr_base], rax
     lidt [rip + idtr]
 
-    mov al, 0x11
-    out PIC1_CMD, al
-    out PIC2_CMD, al
-    mov al, IRQ_BASE
-    out PIC1_DATA, al
-    mov al, IRQ_BASE + 8
-    out PIC2_DATA, al
-    mov al, 0x04
-    out PIC1_DATA, al
-    mov al, 0x02
-    out PIC2_DATA, al
-    mov al, 0x01
-    out PIC1_DATA, al
-    out PIC2_DATA, al
-    mov al, 0xef
-    out PIC1_DATA, al
-    mov al, 0xff
-    out PIC2_DATA, al
+    init_pic
 
     call setup_uart
     mov dx, COM1_IER

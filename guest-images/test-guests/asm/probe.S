@@ -44,6 +44,8 @@
     /* Bounded wait for the other vCPUs: about 10 s in KVM's emulator, milliseconds on hardware. */
     .set ONLINE_WAIT_SPINS, 5000000
 
+    .include "pic.inc"
+
     .text
     .globl _start
 _start:
@@ -344,24 +346,7 @@ setup_interrupts:
     mov [rip + idtr_base], rax
     lidt [rip + idtr]
 
-    mov al, 0x11
-    out PIC1_CMD, al
-    out PIC2_CMD, al
-    mov al, IRQ_BASE
-    out PIC1_DATA, al
-    mov al, IRQ_BASE + 8
-    out PIC2_DATA, al
-    mov al, 0x04
-    out PIC1_DATA, al
-    mov al, 0x02
-    out PIC2_DATA, al
-    mov al, 0x01
-    out PIC1_DATA, al
-    out PIC2_DATA, al
-    mov al, 0xef
-    out PIC1_DATA, al
-    mov al, 0xff
-    out PIC2_DATA, al
+    init_pic
 
     mov dx, COM1_MCR
     mov al, MCR_OUT2
