@@ -8,81 +8,15 @@ use std::os::unix::ffi::OsStringExt;
 
 use arbitrary::Arbitrary;
 use libfuzzer_sys::fuzz_target;
-use vmm::services::Merging;
-use vmm_fuzz::check_message;
+use vmm_fuzz::message;
 
 #[allow(dead_code)]
 #[path = "../../vmm/src/cli.rs"]
 mod cli;
+#[path = "../../vmm/tests/properties/cli.rs"]
+mod property;
 
-const FLAGS: &[&str] = &[
-    "--kernel",
-    "--initrd",
-    "--cmdline",
-    "--flat",
-    "--entry",
-    "--mem",
-    "--vcpus",
-    "--guests",
-    "--mem-image",
-    "--dedup",
-    "--dedup-opt",
-    "--dedup-domain",
-    "--dedup-tune",
-    "--ksm",
-    "--overcommit",
-    "--stats-interval",
-    "--stats-json",
-    "--api-sock",
-    "--help",
-    "-h",
-    "--version",
-    "-V",
-    "--",
-    "-",
-];
-
-const WORDS: &[&str] = &[
-    "0x100000",
-    "1048576",
-    "0x8000",
-    "0x",
-    "64M",
-    "2M",
-    "1M",
-    "4097",
-    "1T",
-    "0",
-    "1",
-    "2",
-    "254",
-    "255",
-    "256",
-    "257",
-    "4294967296",
-    "fixed",
-    "advisor",
-    "pressure",
-    "warn",
-    "refuse",
-    "10s",
-    "500ms",
-    "2m",
-    "pages_to_scan=100",
-    "max_page_sharing=1",
-    "pressure_low_percent=50,pressure_high_percent=40",
-    "tune=advisor,run=2",
-    "a",
-    "",
-    " ",
-    "tenant-a",
-    "tab\tname",
-    "new\nline",
-    "/tmp/x",
-    "x",
-    "-x",
-    "--mem=64M",
-];
+use property::{FLAGS, WORDS};
 
 #[derive(Arbitrary, Debug)]
 enum Val {
@@ -120,23 +54,5 @@ fuzz_target!(|args: Vec<Arg>| {
     let argv: Vec<OsString> = std::iter::once(OsString::from("vmm"))
         .chain(args.iter().map(arg))
         .collect();
-    match cli::parse(argv.clone()) {
-        Ok(cli::Parsed::Run(plan)) => {
-            plan.vmm
-                .validate()
-                .unwrap_or_else(|e| panic!("{argv:?}: accepted an invalid guest config: {e}"));
-            let guests = plan.vmm.guests.len();
-            assert!((1..=256).contains(&guests), "{argv:?}: {guests} guests");
-            let dedup = matches!(plan.services.merging, Merging::Dedup(_));
-            assert!(plan.vmm.guests.iter().all(|g| g.track_dirty == dedup));
-            if let Merging::Dedup(c) = &plan.services.merging {
-                c.validate(guests)
-                    .unwrap_or_else(|e| panic!("{argv:?}: accepted invalid dedup config: {e}"));
-            }
-        }
-        Ok(cli::Parsed::Print(text)) => {
-            assert!(!text.to_string().trim().is_empty(), "{argv:?}: empty help");
-        }
-        Err(message) => check_message(&format!("{argv:?}"), &message),
-    }
+    property::check(&argv);
 });

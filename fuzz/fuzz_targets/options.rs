@@ -6,56 +6,16 @@
 
 use arbitrary::Arbitrary;
 use libfuzzer_sys::fuzz_target;
-use vm_dedup::Config;
-use vm_dedup::config::KNOBS;
-use vmm::config::{format_size, parse_addr, parse_duration, parse_size};
-use vmm::dedup::settings::{Settings, TUNE_KNOBS, TuneMode};
-use vmm_fuzz::check_message;
+use vmm_fuzz::message;
 
-/// Values worth trying for any knob.
-const WORDS: &[&str] = &[
-    "0",
-    "1",
-    "2",
-    "3",
-    "16",
-    "512",
-    "513",
-    "100",
-    "101",
-    "true",
-    "false",
-    "on",
-    "off",
-    "yes",
-    "no",
-    "stop",
-    "run",
-    "unmerge",
-    "auto",
-    "fixed",
-    "advisor",
-    "pressure",
-    "",
-    " 1 ",
-    "-1",
-    "+1",
-    "1e3",
-    "1.5",
-    "0x10",
-    "65535",
-    "65536",
-    "1073741824",
-    "1073741825",
-    "3600000",
-    "3600001",
-    "86400000",
-    "4294967296",
-    "18446744073709551615",
-    "18446744073709551616",
-    "\u{0}",
-    "١",
-];
+#[path = "../../vmm/tests/properties/options.rs"]
+mod options;
+
+use options::{
+    WORDS, check_addr, check_addr_number, check_duration, check_duration_number,
+    check_engine_options, check_option_sequence, check_size, check_size_number, check_tune,
+    knob_names,
+};
 
 #[derive(Arbitrary, Debug)]
 enum Name {
@@ -93,7 +53,7 @@ struct Input {
 }
 
 fn knob_name(n: &Name) -> String {
-    let known: Vec<&str> = KNOBS.iter().chain(TUNE_KNOBS).copied().collect();
+    let known = knob_names();
     match n {
         Name::Known(i) => known[usize::from(*i) % known.len()].to_string(),
         Name::Other(s) => s.clone(),
@@ -123,139 +83,16 @@ fn option_string(opts: &[Opt]) -> String {
         .join(",")
 }
 
-/// Whatever parsed is valid and reads back the same through its text form.
-fn check_settings(s: &Settings) {
-    s.validate()
-        .unwrap_or_else(|e| panic!("accepted settings do not validate: {e}: {s:?}"));
-    let mut back = Settings::default();
-    for (k, v) in s.knobs() {
-        back.set(k, &v)
-            .unwrap_or_else(|e| panic!("{k}={v} from knobs() is refused: {e}"));
-    }
-    assert_eq!(&back, s, "knobs do not round-trip");
-}
-
-fn check_options(input: &Input) {
-    // As `vmm` applies repeated --dedup-opt: in order, stopping at the first error.
-    let mut settings = Settings::default();
-    for opts in &input.opts {
-        let text = option_string(opts);
-        match settings.apply_options(&text) {
-            Ok(()) => check_settings(&settings),
-            Err(e) => {
-                check_message(&format!("--dedup-opt {text:?}"), &e.to_string());
-                return;
-            }
-        }
-    }
-
-    let mut s = Settings::default();
-    match s.apply_options(&input.raw) {
-        Ok(()) => check_settings(&s),
-        Err(e) => check_message(&format!("--dedup-opt {:?}", input.raw), &e.to_string()),
-    }
-
-    // The engine's own parser, as embedders use it.
-    let mut c = Config::default();
-    match c.apply_options(&input.raw) {
-        Ok(()) => {
-            c.validate()
-                .unwrap_or_else(|e| panic!("accepted config does not validate: {e}"));
-            let mut back = Config::default();
-            for k in KNOBS {
-                let v = c.get(k).unwrap_or_else(|| panic!("no value for knob {k}"));
-                back.set(k, &v)
-                    .unwrap_or_else(|e| panic!("{k}={v} from get() is refused: {e}"));
-            }
-            assert_eq!(back, c, "engine knobs do not round-trip");
-        }
-        Err(e) => check_message(&format!("engine options {:?}", input.raw), &e.to_string()),
-    }
-}
-
-fn check_size(input: &Input) {
-    match parse_size(&input.size) {
-        Ok(n) => {
-            assert_eq!(parse_size(&format_size(n)), Ok(n), "{:?}", input.size);
-        }
-        Err(e) => {
-            let m = e.to_string();
-            check_message("size", &m);
-            assert!(m.contains(&format!("{:?}", input.size)), "{m}");
-        }
-    }
-    // A number with a unit: the product, or an error when it overflows.
-    let units: &[(&str, u32)] = &[
-        ("", 0),
-        ("B", 0),
-        ("k", 10),
-        ("K", 10),
-        ("KiB", 10),
-        ("kb", 10),
-        ("M", 20),
-        ("MiB", 20),
-        ("g", 30),
-        ("GB", 30),
-        ("T", 40),
-        ("tib", 40),
-    ];
-    let (unit, shift) = units[usize::from(input.unit) % units.len()];
-    let text = format!("{}{unit}", input.number);
-    let want = input.number.checked_mul(1u64 << shift);
-    assert_eq!(parse_size(&text).ok(), want, "{text}");
-}
-
-fn check_addr(input: &Input) {
-    match parse_addr(&input.addr) {
-        Ok(a) => {
-            assert_eq!(parse_addr(&format!("{a:#x}")), Ok(a));
-            assert_eq!(parse_addr(&a.to_string()), Ok(a));
-        }
-        Err(e) => {
-            let m = e.to_string();
-            check_message("address", &m);
-            assert!(m.contains(&format!("{:?}", input.addr)), "{m}");
-        }
-    }
-    let n = input.number;
-    assert_eq!(parse_addr(&format!("{n:#x}")), Ok(n));
-    assert_eq!(
-        parse_addr(&format!("{n:#X}").replacen("0X", "0x", 1)),
-        Ok(n)
-    );
-}
-
-fn check_duration(input: &Input) {
-    match parse_duration(&input.duration) {
-        Ok(d) => {
-            let ms = format!("{}ms", d.as_millis());
-            assert_eq!(parse_duration(&ms), Ok(d), "{:?}", input.duration);
-        }
-        Err(e) => {
-            let m = e.to_string();
-            check_message("duration", &m);
-            assert!(m.contains(&format!("{:?}", input.duration)), "{m}");
-        }
-    }
-    let n = input.number;
-    let secs = parse_duration(&format!("{n}s")).ok();
-    assert_eq!(
-        secs,
-        n.checked_mul(1000).map(std::time::Duration::from_millis)
-    );
-}
-
-fn check_tune(input: &Input) {
-    match input.tune.parse::<TuneMode>() {
-        Ok(m) => assert_eq!(m.name(), input.tune.trim()),
-        Err(e) => check_message("tune", &e.to_string()),
-    }
-}
-
 fuzz_target!(|input: Input| {
-    check_options(&input);
-    check_size(&input);
-    check_addr(&input);
-    check_duration(&input);
-    check_tune(&input);
+    let opts: Vec<String> = input.opts.iter().map(|o| option_string(o)).collect();
+    check_option_sequence(&opts);
+    check_option_sequence(std::slice::from_ref(&input.raw));
+    check_engine_options(&input.raw);
+    check_size(&input.size);
+    check_size_number(input.number, usize::from(input.unit));
+    check_addr(&input.addr);
+    check_addr_number(input.number);
+    check_duration(&input.duration);
+    check_duration_number(input.number);
+    check_tune(&input.tune);
 });

@@ -12,15 +12,13 @@ use std::sync::Mutex;
 /// Size of a guest page.
 pub const PAGE: usize = 4096;
 
+/// The error-message rule the VMM's property tests check too (`vmm/tests/properties`).
+#[path = "../../vmm/tests/properties/message.rs"]
+pub mod message;
+
 /// Asserts that `message` is a clear error for the user: not empty, one line without control
 /// characters.
-pub fn check_message(what: &str, message: &str) {
-    assert!(!message.trim().is_empty(), "{what}: empty error message");
-    assert!(
-        !message.chars().any(char::is_control),
-        "{what}: control characters (a line break, an escape) in the message: {message:?}"
-    );
-}
+pub use message::one_line as check_message;
 
 /// Files kept in memory (memfds), reachable by path as `/proc/self/fd/N`, so that loaders that
 /// open files by path can be fed bytes without touching the disk.

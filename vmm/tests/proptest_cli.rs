@@ -4,66 +4,19 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)] // test code
 
+use std::ffi::OsString;
+
 use proptest::prelude::*;
-use vmm::services::Merging;
 
 #[allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
 #[path = "../src/cli.rs"]
 mod cli;
+#[path = "properties/message.rs"]
+mod message;
+#[path = "properties/cli.rs"]
+mod property;
 
-const FLAGS: &[&str] = &[
-    "--kernel",
-    "--initrd",
-    "--cmdline",
-    "--flat",
-    "--entry",
-    "--mem",
-    "--vcpus",
-    "--guests",
-    "--mem-image",
-    "--dedup",
-    "--dedup-opt",
-    "--dedup-domain",
-    "--dedup-tune",
-    "--ksm",
-    "--overcommit",
-    "--stats-interval",
-    "--stats-json",
-    "--api-sock",
-    "--help",
-    "--version",
-    "--",
-];
-
-const WORDS: &[&str] = &[
-    "0x100000",
-    "0x8000",
-    "64M",
-    "2M",
-    "1M",
-    "4097",
-    "1T",
-    "0",
-    "1",
-    "2",
-    "255",
-    "256",
-    "257",
-    "fixed",
-    "advisor",
-    "warn",
-    "refuse",
-    "10s",
-    "500ms",
-    "pages_to_scan=100",
-    "max_page_sharing=1",
-    "pressure_low_percent=50,pressure_high_percent=40",
-    "a",
-    "",
-    "tenant-a",
-    "new\nline",
-    "/tmp/x",
-];
+use property::{FLAGS, WORDS};
 
 fn arg() -> impl Strategy<Value = String> {
     prop_oneof![
@@ -120,26 +73,11 @@ proptest! {
         boot in any::<bool>(),
         args in proptest::collection::vec(arg(), 0..10),
     ) {
-        let argv: Vec<String> = std::iter::once("vmm".to_string())
+        let argv: Vec<OsString> = std::iter::once("vmm".to_string())
             .chain(if boot { flat_boot() } else { Vec::new() })
             .chain(args)
+            .map(OsString::from)
             .collect();
-        match cli::parse(argv.clone()) {
-            Ok(cli::Parsed::Run(plan)) => {
-                plan.vmm.validate().unwrap_or_else(|e| panic!("{argv:?}: {e}"));
-                let guests = plan.vmm.guests.len();
-                prop_assert!((1..=256).contains(&guests));
-                let dedup = matches!(plan.services.merging, Merging::Dedup(_));
-                prop_assert!(plan.vmm.guests.iter().all(|g| g.track_dirty == dedup));
-                if let Merging::Dedup(c) = &plan.services.merging {
-                    c.validate(guests).unwrap_or_else(|e| panic!("{argv:?}: {e}"));
-                }
-            }
-            Ok(cli::Parsed::Print(text)) => prop_assert!(!text.to_string().trim().is_empty()),
-            Err(message) => {
-                prop_assert!(!message.trim().is_empty(), "{:?}", argv);
-                prop_assert!(!message.chars().any(char::is_control), "{:?}: {:?}", argv, message);
-            }
-        }
+        property::check(&argv);
     }
 }
