@@ -352,17 +352,9 @@ fn linux(
         mem_image: None,
         track_dirty: false,
     };
-    if let Err(e) = config.validate() {
-        check_message("validate", &e.to_string());
+    let Some(ram) = guest_ram(&config, mem_image) else {
         return;
-    }
-    let ram = GuestRam::new(mem, false).unwrap_or_else(|e| panic!("RAM: {e}"));
-    if let Some(image) = mem_image
-        && let Err(e) = ram.load_image(&mem_file("image", image))
-    {
-        check_message("load_image", &e.to_string());
-        return;
-    }
+    };
     match setup::prepare(&ram, &config) {
         Ok(Entry::Linux { rip }) => {
             let k =
@@ -414,6 +406,23 @@ fn linux(
     }
 }
 
+/// The guest's RAM with its memory image loaded, as `vmm` makes it; `None` (after checking the
+/// error line) when the configuration or the image is refused.
+fn guest_ram(config: &GuestConfig, mem_image: Option<&[u8]>) -> Option<GuestRam> {
+    if let Err(e) = config.validate() {
+        check_message("validate", &e.to_string());
+        return None;
+    }
+    let ram = GuestRam::new(config.mem, false).unwrap_or_else(|e| panic!("RAM: {e}"));
+    if let Some(image) = mem_image
+        && let Err(e) = ram.load_image(&mem_file("image", image))
+    {
+        check_message("load_image", &e.to_string());
+        return None;
+    }
+    Some(ram)
+}
+
 fn flat(mem: u64, mem_image: Option<&[u8]>, entry: u64, image: &[u8]) {
     let path = mem_file("flat", image);
     let config = GuestConfig {
@@ -424,17 +433,9 @@ fn flat(mem: u64, mem_image: Option<&[u8]>, entry: u64, image: &[u8]) {
         mem_image: None,
         track_dirty: false,
     };
-    if let Err(e) = config.validate() {
-        check_message("validate", &e.to_string());
+    let Some(ram) = guest_ram(&config, mem_image) else {
         return;
-    }
-    let ram = GuestRam::new(mem, false).unwrap_or_else(|e| panic!("RAM: {e}"));
-    if let Some(img) = mem_image
-        && let Err(e) = ram.load_image(&mem_file("image", img))
-    {
-        check_message("load_image", &e.to_string());
-        return;
-    }
+    };
     match setup::prepare(&ram, &config) {
         Ok(Entry::Flat { rip, .. }) => {
             assert_eq!(rip, entry);
