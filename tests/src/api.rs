@@ -247,6 +247,14 @@ pub fn field(stats: &Value, name: &str) -> u64 {
         .unwrap_or_else(|| panic!("{name} is not an unsigned number in {stats}"))
 }
 
+/// How much field `name` grew (or shrank) from `before` to `after`.
+///
+/// # Panics
+/// When it is missing or not an unsigned number in either.
+pub fn delta(after: &Value, before: &Value, name: &str) -> i64 {
+    field(after, name) as i64 - field(before, name) as i64
+}
+
 /// The statistics of guest `name` in a `GET /stats` object.
 ///
 /// # Panics

@@ -31,7 +31,7 @@ mod process;
 pub mod soak;
 
 pub use api::{
-    ApiClient, ApiReply, STATS_FIELDS, after_passes, assert_stats_shape, field, guest_stats,
+    ApiClient, ApiReply, STATS_FIELDS, after_passes, assert_stats_shape, delta, field, guest_stats,
     settled,
 };
 pub use console::{CapturedConsole, ConsoleProbe};

@@ -8,8 +8,8 @@ use serde_json::Value;
 use test_guests::{filled_page_checksum, page_checksum};
 use vmm_sys_util::tempdir::TempDir;
 use vmm_tests::{
-    ApiClient, DedupImages, Kinds, ProbeGuest, VmmProcess, assert_stats_shape, field, guest_stats,
-    settled, temp_file_with,
+    ApiClient, DedupImages, Kinds, ProbeGuest, VmmProcess, assert_stats_shape, delta, field,
+    guest_stats, settled, temp_file_with,
 };
 
 const MEM: &str = "16M";
@@ -46,10 +46,6 @@ fn start(
     api.wait_ready();
     let stats = settled(&api);
     (vmm, api, stats)
-}
-
-fn delta(after: &Value, before: &Value, f: &str) -> i64 {
-    field(after, f) as i64 - field(before, f) as i64
 }
 
 #[test]

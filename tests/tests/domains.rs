@@ -20,7 +20,7 @@ use test_guests::{filled_page_checksum, page_checksum};
 use vmm_sys_util::tempdir::TempDir;
 use vmm_tests::{
     ApiClient, CONTENT_BASE, DedupImages, Kinds, ProbeGuest, ProcessPages, VmmProcess,
-    assert_stats_shape, field, guest_stats, settled, temp_file_with, zero_pfn,
+    assert_stats_shape, delta, field, guest_stats, settled, temp_file_with, zero_pfn,
 };
 
 const MEM: &str = "16M";
@@ -74,10 +74,6 @@ fn start(probe: &ProbeGuest, sock: &Path, image: Option<&str>) -> (VmmProcess, A
     api.wait_ready();
     let stats = settled(&api);
     (vmm, api, stats)
-}
-
-fn delta(after: &Value, before: &Value, f: &str) -> i64 {
-    field(after, f) as i64 - field(before, f) as i64
 }
 
 /// The sum over `guests` of field `f`'s change between two statistics.
