@@ -2,8 +2,10 @@
 
 use crate::merge::{Cause, Repairs};
 
-/// Merges refused, by cause.
+/// Merges refused, by cause. With the `serde` feature it serializes as an object with these
+/// field names, the names [`Failures::by_cause`] gives.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
 pub struct Failures {
     /// Bytes differed under the guard (page changed, or hash collision).
     pub differed: u64,
@@ -42,17 +44,24 @@ impl Failures {
         *c += 1;
     }
 
+    /// Each cause's name, as the statistics spell it (the field's name), with its count.
+    pub fn by_cause(&self) -> [(&'static str, u64); 9] {
+        [
+            ("differed", self.differed),
+            ("excluded", self.excluded),
+            ("unguarded", self.unguarded),
+            ("vma_budget", self.vma_budget),
+            ("protect", self.protect),
+            ("remap", self.remap),
+            ("vma_limit", self.vma_limit),
+            ("zero_page", self.zero_page),
+            ("pool", self.pool),
+        ]
+    }
+
     /// All refusals.
     pub fn total(&self) -> u64 {
-        self.differed
-            + self.excluded
-            + self.unguarded
-            + self.vma_budget
-            + self.protect
-            + self.remap
-            + self.vma_limit
-            + self.zero_page
-            + self.pool
+        self.by_cause().iter().map(|&(_, n)| n).sum()
     }
 }
 

@@ -319,18 +319,19 @@ mod tests {
     #[test]
     fn health_families_with_an_engine() {
         use crate::dedup::figures::{FiguresReport, StaleReason};
-        use crate::dedup::health::{CgroupReport, FailureCounts, HostReport, MemoryReport, Reason};
+        use crate::dedup::health::{CgroupReport, HostReport, MemoryReport, Reason};
         use crate::report::EngineDetails;
+        use vm_dedup::Failures;
         let health = HealthReport {
             degraded: true,
             degraded_reasons: vec![Reason {
                 cause: Cause::MemoryPressure,
                 detail: "x".into(),
             }],
-            failures: FailureCounts {
+            failures: Failures {
                 differed: 4,
                 pool: 2,
-                ..FailureCounts::default()
+                ..Failures::default()
             },
             pool_errors: 3,
             merging_paused: true,

@@ -77,62 +77,6 @@ pub struct Reason {
     pub detail: String,
 }
 
-/// Merges refused, by cause (cumulative), with the engine's names.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
-pub struct FailureCounts {
-    /// Bytes differed under the guard (the page changed).
-    pub differed: u64,
-    /// Device I/O in flight.
-    pub excluded: u64,
-    /// Page outside the userfaultfd guard.
-    pub unguarded: u64,
-    /// Refused by the VMA budget.
-    pub vma_budget: u64,
-    /// Write-protect failed.
-    pub protect: u64,
-    /// Remap failed.
-    pub remap: u64,
-    /// Remap failed with ENOMEM at `vm.max_map_count`.
-    pub vma_limit: u64,
-    /// Dropping a zero page failed.
-    pub zero_page: u64,
-    /// No pool copy could be made or read.
-    pub pool: u64,
-}
-
-impl FailureCounts {
-    /// Each cause's name, as the statistics spell it, with its count.
-    pub fn by_cause(&self) -> [(&'static str, u64); 9] {
-        [
-            ("differed", self.differed),
-            ("excluded", self.excluded),
-            ("unguarded", self.unguarded),
-            ("vma_budget", self.vma_budget),
-            ("protect", self.protect),
-            ("remap", self.remap),
-            ("vma_limit", self.vma_limit),
-            ("zero_page", self.zero_page),
-            ("pool", self.pool),
-        ]
-    }
-}
-
-impl From<&Failures> for FailureCounts {
-    fn from(f: &Failures) -> Self {
-        Self {
-            differed: f.differed,
-            excluded: f.excluded,
-            unguarded: f.unguarded,
-            vma_budget: f.vma_budget,
-            protect: f.protect,
-            remap: f.remap,
-            vma_limit: f.vma_limit,
-            zero_page: f.zero_page,
-            pool: f.pool,
-        }
-    }
-}
-
 /// The memory cgroup as the guard last saw it.
 #[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
 pub struct CgroupReport {
@@ -184,8 +128,8 @@ pub struct HealthReport {
     pub degraded: bool,
     /// Why, one entry per cause.
     pub degraded_reasons: Vec<Reason>,
-    /// Merges refused, by cause (cumulative).
-    pub failures: FailureCounts,
+    /// Merges refused, by cause (cumulative), with the engine's names.
+    pub failures: Failures,
     /// Pool operations that failed (cumulative).
     pub pool_errors: u64,
     /// The most recent pool failure with its cause.
@@ -215,7 +159,7 @@ impl HealthReport {
         Self {
             degraded: !reasons.is_empty(),
             degraded_reasons: reasons.to_vec(),
-            failures: FailureCounts::from(&stats.failures),
+            failures: stats.failures,
             pool_errors: stats.pool_errors,
             pool_error: stats.pool_error.clone(),
             guard_repairs: stats.guard_repairs,
@@ -490,7 +434,7 @@ mod tests {
         names.dedup();
         assert_eq!(names.len(), Cause::ALL.len());
         // Distinct counts, so that a name paired with the wrong field shows.
-        let f = FailureCounts {
+        let f = Failures {
             differed: 1,
             excluded: 2,
             unguarded: 3,
