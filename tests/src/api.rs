@@ -115,6 +115,16 @@ impl ApiClient {
         Self { path: path.into() }
     }
 
+    /// A client of the socket at `path`, once it accepts connections.
+    ///
+    /// # Panics
+    /// When it does not within the hang guard.
+    pub fn ready(path: impl Into<PathBuf>) -> Self {
+        let api = Self::new(path);
+        api.wait_ready();
+        api
+    }
+
     /// The socket path.
     pub fn path(&self) -> &Path {
         &self.path

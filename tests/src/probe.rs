@@ -120,6 +120,16 @@ impl VmmProcess {
             prefix: format!("{name}: "),
         }
     }
+
+    /// Waits until each probe guest of `names` (several guests, lines prefixed) is ready.
+    ///
+    /// # Panics
+    /// When one is not within the hang guard.
+    pub fn wait_probes_ready<S: AsRef<str>>(&mut self, names: impl IntoIterator<Item = S>) {
+        for name in names {
+            self.probe_of(name.as_ref()).wait_ready();
+        }
+    }
 }
 
 /// Parses the hex number that ends a reply.

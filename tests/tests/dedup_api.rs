@@ -50,12 +50,9 @@ fn start(
     if count == 1 {
         vmm.probe().wait_ready();
     } else {
-        for g in 0..count {
-            vmm.probe_of(&format!("guest{g}")).wait_ready();
-        }
+        vmm.wait_probes_ready((0..count).map(|g| format!("guest{g}")));
     }
-    let api = ApiClient::new(sock);
-    api.wait_ready();
+    let api = ApiClient::ready(sock);
     (vmm, api)
 }
 

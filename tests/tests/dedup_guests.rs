@@ -39,11 +39,8 @@ fn start(
         args.extend(["--mem-image", i]);
     }
     let mut vmm = probe.spawn(MEM, &args);
-    for g in GUESTS {
-        vmm.probe_of(g).wait_ready();
-    }
-    let api = ApiClient::new(sock);
-    api.wait_ready();
+    vmm.wait_probes_ready(GUESTS);
+    let api = ApiClient::ready(sock);
     let stats = settled(&api);
     (vmm, api, stats)
 }

@@ -52,8 +52,7 @@ fn ksm_marks_guest_ram_mergeable_and_reports_the_kernels_figures() {
 
     // Without --ksm, guest RAM is not mergeable.
     let mut plain = probe.spawn(MEM, &["--guests", "2"]);
-    plain.probe_of("guest0").wait_ready();
-    plain.probe_of("guest1").wait_ready();
+    plain.wait_probes_ready(["guest0", "guest1"]);
     assert_eq!(mergeable_kib(plain.pid()), 0);
     plain.send_line("X 0");
     assert_eq!(plain.exit_code(), 0);
@@ -68,12 +67,10 @@ fn ksm_marks_guest_ram_mergeable_and_reports_the_kernels_figures() {
             sock.to_str().unwrap(),
         ],
     );
-    vmm.probe_of("guest0").wait_ready();
-    vmm.probe_of("guest1").wait_ready();
+    vmm.wait_probes_ready(["guest0", "guest1"]);
     let mergeable = mergeable_kib(vmm.pid());
     assert!(mergeable >= 2 * MEM_KIB, "{mergeable} KiB mergeable");
-    let api = ApiClient::new(&sock);
-    api.wait_ready();
+    let api = ApiClient::ready(&sock);
     let stats = api.stats();
     assert_eq!(stats["mode"], "ksm");
     assert_stats_shape(&stats);
@@ -119,10 +116,8 @@ fn kernel_ksm_merges_the_guests_and_the_stats_show_it() {
         args.extend(["--mem-image", f.as_path().to_str().unwrap()]);
     }
     let mut vmm = probe.spawn(MEM, &args);
-    vmm.probe_of("guest0").wait_ready();
-    vmm.probe_of("guest1").wait_ready();
-    let api = ApiClient::new(&sock);
-    api.wait_ready();
+    vmm.wait_probes_ready(["guest0", "guest1"]);
+    let api = ApiClient::ready(&sock);
 
     // Kernel KSM at full rate, under the guard that restores its settings.
     let guard = KsmGuard::acquire().unwrap();

@@ -59,9 +59,7 @@ fn overcommitted_guests_start_with_a_warning_by_default() {
         warning.text
     );
     let count: usize = guests.parse().unwrap();
-    for g in 0..count {
-        vmm.probe_of(&format!("guest{g}")).wait_ready();
-    }
+    vmm.wait_probes_ready((0..count).map(|g| format!("guest{g}")));
     vmm.probe_of("guest0").write(0x20_0000, 1);
     vmm.send_line("X 0");
     assert_eq!(vmm.exit_code(), 0, "{}", vmm.transcript());
@@ -74,8 +72,7 @@ fn guests_within_ram_and_swap_start_without_a_warning() {
     }
     let probe = ProbeGuest::new();
     let mut vmm = probe.spawn("16M", &["--guests", "2", "--overcommit=refuse"]);
-    vmm.probe_of("guest0").wait_ready();
-    vmm.probe_of("guest1").wait_ready();
+    vmm.wait_probes_ready(["guest0", "guest1"]);
     vmm.send_line("X 0");
     assert_eq!(vmm.exit_code(), 0, "{}", vmm.transcript());
     assert!(!vmm.transcript().contains("commit"), "{}", vmm.transcript());

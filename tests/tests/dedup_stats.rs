@@ -69,10 +69,8 @@ fn stats_json_file_api_metrics_and_summary_line_agree_on_documented_fields() {
             "100ms",
         ],
     );
-    vmm.probe_of("guest0").wait_ready();
-    vmm.probe_of("guest1").wait_ready();
-    let api = ApiClient::new(&sock);
-    api.wait_ready();
+    vmm.wait_probes_ready(["guest0", "guest1"]);
+    let api = ApiClient::ready(&sock);
     let stats = settled(&api);
     assert_stats_shape(&stats);
     assert_eq!(stats["mode"], "dedup");
@@ -281,10 +279,8 @@ fn page_figures_are_marked_stale_while_the_engine_does_not_scan() {
             "100ms",
         ],
     );
-    vmm.probe_of("guest0").wait_ready();
-    vmm.probe_of("guest1").wait_ready();
-    let api = ApiClient::new(&sock);
-    api.wait_ready();
+    vmm.wait_probes_ready(["guest0", "guest1"]);
+    let api = ApiClient::ready(&sock);
     let merged = settled(&api);
     assert!(field(&merged, "pages_sharing") >= 32, "{merged}");
     assert_eq!(merged["figures"]["stale"], false, "{merged}");

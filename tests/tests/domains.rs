@@ -67,11 +67,8 @@ fn start(probe: &ProbeGuest, sock: &Path, image: Option<&str>) -> (VmmProcess, A
         args.extend(["--mem-image", image]);
     }
     let mut vmm = probe.spawn(MEM, &args);
-    for g in GUESTS {
-        vmm.probe_of(g).wait_ready();
-    }
-    let api = ApiClient::new(sock);
-    api.wait_ready();
+    vmm.wait_probes_ready(GUESTS);
+    let api = ApiClient::ready(sock);
     let stats = settled(&api);
     (vmm, api, stats)
 }

@@ -255,11 +255,8 @@ fn pool_fault(fault: &Fault) {
         .collect();
     let sock = dir.as_path().join("api.sock");
     let mut vmm = spawn(&probe, &images, &sock, fault.pre_exec);
-    for g in GUESTS {
-        vmm.probe_of(g).wait_ready();
-    }
-    let api = ApiClient::new(&sock);
-    api.wait_ready();
+    vmm.wait_probes_ready(GUESTS);
+    let api = ApiClient::ready(&sock);
     let before = settled(&api);
     assert_eq!(field(&before, "pages_shared"), 0, "{before}");
     if let Some(now) = fault.now {
@@ -429,8 +426,7 @@ fn remaps_at_the_real_vma_limit_fail_with_enomem_and_the_guest_runs_on() {
         .env("RUST_LOG", "warn,vm_dedup=error");
     let mut vmm = VmmProcess::start(&mut command);
     vmm.probe().wait_ready();
-    let api = ApiClient::new(&sock);
-    api.wait_ready();
+    let api = ApiClient::ready(&sock);
     let s = api.wait_stats("remaps failing with ENOMEM", |s| {
         field(&s["failures"], "vma_limit") > 0
             && reason_causes(s).contains(&"vma_limit".to_string())

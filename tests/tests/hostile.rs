@@ -79,11 +79,8 @@ fn a_hostile_guest_stops_alone_and_the_others_keep_their_merged_pages() {
         .args(["--dedup", "--api-sock", &path(&sock)]);
     let mut vmm = VmmProcess::start(&mut command);
     hostile_line(&mut vmm, "HOSTILE READY");
-    for g in PROBES {
-        vmm.probe_of(g).wait_ready();
-    }
-    let api = ApiClient::new(&sock);
-    api.wait_ready();
+    vmm.wait_probes_ready(PROBES);
+    let api = ApiClient::ready(&sock);
 
     // Merged before the attack: the image's duplicates, in all three guests (one copy of the
     // dup content, one of each shared content).

@@ -213,11 +213,8 @@ fn guests_unsharing_in_a_memory_cgroup_pause_merging_then_stop_cleanly() {
         command.pre_exec(join(cg.procs()));
     }
     let mut vmm = VmmProcess::start(&mut command);
-    for g in GUESTS {
-        vmm.probe_of(g).wait_ready();
-    }
-    let api = ApiClient::new(&sock);
-    api.wait_ready();
+    vmm.wait_probes_ready(GUESTS);
+    let api = ApiClient::ready(&sock);
     let merged = settled(&api);
     assert!(
         field(&merged, "pages_sharing") >= 2 * DUP as u64 - 16,

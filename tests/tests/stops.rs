@@ -101,11 +101,8 @@ fn signal_while_merging(signal: libc::c_int, name: &str) {
             sock.to_str().unwrap(),
         ],
     );
-    for g in ["guest0", "guest1"] {
-        vmm.probe_of(g).wait_ready();
-    }
-    let api = ApiClient::new(&sock);
-    api.wait_ready();
+    vmm.wait_probes_ready(["guest0", "guest1"]);
+    let api = ApiClient::ready(&sock);
     // The guests write pages the engine is merging (no waiting for their replies).
     for round in 0..4u64 {
         for page in 0..64u64 {
@@ -173,11 +170,8 @@ fn unmerge_while_the_guests_fill_pages_loses_nothing() {
             sock.to_str().unwrap(),
         ],
     );
-    for g in GUESTS {
-        vmm.probe_of(g).wait_ready();
-    }
-    let api = ApiClient::new(&sock);
-    api.wait_ready();
+    vmm.wait_probes_ready(GUESTS);
+    let api = ApiClient::ready(&sock);
 
     // Round 0, and its pages merged (equal in both guests).
     for g in GUESTS {

@@ -117,8 +117,7 @@ fn two_guests_stop_independently_and_the_highest_status_wins() {
         .args(probe.args(MEM, &["--guests", "2"]))
         .env("RUST_LOG", "info");
     let mut vmm = VmmProcess::start(&mut command);
-    vmm.probe_of("guest0").wait_ready();
-    vmm.probe_of("guest1").wait_ready();
+    vmm.wait_probes_ready(["guest0", "guest1"]);
 
     vmm.probe_of("guest1").exit(3);
     vmm.wait_stderr("guest1: debug exit with status 3");
