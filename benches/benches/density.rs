@@ -210,7 +210,7 @@ fn run_mode(
     let mut command = Command::new(vmm_bin);
     command.args(guests.args(&mode.vmm_args(&stats_json)));
     if let Some(c) = &cgroup {
-        c.join_on_spawn(&mut command);
+        c.join_on_spawn(&mut command)?;
     }
     die_with_parent(&mut command);
     let mut vmm = VmmProcess::start(&mut command);

@@ -9,8 +9,6 @@
 
 use std::fs::{self, File, OpenOptions};
 use std::io;
-use std::os::fd::AsRawFd;
-use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::thread;
@@ -170,39 +168,12 @@ impl MemoryCgroup {
     }
 
     /// Makes the process that `command` starts join this cgroup before it runs `exec`.
-    pub fn join_on_spawn(&self, command: &mut Command) {
-        let fd = self.procs.as_raw_fd();
-        let hook = move || -> io::Result<()> {
-            // Only async-signal-safe calls between fork and exec: no allocation, so the pid
-            // is formatted into a stack buffer.
-            // SAFETY: getpid has no preconditions.
-            let mut pid = unsafe { libc::getpid() } as u64;
-            let mut digits = [0u8; 20];
-            let mut at = digits.len();
-            loop {
-                at -= 1;
-                digits[at] = b'0' + (pid % 10) as u8;
-                pid /= 10;
-                if pid == 0 {
-                    break;
-                }
-            }
-            let text = &digits[at..];
-            // SAFETY: `fd` is `cgroup.procs`, open in the parent (and so in this forked child)
-            // while `self` lives, which the caller keeps across the spawn; `text` is a valid
-            // buffer of `text.len()` bytes.
-            let written = unsafe { libc::write(fd, text.as_ptr().cast(), text.len()) };
-            if written == text.len() as isize {
-                Ok(())
-            } else {
-                Err(io::Error::last_os_error())
-            }
-        };
-        // SAFETY: the hook only calls getpid and write (async-signal-safe) and touches no
-        // memory but its stack and the copied descriptor number.
-        unsafe {
-            command.pre_exec(hook);
-        }
+    ///
+    /// # Errors
+    /// When the cgroup's `cgroup.procs` descriptor cannot be duplicated.
+    pub fn join_on_spawn(&self, command: &mut Command) -> Result<(), Error> {
+        let procs = self.path.join("cgroup.procs");
+        vmm_tests::join_cgroup_on_spawn(command, &self.procs).map_err(io_err(&procs))
     }
 
     /// The cgroup's memory now.
@@ -289,7 +260,7 @@ cgroup /sys/fs/cgroup/memorybw cgroup rw,memorybw 0 0
         let path = cgroup.path().to_owned();
         let mut command = Command::new("sh");
         command.args(["-c", "cat /proc/self/cgroup"]);
-        cgroup.join_on_spawn(&mut command);
+        cgroup.join_on_spawn(&mut command).unwrap();
         let out = command.output().unwrap();
         assert!(out.status.success());
         let text = String::from_utf8_lossy(&out.stdout);

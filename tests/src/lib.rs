@@ -38,7 +38,7 @@ pub use console::{CapturedConsole, ConsoleProbe};
 pub use images::{CONTENT_BASE, DedupImages, Expected, Kinds};
 pub use pagemap::{ProcessPages, pfns_visible, zero_pfn};
 pub use probe::{ProbeConsole, ProbeGuest, pattern, temp_file_with, u64_at};
-pub use process::{HANG_GUARD, Line, Stream, VmmProcess};
+pub use process::{HANG_GUARD, Line, Stream, VmmProcess, join_cgroup_on_spawn};
 
 /// The line printed when a KVM test is skipped.
 pub const SKIP_LINE: &str = "skipped: /dev/kvm not accessible";

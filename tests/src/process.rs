@@ -3,7 +3,10 @@
 
 use std::ffi::OsStr;
 use std::fmt::Write as _;
-use std::io::{BufRead, BufReader, Read, Write};
+use std::fs::File;
+use std::io::{self, BufRead, BufReader, Read, Write};
+use std::os::fd::AsRawFd;
+use std::os::unix::process::CommandExt;
 use std::process::{Child, ChildStdin, Command, ExitStatus, Stdio};
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender};
 use std::thread;
@@ -13,6 +16,48 @@ use crate::vmm_bin;
 
 /// Default upper bound for one wait: only a guard against a hang, never a speed check.
 pub const HANG_GUARD: Duration = Duration::from_secs(120);
+
+/// Makes the process that `command` starts join a cgroup before it runs `exec`: the child writes
+/// its pid to `procs`, the cgroup's `cgroup.procs` opened for writing. The hook keeps its own
+/// duplicate of the descriptor (close-on-exec) for as long as `command` lives, so every page the
+/// child ever touches is charged to the cgroup.
+///
+/// # Errors
+/// When the descriptor cannot be duplicated.
+pub fn join_cgroup_on_spawn(command: &mut Command, procs: &File) -> io::Result<()> {
+    let procs = procs.try_clone()?;
+    let hook = move || -> io::Result<()> {
+        // Only async-signal-safe calls between fork and exec: no allocation, so the pid is
+        // formatted into a stack buffer.
+        // SAFETY: getpid has no preconditions.
+        let mut pid = unsafe { libc::getpid() }.unsigned_abs();
+        let mut digits = [0u8; 20];
+        let mut at = digits.len();
+        loop {
+            at -= 1;
+            digits[at] = b'0' + (pid % 10) as u8;
+            pid /= 10;
+            if pid == 0 {
+                break;
+            }
+        }
+        let text = &digits[at..];
+        // SAFETY: the descriptor is owned by this hook, so open in the forked child; `text` is
+        // a valid buffer of `text.len()` bytes.
+        let written = unsafe { libc::write(procs.as_raw_fd(), text.as_ptr().cast(), text.len()) };
+        if written == text.len() as isize {
+            Ok(())
+        } else {
+            Err(io::Error::last_os_error())
+        }
+    };
+    // SAFETY: the hook only calls getpid and write (async-signal-safe) and touches no memory
+    // but its stack and the descriptor it owns.
+    unsafe {
+        command.pre_exec(hook);
+    }
+    Ok(())
+}
 
 /// Which output stream of the child a line came from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -17,8 +17,6 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)] // test code: a failed setup is a failed test
 
-use std::ffi::CString;
-use std::os::unix::process::CommandExt;
 use std::path::PathBuf;
 use std::process::Command;
 
@@ -26,7 +24,9 @@ use serde_json::Value;
 use test_guests::{filled_page_checksum, page_checksum};
 use vmm::cgroup::{self, CgroupReader, Version};
 use vmm_sys_util::tempdir::TempDir;
-use vmm_tests::{ApiClient, DedupImages, Kinds, ProbeGuest, VmmProcess, field, settled};
+use vmm_tests::{
+    ApiClient, DedupImages, Kinds, ProbeGuest, VmmProcess, field, join_cgroup_on_spawn, settled,
+};
 
 const GUESTS: [&str; 2] = ["guest0", "guest1"];
 const DUP: usize = 2048;
@@ -118,42 +118,6 @@ impl Drop for TestCgroup {
     }
 }
 
-/// A `pre_exec` hook that moves the child into the cgroup whose `cgroup.procs` is `procs`.
-fn join(procs: PathBuf) -> impl FnMut() -> std::io::Result<()> + Send + Sync + 'static {
-    let path = CString::new(procs.into_os_string().into_encoded_bytes()).unwrap();
-    move || {
-        // Only async-signal-safe calls in the forked child: no allocation.
-        let mut digits = [0u8; 20];
-        // SAFETY: getpid has no preconditions.
-        let mut pid = unsafe { libc::getpid() } as u64;
-        let mut at = digits.len();
-        loop {
-            at -= 1;
-            digits[at] = b'0' + (pid % 10) as u8;
-            pid /= 10;
-            if pid == 0 {
-                break;
-            }
-        }
-        // SAFETY: open/write/close with a NUL-terminated path and a buffer that outlive the
-        // calls.
-        unsafe {
-            let fd = libc::open(path.as_ptr(), libc::O_WRONLY);
-            if fd < 0 {
-                return Err(std::io::Error::last_os_error());
-            }
-            let len = digits.len() - at;
-            let n = libc::write(fd, digits[at..].as_ptr().cast(), len);
-            let err = std::io::Error::last_os_error();
-            libc::close(fd);
-            if n != len as isize {
-                return Err(err);
-            }
-        }
-        Ok(())
-    }
-}
-
 /// The value guest `g` writes over its duplicate page `p`: unique, so nothing merges again.
 fn value(g: usize, p: usize) -> u64 {
     0xa000_0000_0000 | ((g as u64) << 32) | p as u64
@@ -208,10 +172,11 @@ fn guests_unsharing_in_a_memory_cgroup_pause_merging_then_stop_cleanly() {
     }
     let mut command = Command::new(vmm_tests::vmm_bin());
     command.args(args);
-    // SAFETY: the hook only makes async-signal-safe system calls.
-    unsafe {
-        command.pre_exec(join(cg.procs()));
-    }
+    let procs = std::fs::OpenOptions::new()
+        .write(true)
+        .open(cg.procs())
+        .unwrap();
+    join_cgroup_on_spawn(&mut command, &procs).unwrap();
     let mut vmm = VmmProcess::start(&mut command);
     vmm.wait_probes_ready(GUESTS);
     let api = ApiClient::ready(&sock);
