@@ -229,33 +229,28 @@ impl SlotTable {
 
     /// Allocated slots with no reference (to punch and free).
     pub fn unreferenced(&self) -> Vec<u32> {
-        let mut out = Vec::new();
-        for (w, &word) in self.used.iter().enumerate() {
-            let mut bits = word;
-            while bits != 0 {
-                let b = bits.trailing_zeros() as usize;
-                bits &= bits - 1;
-                let slot = (w * 64 + b) as u32;
-                if self.recs[slot as usize].refs == 0 {
-                    out.push(slot);
-                }
-            }
-        }
-        out
+        self.allocated_slots()
+            .filter(|&slot| self.recs[slot as usize].refs == 0)
+            .collect()
     }
 
     /// Every allocated slot.
     pub fn all_allocated(&self) -> Vec<u32> {
-        let mut out = Vec::new();
-        for (w, &word) in self.used.iter().enumerate() {
+        self.allocated_slots().collect()
+    }
+
+    /// The allocated slots in ascending order: the set bits of the allocation bitmap.
+    fn allocated_slots(&self) -> impl Iterator<Item = u32> + '_ {
+        self.used.iter().enumerate().flat_map(|(w, &word)| {
             let mut bits = word;
-            while bits != 0 {
-                let b = bits.trailing_zeros() as usize;
-                bits &= bits - 1;
-                out.push((w * 64 + b) as u32);
-            }
-        }
-        out
+            std::iter::from_fn(move || {
+                (bits != 0).then(|| {
+                    let b = bits.trailing_zeros();
+                    bits &= bits - 1;
+                    w as u32 * 64 + b
+                })
+            })
+        })
     }
 
     /// Bytes of memory this table holds.
