@@ -85,7 +85,7 @@ fn main() -> ExitCode {
         tool("OBJCOPY", "objcopy"),
     ];
     // Shared by several guests through `.include`.
-    for include in ["console.inc", "pic.inc"] {
+    for include in ["console.inc", "idt.inc", "pic.inc", "print.inc"] {
         println!("cargo:rerun-if-changed={}", src_dir.join(include).display());
     }
     for name in GUESTS {

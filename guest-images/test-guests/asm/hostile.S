@@ -51,11 +51,6 @@
     .set WIDE_PORT_STEP, 0x40
     .set STRING_BYTES, 64
 
-    .set PIC1_CMD, 0x20
-    .set PIC1_DATA, 0x21
-    .set PIC2_CMD, 0xa0
-    .set PIC2_DATA, 0xa1
-    .set PIC_EOI, 0x20
     .set IRQ_BASE, 0x20
     .set IDT_ENTRIES, IRQ_BASE + 16
     .set VECTOR_UD, 6
@@ -67,6 +62,7 @@
     .set UNMAPPED, 0x7000000000
 
     .include "pic.inc"
+    .include "idt.inc"
 
     .text
     .globl _start
@@ -239,17 +235,7 @@ set_gate:
     shl rdi, 4
     lea rdx, [rip + idt]
     add rdi, rdx
-    mov [rdi], ax
-    mov dx, cs
-    mov [rdi + 2], dx
-    mov word ptr [rdi + 4], 0x8e00
-    mov rdx, rax
-    shr rdx, 16
-    mov [rdi + 6], dx
-    mov rdx, rax
-    shr rdx, 32
-    mov [rdi + 8], edx
-    mov dword ptr [rdi + 12], 0
+    write_gate
     ret
 
 /* IDT with the fault handlers and IRQs 0-15 at IRQ_BASE; PIC with only IRQ 4 (COM1) unmasked;
@@ -300,17 +286,7 @@ setup_uart:
 
 /* Waits (halted between interrupts) until a newline arrives on the console. Clobbers rax, rdx. */
 wait_line:
-    mov dx, COM1_LSR
-1:  cli
-    in al, dx
-    test al, LSR_DATA_READY
-    jnz 2f
-    /* sti takes effect after hlt starts, so an interrupt that is already pending wakes it. */
-    sti
-    hlt
-    jmp 1b
-2:  mov dx, COM1
-    in al, dx
+    call get_char
     cmp al, '\n'
     jne wait_line
     ret

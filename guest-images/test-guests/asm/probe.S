@@ -29,11 +29,6 @@
 
     .set DEBUG_EXIT_PORT, 0xf4
 
-    .set PIC1_CMD, 0x20
-    .set PIC1_DATA, 0x21
-    .set PIC2_CMD, 0xa0
-    .set PIC2_DATA, 0xa1
-    .set PIC_EOI, 0x20
     .set IRQ_BASE, 0x20
     .set IDT_ENTRIES, IRQ_BASE + 16
 
@@ -45,6 +40,7 @@
     .set ONLINE_WAIT_SPINS, 5000000
 
     .include "pic.inc"
+    .include "idt.inc"
 
     .text
     .globl _start
@@ -107,15 +103,7 @@ cmd_read:
     mov rbx, rax
     mov r13, [rbx]
     lea rsi, [rip + msg_ok_read]
-    call put_str
-    mov rax, rbx
-    call put_hex
-    mov al, ' '
-    call put_char
-    mov rax, r13
-    call put_hex
-    call put_newline
-    jmp main_loop
+    jmp reply_gpa_value
 
 /* W gpa value -> OK W gpa */
 cmd_write:
@@ -134,11 +122,7 @@ cmd_write:
     jae err_range
     mov [rbx], rax
     lea rsi, [rip + msg_ok_write]
-    call put_str
-    mov rax, rbx
-    call put_hex
-    call put_newline
-    jmp main_loop
+    jmp reply_gpa
 
 /* C gpa -> OK C gpa sum (FNV-1a over the page's 512 little-endian u64 words) */
 cmd_checksum:
@@ -163,15 +147,7 @@ cmd_checksum:
     jnz 1b
     mov r13, rax
     lea rsi, [rip + msg_ok_checksum]
-    call put_str
-    mov rax, rbx
-    call put_hex
-    mov al, ' '
-    call put_char
-    mov rax, r13
-    call put_hex
-    call put_newline
-    jmp main_loop
+    jmp reply_gpa_value
 
 /* F gpa value -> OK F gpa */
 cmd_fill:
@@ -195,11 +171,7 @@ cmd_fill:
     dec ecx
     jnz 1b
     lea rsi, [rip + msg_ok_fill]
-    call put_str
-    mov rax, rbx
-    call put_hex
-    call put_newline
-    jmp main_loop
+    jmp reply_gpa
 
 /* X status -> the VMM stops this guest with `status`; no reply */
 cmd_exit:
@@ -228,6 +200,26 @@ err_too_long:
     lea rsi, [rip + msg_err_too_long]
 reply:
     call put_str
+    jmp main_loop
+
+/* The OK replies of R and C: the string at rsi, then "gpa value" with gpa = rbx, value = r13. */
+reply_gpa_value:
+    call put_str
+    mov rax, rbx
+    call put_hex
+    mov al, ' '
+    call put_char
+    mov rax, r13
+    call put_hex
+    call put_newline
+    jmp main_loop
+
+/* The OK replies of W and F: the string at rsi, then "gpa" with gpa = rbx. */
+reply_gpa:
+    call put_str
+    mov rax, rbx
+    call put_hex
+    call put_newline
     jmp main_loop
 
 /* vCPUs other than 0: check in, then halt for good. */
@@ -293,21 +285,6 @@ get_line:
     jmp 1b
 3:  ret
 
-/* Waits for a received byte and returns it in al. Clobbers rdx. */
-get_char:
-    mov dx, COM1_LSR
-1:  cli
-    in al, dx
-    test al, LSR_DATA_READY
-    jnz 2f
-    /* sti takes effect after hlt starts, so an interrupt that is already pending wakes it. */
-    sti
-    hlt
-    jmp 1b
-2:  mov dx, COM1
-    in al, dx
-    ret
-
     .include "console.inc"
 
 /* Writes rax in decimal. Clobbers rax, rcx, rdx, rsi. */
@@ -323,22 +300,13 @@ put_dec:
     jnz 1b
     jmp put_str
 
-/* Legacy PIC with IRQ 4 (COM1) unmasked at vector IRQ_BASE + 4, and the UART's RX interrupt. */
+/* IDT gates for IRQs 0-15 at IRQ_BASE (all irq_handler); legacy PIC with IRQ 4 (COM1) unmasked
+ * at vector IRQ_BASE + 4; the UART's RX interrupt. Clobbers rax, rcx, rdx, rdi. */
 setup_interrupts:
     lea rdi, [rip + idt + IRQ_BASE * 16]
     lea rax, [rip + irq_handler]
     mov ecx, 16
-1:  mov [rdi], ax
-    mov dx, cs
-    mov [rdi + 2], dx
-    mov word ptr [rdi + 4], 0x8e00
-    mov rdx, rax
-    shr rdx, 16
-    mov [rdi + 6], dx
-    mov rdx, rax
-    shr rdx, 32
-    mov [rdi + 8], edx
-    mov dword ptr [rdi + 12], 0
+1:  write_gate
     add rdi, 16
     dec ecx
     jnz 1b

@@ -10,24 +10,19 @@
     .set I8042_COMMAND, 0x64
     .set I8042_RESET_CPU, 0xfe
 
+    .include "print.inc"
+
     .text
     .globl _start
 _start:
     test rdi, rdi
-    jnz 3f
-    lea rsi, [rip + message]
-    mov dx, COM1
-1:  mov al, [rsi]
-    test al, al
-    jz 2f
-    out dx, al
-    inc rsi
-    jmp 1b
-2:  mov al, I8042_RESET_CPU
+    jnz 1f
+    print_asciz message
+    mov al, I8042_RESET_CPU
     out I8042_COMMAND, al
-3:  cli
+1:  cli
     hlt
-    jmp 3b
+    jmp 1b
 
 message:
     .asciz "RESETTING\n"

@@ -8,24 +8,19 @@
 
     .set COM1, 0x3f8
 
+    .include "print.inc"
+
     .text
     .globl _start
 _start:
     test rdi, rdi
-    jnz 3f
-    lea rsi, [rip + message]
-    mov dx, COM1
-1:  mov al, [rsi]
-    test al, al
-    jz 2f
-    out dx, al
-    inc rsi
-    jmp 1b
-2:  lidt [rip + empty_idtr]
+    jnz 1f
+    print_asciz message
+    lidt [rip + empty_idtr]
     ud2
-3:  cli
+1:  cli
     hlt
-    jmp 3b
+    jmp 1b
 
     .balign 8
     .word 0, 0, 0
