@@ -3,22 +3,22 @@
 //! as a flat binary, and as a memory image, into a small guest RAM, the way `vmm` prepares a
 //! guest (memory image, then `setup::prepare`). Never a panic; every error one clear line;
 //! what loads stays inside RAM and off the boot structures below 1 MiB, and the kernel,
-//! initrd, command line and boot data do not overlap.
+//! initrd, command line and boot data do not overlap. The checks are shared with
+//! `vmm/tests/proptest_loaders.rs` (`vmm/tests/properties/loader.rs`); this target only makes
+//! the inputs.
 #![no_main]
 
 use arbitrary::Arbitrary;
 use libfuzzer_sys::fuzz_target;
-use linux_loader::loader::bootparam::{boot_params, setup_header};
-use vm_memory::{ByteValued, Bytes, GuestAddress};
-use vmm::arch::x86_64::gdt;
-use vmm::arch::x86_64::layout::{
-    CMDLINE_ADDR, GDT_ADDR, HIMEM_START, MIN_MEM, PAGE_SIZE, ZERO_PAGE_ADDR,
-};
-use vmm::config::{Boot, GuestConfig};
-use vmm::loader::{self, KernelFormat};
-use vmm::memory::GuestRam;
-use vmm::setup::{self, Entry};
-use vmm_fuzz::{check_message, mem_file};
+use linux_loader::loader::bootparam::setup_header;
+use vm_memory::ByteValued;
+use vmm::arch::x86_64::layout::{HIMEM_START, MIN_MEM, PAGE_SIZE};
+use vmm_fuzz::{mem_file, message};
+
+#[path = "../../vmm/tests/properties/loader.rs"]
+mod property;
+
+use property::{Linux, Segment, check_flat, check_image, check_linux};
 
 /// An ELF program header, from arbitrary fields.
 #[derive(Arbitrary, Debug, Clone)]
@@ -100,6 +100,7 @@ struct Input {
     case: Case,
 }
 
+/// The address `a` stands for: pages above 1 MiB (with a small offset), or as it is.
 fn addr(a: &Addr) -> u64 {
     match *a {
         Addr::Himem(pages, off) => {
@@ -110,6 +111,7 @@ fn addr(a: &Addr) -> u64 {
     }
 }
 
+/// Writes each `(offset, byte)` of `patches` that falls inside `bytes`.
 fn patch(bytes: &mut [u8], patches: &[(u16, u8)]) {
     for &(at, b) in patches {
         if let Some(x) = bytes.get_mut(usize::from(at)) {
@@ -124,7 +126,7 @@ fn elf(
     phdrs: &[Phdr],
     payload: &[u8],
     patches: &[(u16, u8)],
-) -> (Vec<u8>, Vec<(u64, u64, u64)>) {
+) -> (Vec<u8>, Vec<Segment>) {
     const EHDR: usize = 64;
     const PHDR: usize = 56;
     let phdrs = &phdrs[..phdrs.len().min(8)];
@@ -184,6 +186,8 @@ fn elf(
     (out, loads)
 }
 
+/// A bzImage with the given setup-header fields (the setup sectors zeroed), then `payload` as
+/// its protected-mode kernel, then patched.
 #[allow(clippy::too_many_arguments)]
 fn bzimage(
     setup_sects: u8,
@@ -222,49 +226,9 @@ fn bzimage(
     out
 }
 
-fn read(ram: &GuestRam, addr: u64, len: usize) -> Vec<u8> {
-    let mut buf = vec![0u8; len];
-    ram.memory()
-        .read_slice(&mut buf, GuestAddress(addr))
-        .unwrap_or_else(|e| panic!("reading {len} bytes at {addr:#x}: {e}"));
-    buf
-}
-
-/// Asserts `got == want` naming the first differing offset (not both buffers: they can be
-/// megabytes).
-fn same(what: &str, got: &[u8], want: &[u8]) {
-    assert_eq!(got.len(), want.len(), "{what}: length");
-    if let Some(i) = got.iter().zip(want).position(|(a, b)| a != b) {
-        panic!(
-            "{what}: byte {i:#x} of {:#x} is {:#04x}, not {:#04x}",
-            want.len(),
-            got[i],
-            want[i]
-        );
-    }
-}
-
-fn all_zero(ram: &GuestRam, from: u64, to: u64) -> bool {
-    let mut a = from;
-    while a < to {
-        let n = (to - a).min(1 << 16);
-        if read(ram, a, n as usize).iter().any(|&b| b != 0) {
-            return false;
-        }
-        a += n;
-    }
-    true
-}
-
-fn linux(
-    mem: u64,
-    mem_image: Option<&[u8]>,
-    kernel: &Kernel,
-    initrd: Option<Vec<u8>>,
-    cmdline: String,
-    vcpus: u8,
-) {
-    let (bytes, loads) = match kernel {
+/// The kernel's bytes for `kernel`, with the ELF segments it was built with.
+fn kernel_bytes(kernel: &Kernel) -> (Vec<u8>, Vec<Segment>) {
+    match kernel {
         Kernel::Raw(b) => (b.clone(), Vec::new()),
         Kernel::Elf {
             entry,
@@ -296,201 +260,13 @@ fn linux(
             ),
             Vec::new(),
         ),
-    };
-    let kernel_path = mem_file("kernel", &bytes);
-
-    // The kernel alone, into fresh RAM: inside RAM, above the boot structures.
-    let ram = GuestRam::new(mem, false).unwrap_or_else(|e| panic!("RAM: {e}"));
-    let loaded = match loader::load_kernel(ram.memory(), &kernel_path) {
-        Ok(k) => {
-            assert!(
-                k.entry >= HIMEM_START && k.entry < mem,
-                "entry {:#x} below 1 MiB or outside RAM",
-                k.entry
-            );
-            assert!(
-                k.end <= mem,
-                "kernel accepted though it ends at {:#x}, past RAM ({mem:#x})",
-                k.end
-            );
-            assert!(
-                all_zero(&ram, 0, HIMEM_START),
-                "the kernel loader wrote below 1 MiB ({:?})",
-                k.format
-            );
-            for &(paddr, filesz, memsz) in &loads {
-                assert!(
-                    paddr >= HIMEM_START && paddr.saturating_add(memsz.max(filesz)) <= mem,
-                    "segment at {paddr:#x} ({filesz:#x}/{memsz:#x} bytes) accepted in {mem:#x} of RAM"
-                );
-            }
-            if k.format == KernelFormat::BzImage {
-                assert_eq!(
-                    k.entry,
-                    u64::from(k.header.map_or(0, |h| h.code32_start)) + 0x200
-                );
-            }
-            Some(k)
-        }
-        Err(e) => {
-            check_message("load_kernel", &e.to_string());
-            None
-        }
-    };
-
-    // The whole guest, as `vmm` prepares it.
-    let initrd_path = initrd.as_ref().map(|b| mem_file("initrd", b));
-    let config = GuestConfig {
-        name: "guest0".into(),
-        mem,
-        vcpus: u32::from(vcpus % 8) + 1,
-        boot: Boot::Linux {
-            kernel: kernel_path,
-            initrd: initrd_path,
-            cmdline: cmdline.clone(),
-        },
-        mem_image: None,
-        track_dirty: false,
-    };
-    let Some(ram) = guest_ram(&config, mem_image) else {
-        return;
-    };
-    match setup::prepare(&ram, &config) {
-        Ok(Entry::Linux { rip }) => {
-            let k =
-                loaded.unwrap_or_else(|| panic!("prepare accepted a kernel load_kernel refused"));
-            assert_eq!(rip, k.entry);
-            let params: boot_params = ram
-                .memory()
-                .read_obj(GuestAddress(ZERO_PAGE_ADDR))
-                .unwrap_or_else(|e| panic!("zero page: {e}"));
-            let cmd = read(&ram, CMDLINE_ADDR, cmdline.len() + 1);
-            assert_eq!(&cmd[..cmdline.len()], cmdline.as_bytes(), "command line");
-            assert_eq!(cmd[cmdline.len()], 0);
-            let (image, size) = (params.hdr.ramdisk_image, params.hdr.ramdisk_size);
-            match &initrd {
-                Some(b) => {
-                    let (image, size) = (u64::from(image), u64::from(size));
-                    assert_eq!(size, b.len() as u64, "ramdisk_size");
-                    assert_eq!(
-                        image % PAGE_SIZE,
-                        0,
-                        "initrd at {image:#x} not page aligned"
-                    );
-                    assert!(
-                        image >= k.end,
-                        "initrd at {image:#x} overlaps the kernel ending at {:#x}",
-                        k.end
-                    );
-                    assert!(image + size <= mem, "initrd past RAM");
-                    same("initrd bytes", &read(&ram, image, b.len()), b);
-                }
-                None => assert_eq!((image, size), (0, 0)),
-            }
-            if k.format == KernelFormat::BzImage {
-                // The protected-mode kernel is intact after the initrd and boot data.
-                let sects = match bytes[0x1f1] {
-                    0 => 4,
-                    s => usize::from(s),
-                };
-                let body = &bytes[(sects + 1) * 512..];
-                same(
-                    "kernel body",
-                    &read(&ram, k.end - body.len() as u64, body.len()),
-                    body,
-                );
-            }
-        }
-        Ok(other) => panic!("a Linux guest started as {other:?}"),
-        Err(e) => check_message("prepare", &e.to_string()),
-    }
-}
-
-/// The guest's RAM with its memory image loaded, as `vmm` makes it; `None` (after checking the
-/// error line) when the configuration or the image is refused.
-fn guest_ram(config: &GuestConfig, mem_image: Option<&[u8]>) -> Option<GuestRam> {
-    if let Err(e) = config.validate() {
-        check_message("validate", &e.to_string());
-        return None;
-    }
-    let ram = GuestRam::new(config.mem, false).unwrap_or_else(|e| panic!("RAM: {e}"));
-    if let Some(image) = mem_image
-        && let Err(e) = ram.load_image(&mem_file("image", image))
-    {
-        check_message("load_image", &e.to_string());
-        return None;
-    }
-    Some(ram)
-}
-
-fn flat(mem: u64, mem_image: Option<&[u8]>, entry: u64, image: &[u8]) {
-    let path = mem_file("flat", image);
-    let config = GuestConfig {
-        name: "guest0".into(),
-        mem,
-        vcpus: 1,
-        boot: Boot::Flat { image: path, entry },
-        mem_image: None,
-        track_dirty: false,
-    };
-    let Some(ram) = guest_ram(&config, mem_image) else {
-        return;
-    };
-    match setup::prepare(&ram, &config) {
-        Ok(Entry::Flat { rip, .. }) => {
-            assert_eq!(rip, entry);
-            assert!(
-                entry < mem && entry + image.len() as u64 <= mem,
-                "flat binary past RAM accepted"
-            );
-            same("flat binary bytes", &read(&ram, entry, image.len()), image);
-            let table: Vec<u8> = gdt::boot_gdt()
-                .iter()
-                .flat_map(|d| d.to_le_bytes())
-                .collect();
-            assert_eq!(read(&ram, GDT_ADDR, table.len()), table, "GDT");
-        }
-        Ok(other) => panic!("a flat guest started as {other:?}"),
-        Err(e) => {
-            check_message("prepare", &e.to_string());
-            assert!(
-                entry >= mem || entry.saturating_add(image.len() as u64) > mem,
-                "a flat binary that fits was refused: {e}"
-            );
-        }
-    }
-}
-
-fn image(mem: u64, image: &[u8], at_page: u16) {
-    let at = usize::from(at_page % 2048) * PAGE_SIZE as usize;
-    let mut bytes = vec![0u8; at];
-    bytes.extend_from_slice(image);
-    let ram = GuestRam::new(mem, false).unwrap_or_else(|e| panic!("RAM: {e}"));
-    match ram.load_image(&mem_file("image", &bytes)) {
-        Ok(()) => {
-            assert!(
-                bytes.len() as u64 <= mem,
-                "an image larger than RAM was accepted"
-            );
-            same("image bytes", &read(&ram, 0, bytes.len()), &bytes);
-            assert!(
-                all_zero(&ram, bytes.len() as u64, mem),
-                "bytes past the image"
-            );
-        }
-        Err(e) => {
-            check_message("load_image", &e.to_string());
-            assert!(
-                bytes.len() as u64 > mem,
-                "an image that fits was refused: {e}"
-            );
-        }
     }
 }
 
 fuzz_target!(|input: Input| {
     let mem = MIN_MEM + u64::from(input.extra_pages % 1536) * PAGE_SIZE;
-    let mem_image = input.mem_image.as_deref();
+    // The memory image's file, made only for the cases that load one.
+    let mem_image = || input.mem_image.as_deref().map(|b| mem_file("image", b));
     match input.case {
         Case::Linux {
             kernel,
@@ -509,15 +285,27 @@ fuzz_target!(|input: Input| {
             } else {
                 cmdline
             };
-            linux(mem, mem_image, &kernel, initrd, cmdline, vcpus);
+            let (bytes, segments) = kernel_bytes(&kernel);
+            let initrd_path = initrd.as_deref().map(|b| mem_file("initrd", b));
+            check_linux(&Linux {
+                mem,
+                mem_image: mem_image().as_deref(),
+                kernel: &mem_file("kernel", &bytes),
+                kernel_bytes: &bytes,
+                segments: &segments,
+                initrd: initrd_path.as_deref().zip(initrd.as_deref()),
+                cmdline: &cmdline,
+                vcpus: u32::from(vcpus % 8) + 1,
+            });
         }
-        Case::Flat {
-            entry,
-            image: bytes,
-        } => flat(mem, mem_image, addr(&entry), &bytes),
-        Case::Image {
-            image: bytes,
-            at_page,
-        } => image(mem, &bytes, at_page),
+        Case::Flat { entry, image } => {
+            let path = mem_file("flat", &image);
+            check_flat(mem, mem_image().as_deref(), &path, addr(&entry), &image);
+        }
+        Case::Image { image, at_page } => {
+            let mut bytes = vec![0u8; usize::from(at_page % 2048) * PAGE_SIZE as usize];
+            bytes.extend_from_slice(&image);
+            check_image(mem, &mem_file("image", &bytes), &bytes);
+        }
     }
 });

@@ -2,23 +2,28 @@
 //! docs/fuzzing.md): ELF kernels with arbitrary program headers, bzImages with arbitrary setup
 //! headers, raw bytes, initrds, flat binaries and memory images, into a small guest RAM.
 //! Never a panic; every error one line; what loads stays inside RAM and above the boot
-//! structures, and the kernel, initrd, command line and boot data do not overlap.
+//! structures, and the kernel, initrd, command line and boot data do not overlap. The checks
+//! are shared with the fuzz target (`properties/loader.rs`); this file only makes the inputs.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)] // test code
 
 use std::io::Write;
 use std::path::PathBuf;
 
-use linux_loader::loader::bootparam::{boot_params, setup_header};
+use linux_loader::loader::bootparam::setup_header;
 use proptest::prelude::*;
-use vm_memory::{ByteValued, Bytes, GuestAddress};
-use vmm::arch::x86_64::layout::{CMDLINE_ADDR, HIMEM_START, MIN_MEM, PAGE_SIZE, ZERO_PAGE_ADDR};
-use vmm::config::{Boot, GuestConfig};
-use vmm::loader::{self, KernelFormat};
-use vmm::memory::GuestRam;
-use vmm::setup::{self, Entry};
+use vm_memory::ByteValued;
+use vmm::arch::x86_64::layout::{HIMEM_START, MIN_MEM, PAGE_SIZE};
 use vmm_sys_util::tempfile::TempFile;
 
+#[path = "properties/message.rs"]
+mod message;
+#[path = "properties/loader.rs"]
+mod property;
+
+use property::{Linux, Segment, check_flat, check_image, check_linux};
+
+/// A temporary file holding `bytes`, and its path (the file goes when it is dropped).
 fn file(bytes: &[u8]) -> (TempFile, PathBuf) {
     let f = TempFile::new().unwrap();
     f.as_file().write_all(bytes).unwrap();
@@ -26,33 +31,10 @@ fn file(bytes: &[u8]) -> (TempFile, PathBuf) {
     (f, p)
 }
 
-fn read(ram: &GuestRam, addr: u64, len: usize) -> Vec<u8> {
-    let mut buf = vec![0u8; len];
-    ram.memory()
-        .read_slice(&mut buf, GuestAddress(addr))
-        .unwrap();
-    buf
-}
-
-/// Asserts `got == want` naming the first differing offset (not both buffers).
-fn same(what: &str, got: &[u8], want: &[u8]) {
-    assert_eq!(got.len(), want.len(), "{what}: length");
-    if let Some(i) = got.iter().zip(want).position(|(a, b)| a != b) {
-        panic!(
-            "{what}: byte {i:#x} is {:#04x}, not {:#04x}",
-            got[i], want[i]
-        );
-    }
-}
-
-fn one_line(what: &str, message: &str) {
-    assert!(!message.trim().is_empty(), "{what}: empty message");
-    assert!(!message.contains('\n'), "{what}: {message:?}");
-}
-
 /// A program header: (type, paddr, filesz, memsz, offset into the payload).
 type Phdr = (u32, u64, u64, u64, u64);
 
+/// Program headers: mostly loadable, mostly above 1 MiB, sometimes anywhere.
 fn phdr() -> impl Strategy<Value = Phdr> {
     let paddr = prop_oneof![
         4 => (0u64..2048, 0u64..16).prop_map(|(p, o)| HIMEM_START + p * PAGE_SIZE + o),
@@ -73,7 +55,7 @@ fn phdr() -> impl Strategy<Value = Phdr> {
 }
 
 /// An x86-64 ELF: the image and its loadable segments (paddr, filesz, memsz).
-fn elf(entry: u64, phdrs: &[Phdr], payload: &[u8]) -> (Vec<u8>, Vec<(u64, u64, u64)>) {
+fn elf(entry: u64, phdrs: &[Phdr], payload: &[u8]) -> (Vec<u8>, Vec<Segment>) {
     let data_at = 64 + 56 * phdrs.len() as u64;
     let mut out = vec![0u8; 64];
     out[..7].copy_from_slice(b"\x7fELF\x02\x01\x01");
@@ -105,6 +87,8 @@ fn elf(entry: u64, phdrs: &[Phdr], payload: &[u8]) -> (Vec<u8>, Vec<(u64, u64, u
     (out, loads)
 }
 
+/// A bzImage with the given setup-header fields (the setup sectors zeroed), then `payload` as
+/// its protected-mode kernel.
 fn bzimage(
     setup_sects: u8,
     code32_start: u32,
@@ -136,6 +120,8 @@ fn bzimage(
     out
 }
 
+/// A kernel to build: an ELF (entry, program headers, payload), a bzImage (setup sectors,
+/// `code32_start`, `xloadflags`, `initrd_addr_max`, payload) or raw bytes.
 #[derive(Debug, Clone)]
 enum Kernel {
     Elf(u64, Vec<Phdr>, Vec<u8>),
@@ -143,6 +129,7 @@ enum Kernel {
     Raw(Vec<u8>),
 }
 
+/// Kernels: mostly ELFs and bzImages with plausible fields, sometimes raw bytes.
 fn kernel() -> impl Strategy<Value = Kernel> {
     let payload = proptest::collection::vec(any::<u8>(), 0..8192);
     prop_oneof![
@@ -164,93 +151,12 @@ fn kernel() -> impl Strategy<Value = Kernel> {
     ]
 }
 
-/// Loads a kernel (with an initrd) the way `vmm` prepares a Linux guest, and checks it.
-fn check_linux(mem: u64, kernel: &Kernel, initrd: Option<&[u8]>, cmdline: &str) {
-    let (bytes, loads) = match kernel {
+/// The kernel's bytes for `kernel`, with the ELF segments it was built with.
+fn kernel_bytes(kernel: &Kernel) -> (Vec<u8>, Vec<Segment>) {
+    match kernel {
         Kernel::Elf(e, p, b) => elf(*e, p, b),
         Kernel::BzImage(s, c, x, m, b) => (bzimage(*s, *c, *x, *m, b), Vec::new()),
         Kernel::Raw(b) => (b.clone(), Vec::new()),
-    };
-    let (_kf, kernel_path) = file(&bytes);
-    let ram = GuestRam::new(mem, false).unwrap();
-    let loaded = match loader::load_kernel(ram.memory(), &kernel_path) {
-        Ok(k) => {
-            assert!(
-                k.end <= mem,
-                "kernel ending at {:#x} accepted in {mem:#x} of RAM",
-                k.end
-            );
-            assert!(
-                k.entry >= HIMEM_START && k.entry < mem,
-                "entry {:#x}",
-                k.entry
-            );
-            assert!(
-                read(&ram, 0, HIMEM_START as usize).iter().all(|&b| b == 0),
-                "the kernel loader wrote below 1 MiB"
-            );
-            for &(paddr, filesz, memsz) in &loads {
-                assert!(
-                    paddr >= HIMEM_START && paddr.saturating_add(memsz) <= mem,
-                    "segment at {paddr:#x} ({filesz:#x}/{memsz:#x} bytes) accepted in {mem:#x}"
-                );
-            }
-            Some(k)
-        }
-        Err(e) => {
-            one_line("load_kernel", &e.to_string());
-            None
-        }
-    };
-    let initrd_file = initrd.map(file);
-    let config = GuestConfig {
-        name: "guest0".into(),
-        mem,
-        vcpus: 1,
-        boot: Boot::Linux {
-            kernel: kernel_path,
-            initrd: initrd_file.as_ref().map(|(_, p)| p.clone()),
-            cmdline: cmdline.to_string(),
-        },
-        mem_image: None,
-        track_dirty: false,
-    };
-    let ram = GuestRam::new(mem, false).unwrap();
-    match setup::prepare(&ram, &config) {
-        Ok(Entry::Linux { rip }) => {
-            let k = loaded.expect("prepare accepted a kernel load_kernel refused");
-            assert_eq!(rip, k.entry);
-            let params: boot_params = ram.memory().read_obj(GuestAddress(ZERO_PAGE_ADDR)).unwrap();
-            assert_eq!(read(&ram, CMDLINE_ADDR, cmdline.len()), cmdline.as_bytes());
-            let (image, size) = (
-                u64::from(params.hdr.ramdisk_image),
-                u64::from(params.hdr.ramdisk_size),
-            );
-            if let Some(b) = initrd {
-                assert_eq!(size, b.len() as u64);
-                assert!(
-                    image >= k.end,
-                    "initrd at {image:#x} overlaps the kernel (end {:#x})",
-                    k.end
-                );
-                assert!(image + size <= mem);
-                same("initrd", &read(&ram, image, b.len()), b);
-            }
-            if k.format == KernelFormat::BzImage {
-                let sects = match bytes[0x1f1] {
-                    0 => 4,
-                    s => usize::from(s),
-                };
-                let body = &bytes[(sects + 1) * 512..];
-                same(
-                    "kernel body",
-                    &read(&ram, k.end - body.len() as u64, body.len()),
-                    body,
-                );
-            }
-        }
-        Ok(other) => panic!("{other:?}"),
-        Err(e) => one_line("prepare", &e.to_string()),
     }
 }
 
@@ -263,8 +169,23 @@ proptest! {
         kernel in kernel(),
         initrd in proptest::option::of(proptest::collection::vec(any::<u8>(), 0..20000)),
         cmdline in "[ -~]{0,64}",
+        mem_image in proptest::option::of(proptest::collection::vec(any::<u8>(), 0..8192)),
+        vcpus in 1u32..=8,
     ) {
-        check_linux(MIN_MEM + extra_pages * PAGE_SIZE, &kernel, initrd.as_deref(), &cmdline);
+        let (bytes, segments) = kernel_bytes(&kernel);
+        let (_kf, kernel_path) = file(&bytes);
+        let initrd_file = initrd.as_deref().map(file);
+        let image_file = mem_image.as_deref().map(file);
+        check_linux(&Linux {
+            mem: MIN_MEM + extra_pages * PAGE_SIZE,
+            mem_image: image_file.as_ref().map(|(_, p)| p.as_path()),
+            kernel: &kernel_path,
+            kernel_bytes: &bytes,
+            segments: &segments,
+            initrd: initrd_file.as_ref().map(|(_, p)| p.as_path()).zip(initrd.as_deref()),
+            cmdline: &cmdline,
+            vcpus,
+        });
     }
 
     #[test]
@@ -273,44 +194,15 @@ proptest! {
         entry in prop_oneof![3 => HIMEM_START..(8 << 20), 1 => any::<u64>()],
         bytes in proptest::collection::vec(any::<u8>(), 0..20000),
         at_page in 0usize..2048,
+        mem_image in proptest::option::of(proptest::collection::vec(any::<u8>(), 0..8192)),
     ) {
         let mem = MIN_MEM + extra_pages * PAGE_SIZE;
         let (_f, path) = file(&bytes);
-        let config = GuestConfig {
-            name: "guest0".into(),
-            mem,
-            vcpus: 1,
-            boot: Boot::Flat { image: path, entry },
-            mem_image: None,
-            track_dirty: false,
-        };
-        if config.validate().is_ok() {
-            let ram = GuestRam::new(mem, false).unwrap();
-            match setup::prepare(&ram, &config) {
-                Ok(_) => {
-                    prop_assert!(entry < mem && entry + bytes.len() as u64 <= mem);
-                    same("flat binary", &read(&ram, entry, bytes.len()), &bytes);
-                }
-                Err(e) => {
-                    one_line("prepare", &e.to_string());
-                    let fits = entry < mem && entry.saturating_add(bytes.len() as u64) <= mem;
-                    prop_assert!(!fits, "{}", e);
-                }
-            }
-        }
+        let image_file = mem_image.as_deref().map(file);
+        check_flat(mem, image_file.as_ref().map(|(_, p)| p.as_path()), &path, entry, &bytes);
         let mut image = vec![0u8; at_page * PAGE_SIZE as usize];
         image.extend_from_slice(&bytes);
         let (_f, path) = file(&image);
-        let ram = GuestRam::new(mem, false).unwrap();
-        match ram.load_image(&path) {
-            Ok(()) => {
-                prop_assert!(image.len() as u64 <= mem);
-                same("image", &read(&ram, 0, image.len()), &image);
-            }
-            Err(e) => {
-                one_line("load_image", &e.to_string());
-                prop_assert!(image.len() as u64 > mem);
-            }
-        }
+        check_image(mem, &path, &image);
     }
 }
