@@ -43,6 +43,9 @@ struct Args {
     /// The engine's threads (0: one per CPU).
     #[arg(long, default_value_t = 0)]
     threads: usize,
+    /// Threads committing merges at once (the engine's commit_threads; 0: half the threads).
+    #[arg(long, default_value_t = 0)]
+    commit_threads: usize,
     /// Passed by `cargo bench`; ignored.
     #[arg(long, hide = true)]
     bench: bool,
@@ -63,6 +66,7 @@ fn main() -> ExitCode {
         write_interval: Duration::from_millis(args.write_interval_ms.max(1)),
         batch_pages: args.batch_pages,
         threads: args.threads,
+        commit_threads: args.commit_threads,
     };
     eprintln!(
         "soak: {} guests x {} MiB, {} writer(s) each, {:.0} s",

@@ -227,27 +227,31 @@ pub(crate) fn commit_plan(
                 units.push(u);
             }
         }
-        let reports = ctx.threads.install(|| {
+        // Every remap takes the address space's lock for writing: units are committed by at
+        // most `committers` threads at a time, each taking its share of the units in order.
+        let share = units.len().div_ceil(ctx.committers.max(1)).max(1);
+        let commit_unit = |u: &mut UnitWork<'_>| {
+            let cpu = thread_cpu_ns();
+            let committer = Committer {
+                pools,
+                faults: ctx.faults,
+                budget,
+                exclusion: u.exclusion,
+                batch_pages: ctx.batch_pages,
+                vma_limit_hit: &vma_limit_hit,
+            };
+            let rep = if u.items.is_empty() {
+                crate::merge::RegionReport::default()
+            } else {
+                committer.commit(&mut u.guard, &u.items)
+            };
+            (rep, thread_cpu_ns().saturating_sub(cpu))
+        };
+        let reports: Vec<_> = ctx.threads.install(|| {
             units
-                .par_iter_mut()
-                .map(|u| {
-                    let cpu = thread_cpu_ns();
-                    let committer = Committer {
-                        pools,
-                        faults: ctx.faults,
-                        budget,
-                        exclusion: u.exclusion,
-                        batch_pages: ctx.batch_pages,
-                        vma_limit_hit: &vma_limit_hit,
-                    };
-                    let rep = if u.items.is_empty() {
-                        crate::merge::RegionReport::default()
-                    } else {
-                        committer.commit(&mut u.guard, &u.items)
-                    };
-                    (rep, thread_cpu_ns().saturating_sub(cpu))
-                })
-                .collect::<Vec<_>>()
+                .par_chunks_mut(share)
+                .flat_map_iter(|chunk| chunk.iter_mut().map(&commit_unit))
+                .collect()
         });
         let mut back: Vec<Vec<Ranges>> = (0..regions.len()).map(|_| Vec::new()).collect();
         for ((rep, cpu), u) in reports.into_iter().zip(units) {

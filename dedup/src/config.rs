@@ -68,6 +68,10 @@ pub struct Config {
     /// Worker threads for scanning and merging; 0: one per CPU. Fixed when the engine is
     /// created (a later change is ignored).
     pub threads: usize,
+    /// Worker threads that commit merges at the same time; 0: half the worker threads, at
+    /// least one. Every remap takes the process's address-space lock for writing, so commits
+    /// on more threads mostly wait for each other (see the crate's README).
+    pub commit_threads: usize,
     /// Pages committed under one write-protect guard (16 to 512).
     pub batch_pages: usize,
     /// Largest share of one core the background scanner may use, in percent; 0: no cap.
@@ -85,6 +89,7 @@ impl Default for Config {
             run: RunMode::Run,
             vma_budget: None,
             threads: 0,
+            commit_threads: 0,
             batch_pages: 64,
             max_cpu_percent: 0,
         }
@@ -101,6 +106,7 @@ pub const KNOBS: &[&str] = &[
     "run",
     "vma_budget",
     "threads",
+    "commit_threads",
     "batch_pages",
     "max_cpu_percent",
 ];
@@ -194,6 +200,10 @@ impl Config {
                 let v = num("threads", value)?;
                 self.threads = range("threads", value, v, 0, 1024, "at most 1024")?;
             }
+            "commit_threads" => {
+                let v = num("commit_threads", value)?;
+                self.commit_threads = range("commit_threads", value, v, 0, 1024, "at most 1024")?;
+            }
             "batch_pages" => {
                 let v = num("batch_pages", value)?;
                 self.batch_pages = range("batch_pages", value, v, 16, 512, "must be 16 to 512")?;
@@ -233,10 +243,21 @@ impl Config {
                 .vma_budget
                 .map_or_else(|| "auto".to_string(), |v| v.to_string()),
             "threads" => self.threads.to_string(),
+            "commit_threads" => self.commit_threads.to_string(),
             "batch_pages" => self.batch_pages.to_string(),
             "max_cpu_percent" => self.max_cpu_percent.to_string(),
             _ => return None,
         })
+    }
+
+    /// How many of `workers` worker threads commit at the same time: `commit_threads`, or half
+    /// the workers (at least one) when it is 0; never more than the workers.
+    pub fn committers(&self, workers: usize) -> usize {
+        let wanted = match self.commit_threads {
+            0 => workers / 2,
+            n => n,
+        };
+        wanted.clamp(1, workers.max(1))
     }
 
     /// Checks every knob's range (for configs built field by field).
@@ -260,7 +281,8 @@ mod tests {
         let mut c = Config::default();
         c.apply_options(
             "pages_to_scan=10000, sleep_millisecs=0,merge_across_nodes=0,use_zero_pages=0,\
-             max_page_sharing=2,run=2,vma_budget=100,threads=1,batch_pages=16,max_cpu_percent=50",
+             max_page_sharing=2,run=2,vma_budget=100,threads=1,commit_threads=3,batch_pages=16,\
+             max_cpu_percent=50",
         )
         .unwrap();
         assert_eq!(c.pages_to_scan, 10000);
@@ -270,12 +292,22 @@ mod tests {
         assert_eq!(c.run, RunMode::UnmergeAll);
         assert_eq!(c.vma_budget, Some(100));
         assert_eq!((c.threads, c.batch_pages, c.max_cpu_percent), (1, 16, 50));
+        assert_eq!(c.commit_threads, 3);
         let mut d = Config::default();
         for k in KNOBS {
             d.set(k, &c.get(k).unwrap()).unwrap();
         }
         assert_eq!(c, d);
         c.validate().unwrap();
+    }
+
+    #[test]
+    fn commits_run_on_half_the_workers_unless_set() {
+        let mut c = Config::default();
+        assert_eq!([1, 2, 3, 16].map(|w| c.committers(w)), [1, 1, 1, 8]);
+        c.commit_threads = 4;
+        assert_eq!([2, 4, 16].map(|w| c.committers(w)), [2, 4, 4]);
+        assert_eq!(c.committers(0), 1);
     }
 
     #[test]
@@ -292,6 +324,7 @@ mod tests {
         assert!(c.set("run", "3").is_err());
         assert!(c.set("use_zero_pages", "maybe").is_err());
         assert!(c.set("batch_pages", "4").is_err());
+        assert!(c.set("commit_threads", "1025").is_err());
         assert!(matches!(
             c.apply_options("run"),
             Err(ConfigError::NotAssignment(_))

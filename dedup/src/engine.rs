@@ -342,11 +342,13 @@ impl Engine {
     }
 
     pub(crate) fn step_ctx(&self) -> StepCtx<'_> {
+        let config = self.config();
         StepCtx {
             topology: &*self.inner.topology,
             faults: &self.inner.faults,
             threads: &self.inner.threads,
-            batch_pages: self.config().batch_pages,
+            committers: config.committers(self.inner.threads.current_num_threads()),
+            batch_pages: config.batch_pages,
         }
     }
 

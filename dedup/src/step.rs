@@ -31,6 +31,8 @@ pub(crate) struct StepCtx<'a> {
     pub topology: &'a dyn Topology,
     pub faults: &'a Faults,
     pub threads: &'a rayon::ThreadPool,
+    /// How many work units are committed at the same time.
+    pub committers: usize,
     pub batch_pages: usize,
 }
 

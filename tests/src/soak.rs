@@ -60,6 +60,8 @@ pub struct SoakConfig {
     pub batch_pages: usize,
     /// The engine's threads (0: one per CPU).
     pub threads: usize,
+    /// The engine's `commit_threads` (0: half the threads, at least one).
+    pub commit_threads: usize,
 }
 
 impl Default for SoakConfig {
@@ -73,6 +75,7 @@ impl Default for SoakConfig {
             write_interval: Duration::from_millis(500),
             batch_pages: 64,
             threads: 0,
+            commit_threads: 0,
         }
     }
 }
@@ -499,8 +502,8 @@ pub fn run(
     let mut engine_config = Config::default();
     engine_config
         .apply_options(&format!(
-            "pages_to_scan=65536,sleep_millisecs=0,batch_pages={},threads={}",
-            c.batch_pages, c.threads
+            "pages_to_scan=65536,sleep_millisecs=0,batch_pages={},threads={},commit_threads={}",
+            c.batch_pages, c.threads, c.commit_threads
         ))
         .unwrap_or_else(|e| panic!("soak engine knobs: {e}"));
     let engine = Engine::new(engine_config).unwrap_or_else(|e| panic!("soak engine: {e}"));

@@ -19,6 +19,9 @@ fn writers_lose_nothing_while_the_engine_merges_at_full_rate() {
         templates: 16,
         duration: Duration::from_secs(3),
         write_interval: Duration::from_millis(200),
+        // Two threads committing at once, racing each other and the writers.
+        threads: 2,
+        commit_threads: 2,
         ..SoakConfig::default()
     };
     let report = soak::run(&config, Duration::from_secs(1), |p| {

@@ -33,6 +33,7 @@ Memory merging (--dedup):
     run=1                   0: stop scanning (merged pages stay), 1: run, 2: unmerge all
     vma_budget=auto         most VMAs merged pages may cost (auto: from vm.max_map_count)
     threads=0               scan/merge threads (0: one per CPU)
+    commit_threads=0        threads committing merges at once (0: half of threads)
     batch_pages=64          pages merged under one write-protect guard (16-512)
     max_cpu_percent=0       CPU cap for the scanner in percent of one core (0: none)
   Tuner knobs (see --dedup-tune):

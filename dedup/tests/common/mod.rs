@@ -112,7 +112,9 @@ pub fn fill_all(mem: &Mem, seeds: &[u64]) {
 /// A config that scans everything at once with two threads.
 pub fn fast_config() -> Config {
     let mut c = Config::default();
-    c.apply_options("pages_to_scan=65536,sleep_millisecs=0,threads=2")
+    // Both threads commit: the tests exercise concurrent commits on one userfaultfd (the
+    // default commits on half the workers, one here).
+    c.apply_options("pages_to_scan=65536,sleep_millisecs=0,threads=2,commit_threads=2")
         .unwrap();
     c
 }
