@@ -1,9 +1,16 @@
 //! A reference model of merge decisions, for tests and fuzz targets: what a correct engine may
 //! do with a set of pages (safety) and how much it can save at best (liveness), plus a
 //! simulation that runs the engine's real planner, index and slot table against an in-memory
-//! stand-in for guest memory, so that the two can be compared on any input.
+//! stand-in for guest memory, so that the two can be compared on any input, and a check of a
+//! real engine's mapping and statistics against the model ([`check_engine`]).
 
 use hashbrown::HashMap;
+use vm_memory::{Bytes, GuestAddress};
+
+use crate::engine::Engine;
+use crate::guest::GuestId;
+use crate::numa::Topology;
+use crate::sys::PAGE_SIZE;
 
 use crate::index::{ContentIndex, PageLoc};
 use crate::meta::{Meta, PageState};
@@ -112,6 +119,117 @@ pub fn optimal_savings(pages: &[ModelPage], rules: &Rules) -> u64 {
     }
     let max = u64::from(rules.max_page_sharing.max(2));
     zero + groups.values().map(|&c| c - c.div_ceil(max)).sum::<u64>()
+}
+
+/// One guest registered with a real engine, as a model test sees it.
+#[derive(Debug)]
+pub struct EngineGuest<'a, M> {
+    /// The guest's id in the engine.
+    pub id: GuestId,
+    /// Its memory, as registered.
+    pub memory: &'a M,
+    /// Its trust domain.
+    pub domain: u16,
+    /// Every page to check: guest address and content (as in [`ModelPage::content`]).
+    pub pages: &'a [(u64, u64)],
+}
+
+/// Checks a real engine against the model: every page of `guests` still reads back the bytes
+/// of its content (`bytes(content)`), the engine's mapping of them (from
+/// [`Engine::merged_pages`], the pool's bytes for slots, `topology` for nodes) breaks none of
+/// [`check`]'s rules, and the statistics count what is mapped (`zero_pages`, `pages_shared`,
+/// `pages_shared + pages_sharing`). The error says what is wrong.
+pub fn check_engine<M>(
+    engine: &Engine,
+    topology: &dyn Topology,
+    rules: &Rules,
+    guests: &[EngineGuest<'_, M>],
+    bytes: impl Fn(u64) -> Vec<u8>,
+) -> Result<(), String>
+where
+    M: Bytes<GuestAddress>,
+    M::E: std::fmt::Debug,
+{
+    let mut pages = Vec::new();
+    let mut mapping = Vec::new();
+    let mut slot_content: HashMap<u32, u64> = HashMap::new();
+    let mut content_of: HashMap<Vec<u8>, u64> = HashMap::new();
+    let mut buf = vec![0u8; PAGE_SIZE];
+    for (gi, g) in guests.iter().enumerate() {
+        let merged: HashMap<u64, Option<(u8, u32)>> = engine
+            .merged_pages(g.id)
+            .map_err(|e| format!("merged_pages of guest {gi}: {e}"))?
+            .into_iter()
+            .map(|m| (m.gpa.0, m.slot))
+            .collect();
+        for &(gpa, content) in g.pages {
+            let want = bytes(content);
+            g.memory
+                .read_slice(&mut buf, GuestAddress(gpa))
+                .map_err(|e| format!("reading guest {gi} at {gpa:#x}: {e:?}"))?;
+            if buf != want {
+                return Err(format!(
+                    "guest {gi} page {gpa:#x} lost its content ({content})"
+                ));
+            }
+            content_of.entry(want).or_insert(content);
+            let hva = engine
+                .page_info(g.id, GuestAddress(gpa))
+                .map_err(|e| format!("page_info of guest {gi} at {gpa:#x}: {e}"))?
+                .hva;
+            let mut node = [0u8];
+            topology
+                .nodes_of(&[hva], &mut node)
+                .map_err(|e| format!("node of {hva:#x}: {e}"))?;
+            pages.push(ModelPage {
+                content,
+                domain: g.domain,
+                node: node[0],
+            });
+            mapping.push(match merged.get(&gpa) {
+                None => Mapping::Private,
+                Some(None) => Mapping::Zero,
+                Some(&Some((node, slot))) => Mapping::Slot(u32::from(node) << 24 | slot),
+            });
+        }
+    }
+    for m in &mapping {
+        if let &Mapping::Slot(key) = m {
+            let (node, slot) = ((key >> 24) as u8, key & 0xff_ffff);
+            let held = engine
+                .pool_page(node, slot)
+                .map_err(|e| format!("pool_page({node}, {slot}): {e}"))?;
+            slot_content.insert(key, content_of.get(&held).copied().unwrap_or(u64::MAX));
+        }
+    }
+    check(&pages, rules, &mapping, &slot_content)
+        .map_err(|v| format!("wrong merge: {v:?} with {rules:?}"))?;
+    let s = engine.stats();
+    let zero = mapping.iter().filter(|m| **m == Mapping::Zero).count() as u64;
+    let slots: hashbrown::HashSet<u32> = mapping
+        .iter()
+        .filter_map(|m| match m {
+            Mapping::Slot(k) => Some(*k),
+            _ => None,
+        })
+        .collect();
+    let mapped = mapping
+        .iter()
+        .filter(|m| matches!(m, Mapping::Slot(_)))
+        .count() as u64;
+    let counted = [
+        ("zero_pages", s.zero_pages, zero),
+        ("pages_shared", s.pages_shared, slots.len() as u64),
+        (
+            "pages_shared + pages_sharing",
+            s.pages_shared + s.pages_sharing,
+            mapped,
+        ),
+    ];
+    match counted.iter().find(|(_, stat, seen)| stat != seen) {
+        Some((name, stat, seen)) => Err(format!("{name} is {stat}, {seen} mapped")),
+        None => Ok(()),
+    }
 }
 
 /// The result of a simulation.

@@ -8,13 +8,12 @@
 
 mod common;
 
-use std::collections::HashMap;
 use std::sync::Arc;
 
-use common::{PAGE, content, fill, read};
+use common::{PAGE, content, fill};
 use proptest::prelude::*;
 use vm_dedup::fault::FAULT_POINTS;
-use vm_dedup::model::{self, Mapping, ModelPage};
+use vm_dedup::model::{self, EngineGuest, ModelPage};
 use vm_dedup::plan::Rules;
 use vm_dedup::{Config, Engine, FakeTopology, GuestConfig};
 use vm_memory::{GuestAddress, GuestMemoryMmap};
@@ -90,63 +89,26 @@ fn check_engine(
     rules: &Rules,
     guests: &[(vm_dedup::GuestId, Arc<Mem>, Vec<u64>, u16)],
 ) {
-    let mut pages = Vec::new();
-    let mut mapping = Vec::new();
-    let mut slot_content = hashbrown::HashMap::new();
-    let by_bytes: HashMap<Vec<u8>, u64> = (0..8).map(|s| (content(s), s)).collect();
-    for (id, mem, seeds, domain) in guests {
-        let merged: HashMap<u64, Option<(u8, u32)>> = engine
-            .merged_pages(*id)
-            .unwrap()
-            .into_iter()
-            .map(|m| (m.gpa.0, m.slot))
-            .collect();
-        for (p, &seed) in seeds.iter().enumerate() {
-            assert!(read(mem, p) == content(seed), "page {p} lost its content");
-            let gpa = (p * PAGE) as u64;
-            let info = engine.page_info(*id, GuestAddress(gpa)).unwrap();
-            pages.push(ModelPage {
-                content: seed,
-                domain: *domain,
-                node: topo.node_of(info.hva),
-            });
-            mapping.push(match merged.get(&gpa) {
-                None => Mapping::Private,
-                Some(None) => Mapping::Zero,
-                Some(Some((node, slot))) => {
-                    let key = u32::from(*node) << 24 | slot;
-                    let bytes = engine.pool_page(*node, *slot).unwrap();
-                    slot_content.insert(key, by_bytes.get(&bytes).copied().unwrap_or(u64::MAX));
-                    Mapping::Slot(key)
-                }
-            });
-        }
-    }
-    let checked = model::check(&pages, rules, &mapping, &slot_content);
-    assert!(checked.is_ok(), "{checked:?} with {rules:?}");
-    let s = engine.stats();
-    let zero = mapping.iter().filter(|m| **m == Mapping::Zero).count() as u64;
-    let mapped = mapping
+    let pages: Vec<Vec<(u64, u64)>> = guests
         .iter()
-        .filter(|m| matches!(m, Mapping::Slot(_)))
-        .count() as u64;
-    let slots: std::collections::HashSet<_> = mapping
-        .iter()
-        .filter_map(|m| {
-            if let Mapping::Slot(k) = m {
-                Some(*k)
-            } else {
-                None
-            }
+        .map(|(_, _, seeds, _)| {
+            (0..seeds.len())
+                .map(|p| ((p * PAGE) as u64, seeds[p]))
+                .collect()
         })
         .collect();
-    assert_eq!(s.zero_pages, zero, "zero_pages");
-    assert_eq!(s.pages_shared, slots.len() as u64, "pages_shared");
-    assert_eq!(
-        s.pages_shared + s.pages_sharing,
-        mapped,
-        "pages mapped to copies"
-    );
+    let observed: Vec<EngineGuest<'_, Mem>> = guests
+        .iter()
+        .zip(&pages)
+        .map(|((id, mem, _, domain), pages)| EngineGuest {
+            id: *id,
+            memory: &**mem,
+            domain: *domain,
+            pages,
+        })
+        .collect();
+    let checked = model::check_engine(engine, topo, rules, &observed, content);
+    assert!(checked.is_ok(), "{}", checked.unwrap_err());
 }
 
 proptest! {

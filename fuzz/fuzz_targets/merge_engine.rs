@@ -8,13 +8,12 @@
 //! back what was written; the statistics count what is mapped.
 #![no_main]
 
-use std::collections::HashMap;
 use std::sync::Arc;
 
 use arbitrary::Arbitrary;
 use libfuzzer_sys::fuzz_target;
 use vm_dedup::fault::FAULT_POINTS;
-use vm_dedup::model::{self, Mapping, ModelPage};
+use vm_dedup::model::{self, EngineGuest};
 use vm_dedup::plan::Rules;
 use vm_dedup::{Config, Engine, FakeTopology, GuestConfig, GuestId};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
@@ -71,80 +70,32 @@ fn seed_of(raw: u8, alphabet: u8) -> u8 {
     }
 }
 
-fn check(
-    engine: &Engine,
-    topo: &FakeTopology,
-    rules: &Rules,
-    guests: &[Guest],
-    seeds_by_bytes: &HashMap<Vec<u8>, u8>,
-) {
-    let mut pages = Vec::new();
-    let mut mapping = Vec::new();
-    let mut slot_content = hashbrown::HashMap::new();
-    let mut buf = vec![0u8; PAGE];
-    for (gi, g) in guests.iter().enumerate() {
-        let merged: HashMap<u64, Option<(u8, u32)>> = engine
-            .merged_pages(g.id)
-            .unwrap_or_else(|e| panic!("merged_pages: {e}"))
-            .into_iter()
-            .map(|m| (m.gpa.0, m.slot))
-            .collect();
-        for &(gpa, seed) in &g.pages {
-            g.mem
-                .read_slice(&mut buf, GuestAddress(gpa))
-                .unwrap_or_else(|e| panic!("read: {e}"));
-            assert!(
-                buf == content(seed),
-                "guest {gi} page {gpa:#x} lost its content (seed {seed})"
-            );
-            let info = engine
-                .page_info(g.id, GuestAddress(gpa))
-                .unwrap_or_else(|e| panic!("page_info: {e}"));
-            pages.push(ModelPage {
-                content: u64::from(seed),
-                domain: g.domain,
-                node: topo.node_of(info.hva),
-            });
-            mapping.push(match merged.get(&gpa) {
-                None => Mapping::Private,
-                Some(None) => Mapping::Zero,
-                Some(Some((node, slot))) => {
-                    let key = u32::from(*node) << 24 | slot;
-                    let bytes = engine
-                        .pool_page(*node, *slot)
-                        .unwrap_or_else(|e| panic!("pool_page({node}, {slot}): {e}"));
-                    let c = seeds_by_bytes
-                        .get(&bytes)
-                        .map_or(u64::MAX, |&s| u64::from(s));
-                    slot_content.insert(key, c);
-                    Mapping::Slot(key)
-                }
-            });
-        }
-    }
-    if let Err(v) = model::check(&pages, rules, &mapping, &slot_content) {
-        panic!("wrong merge: {v:?} with {rules:?}");
-    }
-    let s = engine.stats();
-    let zero = mapping.iter().filter(|m| **m == Mapping::Zero).count() as u64;
-    let slots: std::collections::HashSet<u32> = mapping
+/// Every guest page against the model and the statistics (`vm_dedup::model::check_engine`).
+fn check(engine: &Engine, topo: &FakeTopology, rules: &Rules, guests: &[Guest]) {
+    let pages: Vec<Vec<(u64, u64)>> = guests
         .iter()
-        .filter_map(|m| match m {
-            Mapping::Slot(k) => Some(*k),
-            _ => None,
+        .map(|g| {
+            g.pages
+                .iter()
+                .map(|&(gpa, seed)| (gpa, u64::from(seed)))
+                .collect()
         })
         .collect();
-    let mapped = mapping
+    let observed: Vec<EngineGuest<'_, Mem>> = guests
         .iter()
-        .filter(|m| matches!(m, Mapping::Slot(_)))
-        .count() as u64;
-    assert_eq!(s.zero_pages, zero, "zero_pages");
-    assert_eq!(s.pages_shared, slots.len() as u64, "pages_shared");
-    assert_eq!(
-        s.pages_shared + s.pages_sharing,
-        mapped,
-        "pages mapped to copies"
-    );
+        .zip(&pages)
+        .map(|(g, pages)| EngineGuest {
+            id: g.id,
+            memory: &*g.mem,
+            domain: g.domain,
+            pages,
+        })
+        .collect();
+    // Seeds are bytes: a content past 255 is no page of this target's.
+    let bytes = |c: u64| u8::try_from(c).map_or_else(|_| vec![0xff; PAGE], content);
+    if let Err(e) = model::check_engine(engine, topo, rules, &observed, bytes) {
+        panic!("{e}");
+    }
 }
 
 fuzz_target!(|input: Input| {
@@ -169,7 +120,6 @@ fuzz_target!(|input: Input| {
     let engine = Engine::with_topology(config, Arc::new(topo.clone()))
         .unwrap_or_else(|e| panic!("engine: {e}"));
     engine.faults().set_collide_hashes(input.collide);
-    let seeds_by_bytes: HashMap<Vec<u8>, u8> = (0..=255u8).map(|s| (content(s), s)).collect();
 
     let mut guests = Vec::new();
     for (i, spec) in input.guests.iter().take(3).enumerate() {
@@ -227,7 +177,7 @@ fuzz_target!(|input: Input| {
                 engine
                     .scan_pass()
                     .unwrap_or_else(|e| panic!("scan_pass: {e}"));
-                check(&engine, &topo, &rules, &guests, &seeds_by_bytes);
+                check(&engine, &topo, &rules, &guests);
             }
             Step::Write { guest, page, seed } => {
                 let n = guests.len();
@@ -253,7 +203,7 @@ fuzz_target!(|input: Input| {
             Step::Unmerge => {
                 // With pool or remap failures armed, unmerging may fail; contents must hold.
                 let _ = engine.unmerge_all();
-                check(&engine, &topo, &rules, &guests, &seeds_by_bytes);
+                check(&engine, &topo, &rules, &guests);
             }
         }
     }
@@ -261,7 +211,7 @@ fuzz_target!(|input: Input| {
     engine
         .scan_pass()
         .unwrap_or_else(|e| panic!("scan_pass: {e}"));
-    check(&engine, &topo, &rules, &guests, &seeds_by_bytes);
+    check(&engine, &topo, &rules, &guests);
     for g in &guests {
         engine
             .unregister(g.id)
