@@ -13,8 +13,9 @@ use std::time::Duration;
 
 use serde_json::Value;
 use vmm_sys_util::tempdir::TempDir;
+use vmm_sys_util::tempfile::TempFile;
 use vmm_tests::{
-    ApiClient, DedupImages, Kinds, ProbeGuest, STATS_FIELDS, assert_stats_shape, field,
+    ApiClient, DedupImages, Kinds, ProbeGuest, STATS_FIELDS, VmmProcess, assert_stats_shape, field,
     guest_stats, settled, temp_file_with, wait_until,
 };
 
@@ -31,13 +32,41 @@ fn metric(body: &str, series: &str) -> f64 {
         .unwrap()
 }
 
+/// Two `probe` guests started from the first image of `layout` with `--dedup`, the API socket and
+/// statistics every 100 ms, plus `extra` arguments; returns once both guests and the API are
+/// ready (the folder holds the socket and whatever `extra` names in it).
+fn start(
+    probe: &ProbeGuest,
+    dir: &TempDir,
+    layout: &DedupImages,
+    extra: &[&str],
+) -> (VmmProcess, ApiClient, TempFile) {
+    let sock = dir.as_path().join("api.sock");
+    let image = temp_file_with(&layout.images[0]);
+    let mut args = vec![
+        "--guests",
+        "2",
+        "--mem-image",
+        image.as_path().to_str().unwrap(),
+        "--dedup",
+        "--api-sock",
+        sock.to_str().unwrap(),
+        "--stats-interval",
+        "100ms",
+    ];
+    args.extend(extra);
+    let mut vmm = probe.spawn("16M", &args);
+    vmm.wait_probes_ready(["guest0", "guest1"]);
+    let api = ApiClient::ready(&sock);
+    (vmm, api, image)
+}
+
 #[test]
 fn stats_json_file_api_metrics_and_summary_line_agree_on_documented_fields() {
     if !vmm_tests::require_kvm() {
         return;
     }
     let dir = TempDir::new().unwrap();
-    let sock = dir.as_path().join("api.sock");
     let json = dir.as_path().join("stats.json");
     let layout = DedupImages::new(
         2,
@@ -49,28 +78,18 @@ fn stats_json_file_api_metrics_and_summary_line_agree_on_documented_fields() {
         },
         91,
     );
-    let image = temp_file_with(&layout.images[0]);
     let probe = ProbeGuest::new();
-    let mut vmm = probe.spawn(
-        "16M",
+    let (mut vmm, api, _image) = start(
+        &probe,
+        &dir,
+        &layout,
         &[
-            "--guests",
-            "2",
-            "--mem-image",
-            image.as_path().to_str().unwrap(),
-            "--dedup",
             "--dedup-domain",
             "tenant-a",
-            "--api-sock",
-            sock.to_str().unwrap(),
             "--stats-json",
             json.to_str().unwrap(),
-            "--stats-interval",
-            "100ms",
         ],
     );
-    vmm.wait_probes_ready(["guest0", "guest1"]);
-    let api = ApiClient::ready(&sock);
     let stats = settled(&api);
     assert_stats_shape(&stats);
     assert_eq!(stats["mode"], "dedup");
@@ -226,7 +245,7 @@ fn stats_json_file_api_metrics_and_summary_line_agree_on_documented_fields() {
     );
     // The file holds the final figures, and the socket is gone.
     assert_stats_shape(&read());
-    assert!(!sock.exists());
+    assert!(!api.path().exists());
 }
 
 /// The page figures of a statistics object: what the engine counts only while it scans.
@@ -252,7 +271,6 @@ fn page_figures_are_marked_stale_while_the_engine_does_not_scan() {
         return;
     }
     let dir = TempDir::new().unwrap();
-    let sock = dir.as_path().join("api.sock");
     let layout = DedupImages::new(
         2,
         Kinds {
@@ -263,24 +281,8 @@ fn page_figures_are_marked_stale_while_the_engine_does_not_scan() {
         },
         53,
     );
-    let image = temp_file_with(&layout.images[0]);
     let probe = ProbeGuest::new();
-    let mut vmm = probe.spawn(
-        "16M",
-        &[
-            "--guests",
-            "2",
-            "--mem-image",
-            image.as_path().to_str().unwrap(),
-            "--dedup",
-            "--api-sock",
-            sock.to_str().unwrap(),
-            "--stats-interval",
-            "100ms",
-        ],
-    );
-    vmm.wait_probes_ready(["guest0", "guest1"]);
-    let api = ApiClient::ready(&sock);
+    let (mut vmm, api, _image) = start(&probe, &dir, &layout, &[]);
     let merged = settled(&api);
     assert!(field(&merged, "pages_sharing") >= 32, "{merged}");
     assert_eq!(merged["figures"]["stale"], false, "{merged}");
