@@ -5,14 +5,17 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)] // test code: a failed setup is a failed test
 
+mod in_process;
+
 use std::path::Path;
 use std::sync::Arc;
 use std::thread;
 
-use test_guests::{LOAD_ADDRESS, filled_page_checksum};
+use in_process::probe_guest;
+use test_guests::filled_page_checksum;
 use vm_dedup::{Engine, PageState};
 use vm_memory::{Bytes, GuestAddress};
-use vmm::config::{Boot, GuestConfig, VmmConfig, guest_name};
+use vmm::config::VmmConfig;
 use vmm::dedup::{Dedup, DedupConfig};
 use vmm::{StopHandle, Vmm};
 use vmm_tests::{CONTENT_BASE, CapturedConsole, ConsoleProbe, ProbeGuest, pattern, temp_file_with};
@@ -42,17 +45,7 @@ impl Running {
 /// Builds one probe guest with `image` and write tracking; `register` sees it before it runs.
 fn run_guest<T>(probe: &Path, image: &Path, register: impl FnOnce(&Vmm) -> T) -> (Running, T) {
     let config = VmmConfig {
-        guests: vec![GuestConfig {
-            name: guest_name(0),
-            mem: 16 << 20,
-            vcpus: 1,
-            boot: Boot::Flat {
-                image: probe.to_path_buf(),
-                entry: LOAD_ADDRESS,
-            },
-            mem_image: Some(image.to_path_buf()),
-            track_dirty: true,
-        }],
+        guests: vec![probe_guest(0, 16 << 20, probe, Some(image))],
     };
     let console = CapturedConsole::default();
     let vmm = Vmm::with_sink(&config, console.sink()).unwrap();

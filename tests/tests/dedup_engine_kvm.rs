@@ -5,14 +5,17 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)] // test code: a failed setup is a failed test
 
+mod in_process;
+
 use std::path::Path;
 use std::thread;
 
-use test_guests::{LOAD_ADDRESS, page_checksum};
+use in_process::probe_guest;
+use test_guests::page_checksum;
 use vm_dedup::PageState;
 use vm_memory::GuestAddress;
 use vmm::Vmm;
-use vmm::config::{Boot, GuestConfig, VmmConfig, guest_name};
+use vmm::config::VmmConfig;
 use vmm::dedup::{Dedup, DedupConfig};
 use vmm_tests::{CapturedConsole, DedupImages, Kinds, ProbeGuest, temp_file_with};
 
@@ -20,17 +23,7 @@ fn probe_guests(probe: &Path, images: &[&Path]) -> VmmConfig {
     let guests = images
         .iter()
         .enumerate()
-        .map(|(i, image)| GuestConfig {
-            name: guest_name(i as u32),
-            mem: 16 << 20,
-            vcpus: 1,
-            boot: Boot::Flat {
-                image: probe.to_path_buf(),
-                entry: LOAD_ADDRESS,
-            },
-            mem_image: Some(image.to_path_buf()),
-            track_dirty: true,
-        })
+        .map(|(i, image)| probe_guest(i as u32, 16 << 20, probe, Some(image)))
         .collect();
     VmmConfig { guests }
 }

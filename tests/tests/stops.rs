@@ -15,6 +15,8 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)] // test code: a failed setup is a failed test
 
+mod in_process;
+
 use std::cell::Cell;
 use std::io::{Read, Write};
 use std::path::Path;
@@ -24,10 +26,11 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
 
+use in_process::probe_guest;
 use serde_json::Value;
-use test_guests::{LOAD_ADDRESS, filled_page_checksum};
+use test_guests::filled_page_checksum;
 use vm_memory::{Bytes, GuestAddress};
-use vmm::config::{Boot, GuestConfig, VmmConfig, guest_name};
+use vmm::config::VmmConfig;
 use vmm::dedup::DedupConfig;
 use vmm::dedup::settings::Settings;
 use vmm::memory::GuestMem;
@@ -349,17 +352,7 @@ struct InProcess {
 impl InProcess {
     fn start(probe: &Path, image: &Path) -> Self {
         let guests = (0..2)
-            .map(|i| GuestConfig {
-                name: guest_name(i),
-                mem: 64 << 20,
-                vcpus: 1,
-                boot: Boot::Flat {
-                    image: probe.to_path_buf(),
-                    entry: LOAD_ADDRESS,
-                },
-                mem_image: Some(image.to_path_buf()),
-                track_dirty: true,
-            })
+            .map(|i| probe_guest(i, 64 << 20, probe, Some(image)))
             .collect();
         let console = CapturedConsole::default();
         let vmm = Vmm::with_sink(&VmmConfig { guests }, console.sink()).unwrap();
@@ -481,17 +474,7 @@ fn the_engine_is_the_only_extra_holder_of_guest_memory() {
         return;
     }
     let probe = ProbeGuest::new();
-    let guest = GuestConfig {
-        name: guest_name(0),
-        mem: 16 << 20,
-        vcpus: 1,
-        boot: Boot::Flat {
-            image: probe.path().to_path_buf(),
-            entry: LOAD_ADDRESS,
-        },
-        mem_image: None,
-        track_dirty: true,
-    };
+    let guest = probe_guest(0, 16 << 20, probe.path(), None);
     let config = VmmConfig::replicated(&guest, 2, &[]).unwrap();
     let vmm = Vmm::with_sink(&config, CapturedConsole::default().sink()).unwrap();
     let holders = |vmm: &Vmm| -> Vec<usize> {
