@@ -6,7 +6,7 @@ use std::ffi::OsString;
 use std::time::Instant;
 
 use test_guests::{PAGE_SIZE, page_checksum};
-use vmm_tests::{ProbeGuest, Stream, VmmProcess};
+use vmm_tests::{ProbeGuest, ProbeProtocol, Stream, VmmProcess};
 
 use crate::prepare::{self, Images};
 

@@ -5,6 +5,7 @@
 use std::io::{self, Write};
 use std::sync::{Arc, Mutex, PoisonError};
 
+use crate::protocol::{ProbeProtocol, reply_to};
 use crate::wait_until;
 
 /// Console output of an in-process VMM, shared with the test.
@@ -74,21 +75,9 @@ pub struct ConsoleProbe<'a, F: Fn(&str)> {
     send: F,
 }
 
-impl<F: Fn(&str)> ConsoleProbe<'_, F> {
-    /// Sends `command` and returns the first reply line after it (without the prefix): `OK
-    /// <letter> <gpa>[ value]` or `ERR ...`.
-    ///
-    /// # Panics
-    /// When no reply comes within the hang guard.
-    pub fn request(&self, command: &str) -> String {
-        let mut words = command.split(' ');
-        let ok = format!(
-            "{}OK {} {}",
-            self.prefix,
-            words.next().unwrap_or_default(),
-            words.next().unwrap_or_default()
-        );
-        let err = format!("{}ERR", self.prefix);
+impl<F: Fn(&str)> ProbeProtocol for ConsoleProbe<'_, F> {
+    fn request(&mut self, command: &str) -> String {
+        let is_reply = reply_to(&self.prefix, command);
         let before = self.console.lines().len();
         (self.send)(&format!("{}{command}", self.prefix));
         let mut reply = None;
@@ -97,7 +86,7 @@ impl<F: Fn(&str)> ConsoleProbe<'_, F> {
             || {
                 reply = self.console.lines()[before..]
                     .iter()
-                    .find(|l| *l == &ok || l.starts_with(&format!("{ok} ")) || l.starts_with(&err))
+                    .find(|l| is_reply(l))
                     .cloned();
                 reply.is_some()
             },
@@ -106,42 +95,8 @@ impl<F: Fn(&str)> ConsoleProbe<'_, F> {
         reply.unwrap_or_default()[self.prefix.len()..].to_string()
     }
 
-    fn ok(&self, command: &str) -> String {
-        let reply = self.request(command);
-        assert!(
-            reply.starts_with("OK "),
-            "{command:?} failed: {reply}\n{}",
-            self.console.text()
-        );
-        reply
-    }
-
-    fn last_hex(reply: &str) -> u64 {
-        reply
-            .rsplit(' ')
-            .next()
-            .and_then(|n| u64::from_str_radix(n, 16).ok())
-            .unwrap_or_else(|| panic!("reply {reply:?} does not end with a hex number"))
-    }
-
-    /// The guest reads the u64 at `gpa`.
-    pub fn read(&self, gpa: u64) -> u64 {
-        Self::last_hex(&self.ok(&format!("R {gpa:x}")))
-    }
-
-    /// The guest writes the u64 `value` at `gpa`.
-    pub fn write(&self, gpa: u64, value: u64) {
-        self.ok(&format!("W {gpa:x} {value:x}"));
-    }
-
-    /// The guest's checksum of the page at `gpa`.
-    pub fn checksum(&self, gpa: u64) -> u64 {
-        Self::last_hex(&self.ok(&format!("C {gpa:x}")))
-    }
-
-    /// The guest fills the page at `gpa` with the u64 `value`.
-    pub fn fill(&self, gpa: u64, value: u64) {
-        self.ok(&format!("F {gpa:x} {value:x}"));
+    fn transcript(&self) -> String {
+        self.console.text()
     }
 }
 
@@ -156,7 +111,7 @@ mod tests {
         let mut writer = console.clone();
         writer.write_all(b"g0: OK R 10 1\n").unwrap();
         let answer = console.clone();
-        let probe = console.probe("g0: ", move |line| {
+        let mut probe = console.probe("g0: ", move |line| {
             assert_eq!(line, "g0: R 10");
             answer
                 .clone()

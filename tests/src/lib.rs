@@ -5,9 +5,11 @@
 //! (set by CI), which turns the skip into a failure.
 //!
 //! [`VmmProcess`] runs the `vmm` binary as a child with its console on pipes; [`ProbeGuest`] and
-//! [`ProbeConsole`] run the probe guest in it and speak its line protocol:
+//! [`ProbeConsole`] run the probe guest in it and speak its line protocol ([`ProbeProtocol`]):
 //!
 //! ```no_run
+//! use vmm_tests::ProbeProtocol;
+//!
 //! let probe = vmm_tests::ProbeGuest::new();
 //! let mut vmm = probe.spawn("16M", &["--vcpus", "2"]);
 //! assert_eq!(vmm.probe().wait_ready(), 2);
@@ -28,6 +30,7 @@ mod images;
 mod pagemap;
 mod probe;
 mod process;
+mod protocol;
 pub mod soak;
 
 pub use api::{
@@ -39,6 +42,7 @@ pub use images::{CONTENT_BASE, DedupImages, Expected, Kinds};
 pub use pagemap::{ProcessPages, pfns_visible, zero_pfn};
 pub use probe::{ProbeConsole, ProbeGuest, pattern, temp_file_with, u64_at};
 pub use process::{HANG_GUARD, Line, Stream, VmmProcess, join_cgroup_on_spawn};
+pub use protocol::{ProbeProtocol, last_hex, reply_to};
 
 /// The line printed when a KVM test is skipped.
 pub const SKIP_LINE: &str = "skipped: /dev/kvm not accessible";

@@ -9,6 +9,7 @@ use test_guests::{LOAD_ADDRESS, PROBE};
 use vmm_sys_util::tempfile::TempFile;
 
 use crate::process::{Line, Stream, VmmProcess};
+use crate::protocol::{ProbeProtocol, reply_to};
 
 /// A temporary file holding `bytes`.
 ///
@@ -132,13 +133,17 @@ impl VmmProcess {
     }
 }
 
-/// Parses the hex number that ends a reply.
-fn last_hex(reply: &str) -> u64 {
-    reply
-        .rsplit(' ')
-        .next()
-        .and_then(|n| u64::from_str_radix(n, 16).ok())
-        .unwrap_or_else(|| panic!("reply {reply:?} does not end with a hex number"))
+impl ProbeProtocol for ProbeConsole<'_> {
+    fn request(&mut self, command: &str) -> String {
+        self.vmm.send_line(&format!("{}{command}", self.prefix));
+        let (what, matches) = self.reply_to(command);
+        let line = self.vmm.wait_for(&what, matches);
+        line.text[self.prefix.len()..].to_string()
+    }
+
+    fn transcript(&self) -> String {
+        self.vmm.transcript()
+    }
 }
 
 impl ProbeConsole<'_> {
@@ -156,17 +161,8 @@ impl ProbeConsole<'_> {
             .unwrap_or_else(|e| panic!("bad ready line {:?}: {e}", line.text))
     }
 
-    /// Sends `command` and returns its reply without the guest prefix: the line
-    /// `OK <command letter> <gpa>[ value]`, or an `ERR ...` line.
-    pub fn request(&mut self, command: &str) -> String {
-        self.vmm.send_line(&format!("{}{command}", self.prefix));
-        let (what, matches) = self.reply_to(command);
-        let line = self.vmm.wait_for(&what, matches);
-        line.text[self.prefix.len()..].to_string()
-    }
-
-    /// Like [`ProbeConsole::request`], but returns `None` when the VMM exits before it replies
-    /// (or before the command could be sent).
+    /// Like [`ProbeProtocol::request`], but returns `None` when the VMM exits before it
+    /// replies (or before the command could be sent).
     pub fn try_request(&mut self, command: &str) -> Option<String> {
         if !self.vmm.try_send_line(&format!("{}{command}", self.prefix)) {
             return None;
@@ -178,51 +174,9 @@ impl ProbeConsole<'_> {
 
     /// What the reply to `command` is called, and a test for it.
     fn reply_to(&self, command: &str) -> (String, impl FnMut(&Line) -> bool + use<>) {
-        let mut words = command.split(' ');
-        let ok = format!(
-            "{}OK {} {}",
-            self.prefix,
-            words.next().unwrap_or_default(),
-            words.next().unwrap_or_default()
-        );
-        let ok_with = format!("{ok} ");
-        let err = format!("{}ERR", self.prefix);
-        let matches = move |l: &Line| {
-            l.stream == Stream::Stdout
-                && (l.text == ok || l.text.starts_with(&ok_with) || l.text.starts_with(&err))
-        };
+        let is_reply = reply_to(&self.prefix, command);
+        let matches = move |l: &Line| l.stream == Stream::Stdout && is_reply(&l.text);
         (format!("the reply to {command:?}"), matches)
-    }
-
-    /// Like [`ProbeConsole::request`], but the reply must be `OK`.
-    fn ok(&mut self, command: &str) -> String {
-        let reply = self.request(command);
-        assert!(
-            reply.starts_with("OK "),
-            "{command:?} failed: {reply}\noutput:\n{}",
-            self.vmm.transcript()
-        );
-        reply
-    }
-
-    /// The guest reads the u64 at `gpa`.
-    pub fn read(&mut self, gpa: u64) -> u64 {
-        last_hex(&self.ok(&format!("R {gpa:x}")))
-    }
-
-    /// The guest writes the u64 `value` at `gpa`.
-    pub fn write(&mut self, gpa: u64, value: u64) {
-        self.ok(&format!("W {gpa:x} {value:x}"));
-    }
-
-    /// The guest's checksum ([`test_guests::page_checksum`]) of the page at `gpa`.
-    pub fn checksum(&mut self, gpa: u64) -> u64 {
-        last_hex(&self.ok(&format!("C {gpa:x}")))
-    }
-
-    /// The guest fills the page at `gpa` with the u64 `value`.
-    pub fn fill(&mut self, gpa: u64, value: u64) {
-        self.ok(&format!("F {gpa:x} {value:x}"));
     }
 
     /// The guest writes `status` to the debug-exit port, which stops it (no reply).
@@ -244,18 +198,6 @@ mod tests {
         assert_eq!(pattern(1, 13), a[..13]);
         let words: std::collections::HashSet<u64> = (0..512).map(|i| u64_at(&a, i * 8)).collect();
         assert_eq!(words.len(), 512);
-    }
-
-    #[test]
-    fn replies_end_in_hex() {
-        assert_eq!(last_hex("OK R 200000 abc"), 0xabc);
-        assert_eq!(last_hex("OK C 1000 ffffffffffffffff"), u64::MAX);
-    }
-
-    #[test]
-    #[should_panic(expected = "does not end with a hex number")]
-    fn replies_without_a_number_are_refused() {
-        last_hex("OK W 200000 zz");
     }
 
     #[test]

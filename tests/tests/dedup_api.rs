@@ -12,8 +12,8 @@ use test_guests::{filled_page_checksum, page_checksum};
 use vmm_sys_util::tempdir::TempDir;
 use vmm_sys_util::tempfile::TempFile;
 use vmm_tests::{
-    ApiClient, DedupImages, Kinds, ProbeGuest, VmmProcess, after_passes, field, settled,
-    temp_file_with,
+    ApiClient, DedupImages, Kinds, ProbeGuest, ProbeProtocol, VmmProcess, after_passes, field,
+    settled, temp_file_with,
 };
 
 const MEM: &str = "16M";

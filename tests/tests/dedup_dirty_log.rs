@@ -18,7 +18,9 @@ use vm_memory::{Bytes, GuestAddress};
 use vmm::config::VmmConfig;
 use vmm::dedup::{Dedup, DedupConfig};
 use vmm::{StopHandle, Vmm};
-use vmm_tests::{CONTENT_BASE, CapturedConsole, ConsoleProbe, ProbeGuest, pattern, temp_file_with};
+use vmm_tests::{
+    CONTENT_BASE, CapturedConsole, ConsoleProbe, ProbeGuest, ProbeProtocol, pattern, temp_file_with,
+};
 
 /// The value the pages under test are filled with.
 const VALUE: u64 = 0x5eed_0000_1234_abcd;

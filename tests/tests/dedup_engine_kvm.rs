@@ -17,7 +17,7 @@ use vm_memory::GuestAddress;
 use vmm::Vmm;
 use vmm::config::VmmConfig;
 use vmm::dedup::{Dedup, DedupConfig};
-use vmm_tests::{CapturedConsole, DedupImages, Kinds, ProbeGuest, temp_file_with};
+use vmm_tests::{CapturedConsole, DedupImages, Kinds, ProbeGuest, ProbeProtocol, temp_file_with};
 
 fn probe_guests(probe: &Path, images: &[&Path]) -> VmmConfig {
     let guests = images
@@ -57,8 +57,8 @@ fn guest_write_to_a_merged_page_leaves_the_pool_and_the_other_guest_unchanged() 
     let stop = vmm.stop_handle();
     let running = thread::spawn(move || vmm.run());
     let send = |line: &str| input.send_line(line);
-    let g0 = console.probe("guest0: ", send);
-    let g1 = console.probe("guest1: ", send);
+    let mut g0 = console.probe("guest0: ", send);
+    let mut g1 = console.probe("guest1: ", send);
     console.wait_line("guest0: PROBE READY vcpus=1");
     console.wait_line("guest1: PROBE READY vcpus=1");
 
@@ -74,7 +74,7 @@ fn guest_write_to_a_merged_page_leaves_the_pool_and_the_other_guest_unchanged() 
     let info = |g: usize, gpa: u64| engine.page_info(ids[g], GuestAddress(gpa)).unwrap();
 
     // The guests read the merged content.
-    for (g, probe) in [&g0, &g1].into_iter().enumerate() {
+    for (g, probe) in [&mut g0, &mut g1].into_iter().enumerate() {
         for gpa in layout.all() {
             assert_eq!(
                 probe.checksum(gpa),

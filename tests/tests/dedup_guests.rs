@@ -8,8 +8,8 @@ use serde_json::Value;
 use test_guests::{filled_page_checksum, page_checksum};
 use vmm_sys_util::tempdir::TempDir;
 use vmm_tests::{
-    ApiClient, DedupImages, Kinds, ProbeGuest, VmmProcess, assert_stats_shape, delta, field,
-    guest_stats, settled, temp_file_with,
+    ApiClient, DedupImages, Kinds, ProbeGuest, ProbeProtocol, VmmProcess, assert_stats_shape,
+    delta, field, guest_stats, settled, temp_file_with,
 };
 
 const MEM: &str = "16M";

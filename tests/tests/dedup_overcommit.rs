@@ -5,7 +5,7 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)] // test code: a failed setup is a failed test
 
-use vmm_tests::ProbeGuest;
+use vmm_tests::{ProbeGuest, ProbeProtocol};
 
 /// Host RAM and swap in bytes, from /proc/meminfo.
 fn host_ram_and_swap() -> (u64, u64) {

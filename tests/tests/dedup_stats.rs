@@ -15,8 +15,8 @@ use serde_json::Value;
 use vmm_sys_util::tempdir::TempDir;
 use vmm_sys_util::tempfile::TempFile;
 use vmm_tests::{
-    ApiClient, DedupImages, Kinds, ProbeGuest, STATS_FIELDS, VmmProcess, assert_stats_shape, field,
-    guest_stats, settled, temp_file_with, wait_until,
+    ApiClient, DedupImages, Kinds, ProbeGuest, ProbeProtocol, STATS_FIELDS, VmmProcess,
+    assert_stats_shape, field, guest_stats, settled, temp_file_with, wait_until,
 };
 
 fn keys(v: &Value) -> BTreeSet<String> {

@@ -19,8 +19,8 @@ use serde_json::Value;
 use test_guests::{filled_page_checksum, page_checksum};
 use vmm_sys_util::tempdir::TempDir;
 use vmm_tests::{
-    ApiClient, CONTENT_BASE, DedupImages, Kinds, ProbeGuest, ProcessPages, VmmProcess,
-    assert_stats_shape, delta, field, guest_stats, settled, temp_file_with, zero_pfn,
+    ApiClient, CONTENT_BASE, DedupImages, Kinds, ProbeGuest, ProbeProtocol, ProcessPages,
+    VmmProcess, assert_stats_shape, delta, field, guest_stats, settled, temp_file_with, zero_pfn,
 };
 
 const MEM: &str = "16M";

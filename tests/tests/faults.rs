@@ -21,7 +21,8 @@ use serde_json::Value;
 use test_guests::{filled_page_checksum, page_checksum};
 use vmm_sys_util::tempdir::TempDir;
 use vmm_tests::{
-    ApiClient, DedupImages, Kinds, ProbeGuest, Stream, VmmProcess, field, settled, temp_file_with,
+    ApiClient, DedupImages, Kinds, ProbeGuest, ProbeProtocol, Stream, VmmProcess, field, settled,
+    temp_file_with,
 };
 
 const GUESTS: [&str; 2] = ["guest0", "guest1"];

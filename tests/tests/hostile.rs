@@ -13,8 +13,8 @@ use serde_json::Value;
 use test_guests::{HOSTILE, HOSTILE_FAULTS, HOSTILE_MMIO_AND, LOAD_ADDRESS, page_checksum};
 use vmm_sys_util::tempdir::TempDir;
 use vmm_tests::{
-    ApiClient, DedupImages, Kinds, ProbeGuest, VmmProcess, field, guest_stats, settled,
-    temp_file_with, vmm_bin,
+    ApiClient, DedupImages, Kinds, ProbeGuest, ProbeProtocol, VmmProcess, field, guest_stats,
+    settled, temp_file_with, vmm_bin,
 };
 
 const PROBES: [&str; 2] = ["guest1", "guest2"];

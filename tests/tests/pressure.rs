@@ -25,7 +25,8 @@ use test_guests::{filled_page_checksum, page_checksum};
 use vmm::cgroup::{self, CgroupReader, Version};
 use vmm_sys_util::tempdir::TempDir;
 use vmm_tests::{
-    ApiClient, DedupImages, Kinds, ProbeGuest, VmmProcess, field, join_cgroup_on_spawn, settled,
+    ApiClient, DedupImages, Kinds, ProbeGuest, ProbeProtocol, VmmProcess, field,
+    join_cgroup_on_spawn, settled,
 };
 
 const GUESTS: [&str; 2] = ["guest0", "guest1"];

@@ -40,8 +40,8 @@ use vmm::{StopHandle, Vmm};
 use vmm_sys_util::tempdir::TempDir;
 use vmm_sys_util::tempfile::TempFile;
 use vmm_tests::{
-    ApiClient, CONTENT_BASE, CapturedConsole, HANG_GUARD, ProbeGuest, field, pattern,
-    temp_file_with, vmm_bin, wait_until,
+    ApiClient, CONTENT_BASE, CapturedConsole, HANG_GUARD, ProbeGuest, ProbeProtocol, field,
+    pattern, temp_file_with, vmm_bin, wait_until,
 };
 
 const PAGE: usize = 4096;

@@ -11,7 +11,9 @@
 use std::process::Command;
 
 use test_guests::{PAGE_SIZE, PROBE, filled_page_checksum, page_checksum};
-use vmm_tests::{ProbeConsole, ProbeGuest, VmmProcess, pattern, temp_file_with, u64_at};
+use vmm_tests::{
+    ProbeConsole, ProbeGuest, ProbeProtocol, VmmProcess, pattern, temp_file_with, u64_at,
+};
 
 /// Guest RAM of every probe guest here.
 const MEM: &str = "16M";
