@@ -10,8 +10,8 @@
 //! The plan was admitted against the VMA budget before (`admit`): every planned run's first remap
 //! is paid for; a run split by a page that differed pays for its extra remaps here.
 
-use std::sync::Mutex;
 use std::sync::atomic::AtomicBool;
+use std::sync::{Mutex, PoisonError};
 
 use hashbrown::{HashMap, HashSet};
 use rayon::prelude::*;
@@ -228,8 +228,8 @@ pub(crate) fn commit_plan(
             }
         }
         // Every remap takes the address space's lock for writing: units are committed by at
-        // most `committers` threads at a time, each taking its share of the units in order.
-        let share = units.len().div_ceil(ctx.committers.max(1)).max(1);
+        // most `committers` threads at a time, each taking the next unit as it gets free (units
+        // differ in cost: a fixed share each would leave threads idle).
         let commit_unit = |u: &mut UnitWork<'_>| {
             let cpu = thread_cpu_ns();
             let committer = Committer {
@@ -247,14 +247,26 @@ pub(crate) fn commit_plan(
             };
             (rep, thread_cpu_ns().saturating_sub(cpu))
         };
-        let reports: Vec<_> = ctx.threads.install(|| {
-            units
-                .par_chunks_mut(share)
-                .flat_map_iter(|chunk| chunk.iter_mut().map(&commit_unit))
+        let committers = ctx.committers.clamp(1, units.len().max(1));
+        let queue = Mutex::new(units.iter_mut().enumerate());
+        let mut done: Vec<_> = ctx.threads.install(|| {
+            (0..committers)
+                .into_par_iter()
+                .flat_map_iter(|_| {
+                    let mut mine = Vec::new();
+                    loop {
+                        let next = queue.lock().unwrap_or_else(PoisonError::into_inner).next();
+                        let Some((i, u)) = next else { break };
+                        mine.push((i, commit_unit(u)));
+                    }
+                    mine
+                })
                 .collect()
         });
+        done.sort_unstable_by_key(|&(i, _)| i);
+        let reports = done.into_iter().map(|(_, r)| r);
         let mut back: Vec<Vec<Ranges>> = (0..regions.len()).map(|_| Vec::new()).collect();
-        for ((rep, cpu), u) in reports.into_iter().zip(units) {
+        for ((rep, cpu), u) in reports.zip(units) {
             out.cpu_ns += cpu;
             out.fill_ns += rep.fill_ns;
             out.pool_errors += rep.pool_errors;
