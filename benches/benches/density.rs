@@ -13,7 +13,7 @@
 //! | `ksm-default` | kernel KSM at its defaults (`pages_to_scan=100`, `sleep_millisecs=20`) |
 //! | `ksm-max` | kernel KSM at max rate (`pages_to_scan=10000`, `sleep_millisecs=0`) |
 //! | `dedup-default` | `vmm --dedup` |
-//! | `dedup-fastest` | `vmm --dedup --dedup-opt pages_to_scan=65536,sleep_millisecs=0` |
+//! | `dedup-fastest` | `vmm --dedup --dedup-opt pages_to_scan=65536,sleep_millisecs=0,commit_threads=<CPUs>` |
 //!
 //! From the moment every guest prints `PROBE READY` it samples the VMM's PSS, its own memory
 //! cgroup's memory (without file cache) when a memory controller is there, and the CPU time
