@@ -69,8 +69,9 @@ pub struct Config {
     /// created (a later change is ignored).
     pub threads: usize,
     /// Worker threads that commit merges at the same time; 0: half the worker threads, at
-    /// least one. Every remap takes the process's address-space lock for writing, so commits
-    /// on more threads mostly wait for each other (see the crate's README).
+    /// least one. Every remap takes the process's address-space lock for writing: more
+    /// committers spend more CPU waiting for each other, and finish much sooner only where
+    /// remaps are few (long runs of merged pages; see the crate's README).
     pub commit_threads: usize,
     /// Pages committed under one write-protect guard (16 to 512).
     pub batch_pages: usize,
