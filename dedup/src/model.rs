@@ -193,8 +193,12 @@ where
             });
         }
     }
+    // Each mapped slot's content, read from the pool once per slot.
     for m in &mapping {
         if let &Mapping::Slot(key) = m {
+            if slot_content.contains_key(&key) {
+                continue;
+            }
             let (node, slot) = ((key >> 24) as u8, key & 0xff_ffff);
             let held = engine
                 .pool_page(node, slot)
@@ -206,20 +210,14 @@ where
         .map_err(|v| format!("wrong merge: {v:?} with {rules:?}"))?;
     let s = engine.stats();
     let zero = mapping.iter().filter(|m| **m == Mapping::Zero).count() as u64;
-    let slots: hashbrown::HashSet<u32> = mapping
-        .iter()
-        .filter_map(|m| match m {
-            Mapping::Slot(k) => Some(*k),
-            _ => None,
-        })
-        .collect();
     let mapped = mapping
         .iter()
         .filter(|m| matches!(m, Mapping::Slot(_)))
         .count() as u64;
     let counted = [
         ("zero_pages", s.zero_pages, zero),
-        ("pages_shared", s.pages_shared, slots.len() as u64),
+        // The slots mapped are the keys of `slot_content`.
+        ("pages_shared", s.pages_shared, slot_content.len() as u64),
         (
             "pages_shared + pages_sharing",
             s.pages_shared + s.pages_sharing,

@@ -136,7 +136,7 @@ impl VmmProcess {
 impl ProbeProtocol for ProbeConsole<'_> {
     fn request(&mut self, command: &str) -> String {
         self.vmm.send_line(&format!("{}{command}", self.prefix));
-        let (what, matches) = self.reply_to(command);
+        let (what, matches) = self.awaited_reply(command);
         let line = self.vmm.wait_for(&what, matches);
         line.text[self.prefix.len()..].to_string()
     }
@@ -167,13 +167,13 @@ impl ProbeConsole<'_> {
         if !self.vmm.try_send_line(&format!("{}{command}", self.prefix)) {
             return None;
         }
-        let (what, matches) = self.reply_to(command);
+        let (what, matches) = self.awaited_reply(command);
         let line = self.vmm.wait_for_or_exit(&what, matches)?;
         Some(line.text[self.prefix.len()..].to_string())
     }
 
     /// What the reply to `command` is called, and a test for it.
-    fn reply_to(&self, command: &str) -> (String, impl FnMut(&Line) -> bool + use<>) {
+    fn awaited_reply(&self, command: &str) -> (String, impl FnMut(&Line) -> bool + use<>) {
         let is_reply = reply_to(&self.prefix, command);
         let matches = move |l: &Line| l.stream == Stream::Stdout && is_reply(&l.text);
         (format!("the reply to {command:?}"), matches)
