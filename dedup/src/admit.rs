@@ -45,7 +45,23 @@ pub fn runs(assigns: &[Assign], slots: &SlotTable) -> (Vec<u32>, Vec<usize>) {
 /// Which planned merges the budget admits. The runs holding the pages of a new slot are
 /// admitted together or not at all, so that no slot is left with one sharer because its
 /// partner ran out of budget; zero pages cost no VMA. Refusals are counted by the budget.
-pub fn admit(plan: &Plan, slots: &SlotTable, budget: &mut VmaBudget) -> Vec<bool> {
+/// Before a refusal that a new count could lift, `recount` is asked for the VMAs inside guest
+/// memory now (`None`: no count, refuse).
+pub fn admit(
+    plan: &Plan,
+    slots: &SlotTable,
+    budget: &mut VmaBudget,
+    recount: &mut dyn FnMut() -> Option<u64>,
+) -> Vec<bool> {
+    budget.begin_plan();
+    let mut ask = |budget: &mut VmaBudget, lens: &[usize]| {
+        if budget.check(lens) != Admission::Admitted && budget.recount_due() {
+            if let Some(counted) = recount() {
+                budget.recounted(counted);
+            }
+        }
+        budget.admit_all(lens) == Admission::Admitted
+    };
     let (ids, lens) = runs(&plan.assigns, slots);
     // The runs holding each new slot's pages: (new slot's number in the plan, run), sorted.
     let new: HashMap<u32, u32> = plan
@@ -82,7 +98,7 @@ pub fn admit(plan: &Plan, slots: &SlotTable, budget: &mut VmaBudget) -> Vec<bool
         } else {
             need_lens.clear();
             need_lens.extend(need.iter().map(|&r| lens[r as usize]));
-            budget.admit_all(&need_lens) == Admission::Admitted
+            ask(budget, &need_lens)
         };
         for &r in &need {
             state[r as usize] = Some(ok);
@@ -90,7 +106,7 @@ pub fn admit(plan: &Plan, slots: &SlotTable, budget: &mut VmaBudget) -> Vec<bool
     }
     for (r, st) in state.iter_mut().enumerate() {
         if st.is_none() {
-            *st = Some(budget.admit(lens[r]) == Admission::Admitted);
+            *st = Some(ask(budget, &lens[r..=r]));
         }
     }
     ids.iter()
@@ -152,8 +168,9 @@ pub fn admit_and_prune(
     slots: &mut SlotTable,
     view: &impl PlanView,
     budget: &mut VmaBudget,
+    recount: &mut dyn FnMut() -> Option<u64>,
 ) -> u64 {
-    let keep = admit(plan, slots, budget);
+    let keep = admit(plan, slots, budget, recount);
     prune(plan, &keep, rules, index, slots, view)
 }
 
@@ -270,6 +287,7 @@ mod tests {
             &mut slots,
             &view,
             &mut budget,
+            &mut || None,
         );
         assert_eq!(refused, 2);
         assert_eq!(plan.assigns.len(), 6);
@@ -292,10 +310,64 @@ mod tests {
         let mut slots = SlotTable::new();
         let mut plan = slot_plan(&[(0, 0), (9, 0)], &mut slots);
         let mut budget = VmaBudget::new(3, 0);
-        assert_eq!(admit(&plan, &slots, &mut budget), [false, false]);
+        assert_eq!(
+            admit(&plan, &slots, &mut budget, &mut || None),
+            [false, false]
+        );
         // Joining pages of an existing slot are single runs, admitted one by one.
         plan.new_slots.clear();
         let mut budget = VmaBudget::new(3, 0);
-        assert_eq!(admit(&plan, &slots, &mut budget), [true, false]);
+        assert_eq!(
+            admit(&plan, &slots, &mut budget, &mut || None),
+            [true, false]
+        );
+    }
+
+    #[test]
+    fn counts_again_before_refusing_on_charges_of_remaps_done() {
+        // Three single-page runs onto an existing slot: six VMAs charged.
+        let mut slots = SlotTable::new();
+        let mut plan = slot_plan(&[(0, 0)], &mut slots);
+        plan.new_slots.clear();
+        for page in [10, 20, 30] {
+            plan.assigns.push(Assign {
+                loc: loc(page),
+                target: Target::Slot(0),
+            });
+        }
+        let mut budget = VmaBudget::new(1000, 0);
+        for _ in 0..440 {
+            assert_eq!(budget.admit(8), Admission::Admitted);
+        }
+        // 880 charged for remaps done since the last count: past the limit with this plan,
+        // while a count finds 500.
+        let mut counts = 0;
+        let keep = admit(&plan, &slots, &mut budget, &mut || {
+            counts += 1;
+            Some(500)
+        });
+        assert_eq!(keep, [true; 4]);
+        assert_eq!(
+            counts, 1,
+            "counted once, when the charges would have refused"
+        );
+        assert_eq!(budget.used(), 500 + 8, "the count plus the plan's charges");
+        assert_eq!(budget.denied(), 0);
+
+        // Without a count (or with too little charged since), it refuses as before.
+        let mut budget = VmaBudget::new(1000, 0);
+        for _ in 0..440 {
+            budget.admit(8);
+        }
+        let keep = admit(&plan, &slots, &mut budget, &mut || None);
+        assert_eq!(keep, [false; 4], "tight on charges: single pages refused");
+        let mut budget = VmaBudget::new(10, 4);
+        let mut counts = 0;
+        let keep = admit(&plan, &slots, &mut budget, &mut || {
+            counts += 1;
+            Some(0)
+        });
+        assert_eq!(keep, [true, true, true, false]);
+        assert_eq!(counts, 0, "nothing charged since the last count");
     }
 }

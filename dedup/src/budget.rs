@@ -5,6 +5,12 @@
 //! between, and is never exceeded. Past seven eighths of it, only runs (several consecutive
 //! pages in one remap) are admitted; zero pages cost no VMA and always continue.
 //!
+//! Two VMAs is what a remap costs alone in private memory; next to another merged page it
+//! costs one or none, so the charges can run far ahead of the count (twice it where merged
+//! pages lie side by side). Before refusing on charges of remaps already done, the budget asks
+//! for a new count ([`VmaBudget::recount_due`], [`VmaBudget::recounted`]): the count of now
+//! plus the charges of the plan being admitted is again an upper bound.
+//!
 //! When a remap fails with ENOMEM all the same (the configured budget is more than the process
 //! may map, or the rest of the process grew), the budget *learns* the count of that moment as
 //! its limit until a later try shows more room.
@@ -16,6 +22,10 @@ const TIGHT_NUM: u64 = 7;
 const TIGHT_DEN: u64 = 8;
 /// Shortest run admitted once the budget is tight.
 pub const MIN_RUN_WHEN_TIGHT: usize = 4;
+/// A new count is worth reading /proc/self/maps (a line per VMA) once the charges of remaps
+/// done since the last count reach `1 / RECOUNT_DIV` of the limit, and at least `RECOUNT_MIN`.
+const RECOUNT_DIV: u64 = 16;
+const RECOUNT_MIN: u64 = 64;
 
 /// A budget of VMAs inside guest memory.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -24,6 +34,9 @@ pub struct VmaBudget {
     /// A lower limit learnt from ENOMEM.
     learned: Option<u64>,
     used: u64,
+    /// Charged since the last count, and of that in the plan being admitted (not mapped yet).
+    charged: u64,
+    charged_plan: u64,
     denied: u64,
     /// Refusals in the pass going on, and in the last completed one.
     denied_pass: u64,
@@ -48,6 +61,8 @@ impl VmaBudget {
             limit,
             learned: None,
             used,
+            charged: 0,
+            charged_plan: 0,
             denied: 0,
             denied_pass: 0,
             denied_last_pass: 0,
@@ -73,38 +88,61 @@ impl VmaBudget {
         self.deny(n);
     }
 
+    /// What [`VmaBudget::admit_all`] would say, without charging or counting anything.
+    pub fn check(&self, run_pages: &[usize]) -> Admission {
+        let cost = VMAS_PER_REMAP * run_pages.len() as u64;
+        if self.used + cost > self.limit() {
+            Admission::Exhausted
+        } else if self.tight() && run_pages.iter().any(|&p| p < MIN_RUN_WHEN_TIGHT) {
+            Admission::TooShort
+        } else {
+            Admission::Admitted
+        }
+    }
+
     /// Asks to remap a run of `run_pages` pages.
     pub fn admit(&mut self, run_pages: usize) -> Admission {
-        if self.used + VMAS_PER_REMAP > self.limit() {
-            self.deny(1);
-            return Admission::Exhausted;
-        }
-        if self.tight() && run_pages < MIN_RUN_WHEN_TIGHT {
-            self.deny(1);
-            return Admission::TooShort;
-        }
-        self.used += VMAS_PER_REMAP;
-        Admission::Admitted
+        self.admit_all(&[run_pages])
     }
 
     /// Asks to remap several runs together (all or none), `run_pages[i]` pages each.
     pub fn admit_all(&mut self, run_pages: &[usize]) -> Admission {
-        let cost = VMAS_PER_REMAP * run_pages.len() as u64;
-        if self.used + cost > self.limit() {
+        let verdict = self.check(run_pages);
+        if verdict == Admission::Admitted {
+            let cost = VMAS_PER_REMAP * run_pages.len() as u64;
+            self.used += cost;
+            self.charged += cost;
+            self.charged_plan += cost;
+        } else {
             self.deny(run_pages.len() as u64);
-            return Admission::Exhausted;
         }
-        if self.tight() && run_pages.iter().any(|&p| p < MIN_RUN_WHEN_TIGHT) {
-            self.deny(run_pages.len() as u64);
-            return Admission::TooShort;
-        }
-        self.used += cost;
-        Admission::Admitted
+        verdict
+    }
+
+    /// A plan is about to be admitted: what was charged before is mapped (or was never
+    /// needed) by now, so a count would see it.
+    pub fn begin_plan(&mut self) {
+        self.charged_plan = 0;
+    }
+
+    /// Whether a new count of the VMAs may make room: enough was charged for remaps done since
+    /// the last count (each charged as two VMAs, where many cost fewer).
+    pub fn recount_due(&self) -> bool {
+        self.charged - self.charged_plan >= (self.limit() / RECOUNT_DIV).max(RECOUNT_MIN)
+    }
+
+    /// Takes a count of the VMAs made while a plan is being admitted: it holds the remaps done
+    /// so far, and the plan's charges come on top.
+    pub fn recounted(&mut self, counted: u64) {
+        self.used = counted + self.charged_plan;
+        self.charged = self.charged_plan;
     }
 
     /// Replaces the running charge by a measurement.
     pub fn measured(&mut self, used: u64) {
         self.used = used;
+        self.charged = 0;
+        self.charged_plan = 0;
     }
 
     /// Changes the configured limit (a learnt one stays).

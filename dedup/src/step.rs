@@ -238,7 +238,20 @@ impl State {
             let keep = hold_back(&self.troubles, &p, &slots, pass, wall0);
             let held = admit::prune(&mut p, &keep, &rules, &mut index, &mut slots, &view);
             let refused = match budget.get_mut() {
-                Ok(b) => admit::admit_and_prune(&mut p, &rules, &mut index, &mut slots, &view, b),
+                Ok(b) => admit::admit_and_prune(
+                    &mut p,
+                    &rules,
+                    &mut index,
+                    &mut slots,
+                    &view,
+                    b,
+                    // Before refusing on what it charged for remaps done since the last count.
+                    &mut || {
+                        procfs::count_vmas(&view.state.active_ranges())
+                            .ok()
+                            .map(|(_, inside)| inside as u64)
+                    },
+                ),
                 Err(_) => 0,
             };
             self.index = index;

@@ -83,6 +83,51 @@ fn vma_budget_is_never_exceeded() {
 }
 
 #[test]
+fn vma_budget_counts_again_instead_of_refusing_on_charges() {
+    let _serial = serial();
+    // Guest b holds guest a's pages swapped in pairs: each of b's pages is a remap of its own,
+    // next to another merged page, so it adds one VMA while the budget charges two. The
+    // charges of one pass pass the budget; the VMAs it ends with stay under its tight mark.
+    let pages = 512;
+    let a = memory(pages);
+    let b = memory(pages);
+    let seeds: Vec<u64> = (0..pages as u64).map(|i| 40_000 + i).collect();
+    let swapped: Vec<u64> = (0..pages).map(|i| seeds[i ^ 1]).collect();
+    fill_all(&a, &seeds);
+    fill_all(&b, &swapped);
+    let budget = 700u64;
+    let mut cfg = fast_config();
+    cfg.set("vma_budget", &budget.to_string()).unwrap();
+    let (engine, _) = engine_with(cfg, &[("a", "d", a.clone()), ("b", "d", b.clone())]);
+    // Two passes in steps of 32 pages: the first looks, the second merges.
+    for _ in 0..2 {
+        while !engine.step(32).unwrap() {}
+    }
+    let s = engine.stats();
+    assert_eq!(s.failures.vma_budget, 0, "refused on charges: {s:?}");
+    assert_eq!(s.pages_sharing, pages as u64, "{s:?}");
+    let range = |m: &Mem| {
+        (
+            page_ptr(m, 0) as usize,
+            page_ptr(m, pages - 1) as usize + PAGE,
+        )
+    };
+    let ((a0, a1), (b0, b1)) = (range(&a), range(&b));
+    let real = (vmas_in(a0, a1) + vmas_in(b0, b1)) as u64;
+    assert!(
+        real > budget / 2,
+        "{real} VMAs: the layout costs one per page of b"
+    );
+    assert!(
+        real <= budget && s.vmas_used <= budget,
+        "{real} / {}",
+        s.vmas_used
+    );
+    assert_contents(&a, &seeds);
+    assert_contents(&b, &swapped);
+}
+
+#[test]
 fn merge_across_nodes_off_keeps_nodes_apart() {
     let pages = 64;
     let a = memory(pages);
