@@ -128,7 +128,8 @@ impl VmaBudget {
     /// Whether a new count of the VMAs may make room: enough was charged for remaps done since
     /// the last count (each charged as two VMAs, where many cost fewer).
     pub fn recount_due(&self) -> bool {
-        self.charged - self.charged_plan >= (self.limit() / RECOUNT_DIV).max(RECOUNT_MIN)
+        self.charged.saturating_sub(self.charged_plan)
+            >= (self.limit() / RECOUNT_DIV).max(RECOUNT_MIN)
     }
 
     /// Takes a count of the VMAs made while a plan is being admitted: it holds the remaps done
