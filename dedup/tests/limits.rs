@@ -29,13 +29,24 @@ fn max_page_sharing_caps_sharers() {
     assert_contents(&a, &[77; 40]);
 }
 
+/// Guests "a" and "b" in one domain, filled with `seeds_a` and `seeds_b`, in an engine with
+/// a VMA budget of `budget`.
+fn pair_with_budget(seeds_a: &[u64], seeds_b: &[u64], budget: u64) -> (Engine, Arc<Mem>, Arc<Mem>) {
+    let a = memory(seeds_a.len());
+    let b = memory(seeds_b.len());
+    fill_all(&a, seeds_a);
+    fill_all(&b, seeds_b);
+    let mut cfg = fast_config();
+    cfg.set("vma_budget", &budget.to_string()).unwrap();
+    let (engine, _) = engine_with(cfg, &[("a", "d", a.clone()), ("b", "d", b.clone())]);
+    (engine, a, b)
+}
+
 #[test]
 fn vma_budget_is_never_exceeded() {
     let _serial = serial();
     // Isolated duplicates (every other page) cost VMAs; zero pages cost none.
     let pages = 600;
-    let a = memory(pages);
-    let b = memory(pages);
     let seeds: Vec<u64> = (0..pages as u64)
         .map(|i| match i % 4 {
             0 => 10 + i,
@@ -48,27 +59,15 @@ fn vma_budget_is_never_exceeded() {
         .iter()
         .map(|&s| if s >= 5000 { s + 100_000 } else { s })
         .collect();
-    fill_all(&a, &seeds);
-    fill_all(&b, &seeds_b);
-    let budget = 40u64;
-    let mut cfg = fast_config();
-    cfg.set("vma_budget", &budget.to_string()).unwrap();
-    let (engine, _) = engine_with(cfg, &[("a", "d", a.clone()), ("b", "d", b.clone())]);
+    let budget = 40;
+    let (engine, a, b) = pair_with_budget(&seeds, &seeds_b, budget);
     for _ in 0..3 {
         let s = engine.scan_pass().unwrap();
         assert!(s.vmas_used <= budget, "{} VMAs used", s.vmas_used);
     }
     let s = engine.stats();
-    let range = |m: &Mem| {
-        (
-            page_ptr(m, 0) as usize,
-            page_ptr(m, pages - 1) as usize + PAGE,
-        )
-    };
-    let (a0, a1) = range(&a);
-    let (b0, b1) = range(&b);
-    let real = vmas_in(a0, a1) + vmas_in(b0, b1);
-    assert!(real as u64 <= budget, "{real} VMAs in guest memory");
+    let real = guest_vmas(&[&a, &b]);
+    assert!(real <= budget, "{real} VMAs in guest memory");
     assert!(s.vma_budget_reached);
     assert!(s.failures.vma_budget > 0);
     assert_eq!(s.vma_budget, budget);
@@ -89,16 +88,10 @@ fn vma_budget_counts_again_instead_of_refusing_on_charges() {
     // next to another merged page, so it adds one VMA while the budget charges two. The
     // charges of one pass pass the budget; the VMAs it ends with stay under its tight mark.
     let pages = 512;
-    let a = memory(pages);
-    let b = memory(pages);
     let seeds: Vec<u64> = (0..pages as u64).map(|i| 40_000 + i).collect();
     let swapped: Vec<u64> = (0..pages).map(|i| seeds[i ^ 1]).collect();
-    fill_all(&a, &seeds);
-    fill_all(&b, &swapped);
-    let budget = 700u64;
-    let mut cfg = fast_config();
-    cfg.set("vma_budget", &budget.to_string()).unwrap();
-    let (engine, _) = engine_with(cfg, &[("a", "d", a.clone()), ("b", "d", b.clone())]);
+    let budget = 700;
+    let (engine, a, b) = pair_with_budget(&seeds, &swapped, budget);
     // Two passes in steps of 32 pages: the first looks, the second merges.
     for _ in 0..2 {
         while !engine.step(32).unwrap() {}
@@ -106,14 +99,7 @@ fn vma_budget_counts_again_instead_of_refusing_on_charges() {
     let s = engine.stats();
     assert_eq!(s.failures.vma_budget, 0, "refused on charges: {s:?}");
     assert_eq!(s.pages_sharing, pages as u64, "{s:?}");
-    let range = |m: &Mem| {
-        (
-            page_ptr(m, 0) as usize,
-            page_ptr(m, pages - 1) as usize + PAGE,
-        )
-    };
-    let ((a0, a1), (b0, b1)) = (range(&a), range(&b));
-    let real = (vmas_in(a0, a1) + vmas_in(b0, b1)) as u64;
+    let real = guest_vmas(&[&a, &b]);
     assert!(
         real > budget / 2,
         "{real} VMAs: the layout costs one per page of b"

@@ -176,6 +176,16 @@ pub fn vmas_in(start: usize, end: usize) -> usize {
         .count()
 }
 
+/// VMAs inside the host ranges of `mems` (see [`host_range`]).
+pub fn guest_vmas(mems: &[&Mem]) -> u64 {
+    mems.iter()
+        .map(|m| {
+            let (start, end) = host_range(m);
+            vmas_in(start, end) as u64
+        })
+        .sum()
+}
+
 /// Host address range `[start, end)` of a memory's regions (first region start to last end).
 pub fn host_range(mem: &Mem) -> (usize, usize) {
     let start = mem.iter().map(|r| r.as_ptr() as usize).min().unwrap();
