@@ -32,6 +32,15 @@ pub fn zero_hash() -> u32 {
     *ZERO.get_or_init(|| short_hash(page_hash(&[0u8; PAGE_SIZE])))
 }
 
+/// Whether a merged page's `PAGEMAP_SCAN` categories show a private page of its own (a write
+/// copied it): an anonymous page, present, swapped out or being migrated. A pool page stays a
+/// file page while the kernel migrates it (its migration entry counts as swapped, with the
+/// file bit), and a page not present still maps its slot: neither is a break, or the slot could
+/// be punched while the page still maps it.
+pub fn copied_on_write(categories: u64) -> bool {
+    categories & (PAGE_IS_PRESENT | PAGE_IS_SWAPPED) != 0 && categories & PAGE_IS_FILE == 0
+}
+
 /// A chunk of one region.
 #[derive(Debug)]
 pub struct Chunk<'a> {
@@ -167,7 +176,7 @@ fn scan_pages(c: &mut Chunk<'_>, pagemap: &Pagemap, collide: bool, out: &mut Chu
         let m = *meta;
         match m.state() {
             PageState::Merged => {
-                if (present && cat & PAGE_IS_FILE == 0) || cat & PAGE_IS_SWAPPED != 0 {
+                if copied_on_write(cat) {
                     out.broken_slots.push(m.payload());
                     *meta = m.with(PageState::New, 0);
                 }
@@ -263,4 +272,21 @@ pub fn scan_chunk(
     }
     out.cpu_ns = thread_cpu_ns().saturating_sub(cpu0);
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_an_anonymous_page_is_a_copy_on_write_break() {
+        // Pool page mapped, or not mapped yet: still merged.
+        assert!(!copied_on_write(PAGE_IS_PRESENT | PAGE_IS_FILE));
+        assert!(!copied_on_write(0));
+        // The pool page in migration: a swap entry of a file page.
+        assert!(!copied_on_write(PAGE_IS_SWAPPED | PAGE_IS_FILE));
+        // A private copy: present, swapped out or in migration.
+        assert!(copied_on_write(PAGE_IS_PRESENT));
+        assert!(copied_on_write(PAGE_IS_SWAPPED));
+    }
 }
