@@ -156,6 +156,11 @@ pub(crate) fn commit_plan(
             w.index_of.push(from + k);
             w.late.push(late);
         }
+        if w.items.is_empty() {
+            // Nothing to commit here (every slot it needed failed to grow): its unregistered
+            // ranges stay in `taken` and go back to it unchanged.
+            continue;
+        }
         regions.push(w);
     }
     // Each unit's share of its region's unregistered ranges: the pages from its first item to
