@@ -18,7 +18,13 @@ impl State {
         first: usize,
         count: usize,
     ) -> Result<(), EngineError> {
-        let State { guests, slots, .. } = self;
+        let State {
+            guests,
+            slots,
+            budget,
+            vmas_changed,
+            ..
+        } = self;
         let Some(r) = guests
             .get_mut(gi)
             .and_then(Option::as_mut)
@@ -34,6 +40,11 @@ impl State {
         if metas.iter().any(|m| m.remapped()) {
             // SAFETY: the range is registered guest memory whose content the VMM discards.
             unsafe { mem::map_anonymous_fixed(addr, len) }.map_err(EngineError::Discard)?;
+            // Fresh memory inside merged runs splits them.
+            if let Ok(b) = budget.get_mut() {
+                b.charge(crate::budget::VMAS_PER_REMAP);
+            }
+            *vmas_changed = true;
             crate::merge::remove_range(&mut r.unregistered, addr, addr + len);
             if let Err(e) = uffd.register(addr, len) {
                 log::warn!("vm-dedup: registering discarded memory failed: {e}");

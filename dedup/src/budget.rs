@@ -9,7 +9,9 @@
 //! costs one or none, so the charges can run far ahead of the count (twice it where merged
 //! pages lie side by side). Before refusing on charges of remaps already done, the budget asks
 //! for a new count ([`VmaBudget::recount_due`], [`VmaBudget::recounted`]): the count of now
-//! plus the charges of the plan being admitted is again an upper bound.
+//! plus the charges of the plan being admitted is again an upper bound. What else splits
+//! guest mappings (a discard inside a merged run, registering part of a remapped range with
+//! the userfaultfd) is charged as it happens ([`VmaBudget::charge`]).
 //!
 //! When a remap fails with ENOMEM all the same (the configured budget is more than the process
 //! may map, or the rest of the process grew), the budget *learns* the count of that moment as
@@ -117,6 +119,14 @@ impl VmaBudget {
             self.deny(run_pages.len() as u64);
         }
         verdict
+    }
+
+    /// Charges `n` VMAs that something other than a merge made or may have made (registering
+    /// part of a mapping splits it; a discard maps fresh memory into a merged run), without
+    /// refusing: it has happened. Past the limit, merges are refused until a count shows room.
+    pub fn charge(&mut self, n: u64) {
+        self.used += n;
+        self.charged += n;
     }
 
     /// A plan is about to be admitted: what was charged before is mapped (or was never
@@ -274,6 +284,21 @@ mod tests {
         b.pass_done();
         assert!(!b.reached());
         assert_eq!(b.denied(), 1);
+    }
+
+    #[test]
+    fn charges_outside_merges_count_and_a_count_replaces_them() {
+        let mut b = VmaBudget::new(100, 90);
+        b.charge(30);
+        assert_eq!(b.used(), 120, "over the limit: it happened");
+        assert_eq!(b.admit(64), Admission::Exhausted);
+        b.begin_plan();
+        assert!(!b.recount_due(), "30 charged: not worth a count yet");
+        b.charge(40);
+        assert!(b.recount_due());
+        b.recounted(60);
+        assert_eq!(b.used(), 60);
+        assert_eq!(b.admit(64), Admission::Admitted);
     }
 
     #[test]

@@ -145,11 +145,14 @@ pub(crate) fn commit_plan(
                 }
                 Target::Zero => (0, false, false),
             };
+            let run = run_ids[from + k];
             w.items.push(Item {
                 page: a.loc.page,
                 target: a.target,
                 node,
-                run: run_ids[from + k],
+                run,
+                // Runs never cross regions, so a group's first page starts one.
+                first_of_run: k == 0 || run_ids[from + k - 1] != run,
                 admitted: true,
                 fill,
             });
@@ -428,6 +431,7 @@ mod tests {
             target: Target::Slot(page),
             node: 0,
             run,
+            first_of_run: false,
             admitted: true,
             fill: false,
         }

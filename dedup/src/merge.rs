@@ -14,7 +14,7 @@ use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use crate::backoff::{Tally, Trouble};
-use crate::budget::{Admission, VmaBudget};
+use crate::budget::{Admission, VMAS_PER_REMAP, VmaBudget};
 use crate::fault::{FaultPoint, Faults};
 use crate::hash::is_zero;
 use crate::hooks::ExclusionSource;
@@ -66,9 +66,12 @@ pub struct Item {
     pub target: Target,
     /// Node of the slot's pool.
     pub node: u8,
-    /// The planned run (consecutive pages onto consecutive slots) the page belongs to; its
-    /// first remap was paid for in the VMA budget when the plan was admitted.
+    /// The planned run (consecutive pages onto consecutive slots) the page belongs to.
     pub run: u32,
+    /// The page starts its planned run: the remap that starts here was paid for in the VMA
+    /// budget when the plan was admitted. A run split by a page that differed (or by a batch
+    /// or phase boundary) costs more remaps, each charged when it is made.
+    pub first_of_run: bool,
     /// Whether the VMA budget admitted the page's run.
     pub admitted: bool,
     /// The page fills its (new) slot: it is copied there while write-protected, which makes
@@ -243,7 +246,7 @@ impl Committer<'_> {
             let ok = self
                 .faults
                 .check(FaultPoint::Reregister)
-                .and_then(|()| r.uffd.register(s, e - s));
+                .and_then(|()| self.register(r, s, e));
             match ok {
                 Ok(()) => {
                     r.unregistered.remove(&s);
@@ -396,7 +399,6 @@ impl Committer<'_> {
         // 3. Remap runs of equal pages onto consecutive slots; drop zero pages.
         let mut remapped: Vec<(usize, usize)> = Vec::new();
         let mut on_slot = vec![false; items.len()];
-        let mut prepaid_used: Vec<u32> = Vec::new();
         for &(i0, i1) in &protected {
             let mut k = i0;
             while k < i1 {
@@ -428,10 +430,9 @@ impl Committer<'_> {
                         .and_then(|()| unsafe { mem::dont_need(addr, len) })
                         .map_err(|_| Cause::ZeroPage),
                     Target::Slot(s) => {
-                        let prepaid = !prepaid_used.contains(&it.run);
-                        if prepaid {
-                            prepaid_used.push(it.run);
-                        }
+                        // A remap lies within one planned run: only the one starting at the
+                        // run's first page was paid for.
+                        let prepaid = it.first_of_run;
                         self.remap(addr, len, it.node, s, j - k, prepaid, &mut rep.tally)
                     }
                 };
@@ -498,7 +499,7 @@ impl Committer<'_> {
     }
 
     /// Remaps `pages` pages onto consecutive slots. A remap that was not paid for when the plan
-    /// was admitted (a planned run split by a page that differed) is charged now. After a
+    /// was admitted (see [`Item::first_of_run`]) is charged now. After a
     /// remap failed with ENOMEM in this step, remaps are refused without trying.
     #[allow(clippy::too_many_arguments)]
     fn remap(
@@ -544,6 +545,16 @@ impl Committer<'_> {
             })
     }
 
+    /// Registers `[start, end)` with the region's userfaultfd. Registering part of a mapping
+    /// splits it: the VMA budget is charged for that.
+    fn register(&self, r: &RegionGuard<'_>, start: usize, end: usize) -> std::io::Result<()> {
+        r.uffd.register(start, end - start)?;
+        if let Ok(mut b) = self.budget.lock() {
+            b.charge(VMAS_PER_REMAP);
+        }
+        Ok(())
+    }
+
     /// Releases a guarded range after a failed step: register its remapped parts (so that the
     /// whole range can be addressed), un-protect with wake-up; failing that, unregister (which
     /// clears the protection) and register again, then wake; failing that, ask for the
@@ -556,7 +567,7 @@ impl Committer<'_> {
             .map(|(&s, &e)| (s, e))
             .collect();
         for (s, e) in inside {
-            if r.uffd.register(s, e - s).is_ok() {
+            if self.register(r, s, e).is_ok() {
                 r.unregistered.remove(&s);
             }
         }
@@ -566,7 +577,7 @@ impl Committer<'_> {
         if let Err(e) = r.uffd.unregister(addr, len) {
             log::error!("vm-dedup: unregistering a guarded range failed: {e}");
         }
-        if r.uffd.register(addr, len).is_err() {
+        if self.register(r, addr, addr + len).is_err() {
             rep.repairs.reregister += 1;
             add_range(&mut r.unregistered, addr, addr + len);
         }

@@ -165,3 +165,50 @@ fn merge_across_nodes_off_keeps_nodes_apart() {
         assert_contents(&b, &seeds);
     }
 }
+
+#[test]
+fn vmas_made_by_discards_count_against_the_budget() {
+    let _serial = serial();
+    let seeds: Vec<u64> = (1..=64).collect();
+    let (a, b, c) = (memory(64), memory(64), memory(64));
+    fill_all(&a, &seeds);
+    fill_all(&b, &seeds);
+    let (engine, ids) = engine_with(
+        fast_config(),
+        &[
+            ("a", "d", a.clone()),
+            ("b", "d", b.clone()),
+            ("c", "d", c.clone()),
+        ],
+    );
+    engine.scan_pass().unwrap();
+    let s = engine.scan_pass().unwrap();
+    assert_eq!(s.pages_sharing, 64);
+    engine
+        .set_knob("vma_budget", &(s.vmas_used + 12).to_string())
+        .unwrap();
+    // A balloon takes every other page of a's first half: each splits a's merged run.
+    for p in (1..40).step_by(2) {
+        engine
+            .discard(ids[0], page_gpa(&a, p), PAGE as u64)
+            .unwrap();
+    }
+    let after_discards = guest_vmas(&[&a, &b, &c]);
+    let s = engine.stats();
+    assert!(
+        s.vmas_used >= after_discards && after_discards > s.vma_budget,
+        "the budget knows of the discards' {after_discards} VMAs: {s:?}"
+    );
+    // Five isolated pages of c could join existing slots, but the budget is spent.
+    for p in [0, 8, 16, 24, 32] {
+        fill(&c, p, 50 + p as u64 / 8);
+    }
+    engine.scan_pass().unwrap();
+    let s = engine.scan_pass().unwrap();
+    assert!(s.failures.vma_budget > 0, "{s:?}");
+    assert_eq!(s.guests[2].pages_sharing, 0);
+    assert!(guest_vmas(&[&a, &b, &c]) <= after_discards);
+    for p in (1..40).step_by(2) {
+        assert!(read(&a, p).iter().all(|&x| x == 0), "discarded page {p}");
+    }
+}
