@@ -135,6 +135,7 @@ impl State {
         s.wall_ns = t.wall_ns;
         s.pool_errors = t.pool_errors;
         s.rebuilt_regions = t.rebuilt_regions;
+        s.pinned_slots = self.pinned.len() as u64;
         s.unmerged_in_place = t.unmerged_in_place;
         s.pool_error = self.pools.last_error();
         s.held_back = t.held_back;

@@ -164,6 +164,7 @@ impl Engine {
             totals: Totals::default(),
             next_id: 1,
             distrusted: hashbrown::HashSet::new(),
+            pinned: hashbrown::HashSet::new(),
             next_page_id: 0,
             troubles: crate::backoff::Troubles::new(),
             pending: crate::backoff::Tally::default(),
@@ -308,6 +309,12 @@ impl Engine {
 
     /// Unregisters a guest. If anyone else still holds its memory, its merged pages are first
     /// turned back into private pages; otherwise the memory goes away with the engine's hold.
+    ///
+    /// Pool slots that the memory still maps afterwards are never freed or reused: memory kept
+    /// alive elsewhere (a clone of the guest memory's regions), pages an unmerge could not
+    /// turn private (the error says how many), and regions unmerged in place (private pages
+    /// in pool mappings, where a later `MADV_DONTNEED` would read the pool) keep reading their
+    /// own content, never another guest's.
     pub fn unregister(&self, id: GuestId) -> Result<(), EngineError> {
         let mut st = self.state()?;
         let gi = st.guest_index(id).ok_or(EngineError::NoGuest(id))?;
@@ -319,13 +326,17 @@ impl Engine {
         } else {
             Ok(())
         };
+        let mut ranges = Vec::new();
         if let Some(g) = st.guests[gi].take() {
             for r in &g.regions {
                 if let Some(u) = &r.uffd {
                     let _ = u.unregister(r.hva, r.pages * PAGE_SIZE);
                 }
+                ranges.push((r.hva, r.hva + r.pages * PAGE_SIZE));
             }
+            // Dropped here: if the engine held the memory last, it is unmapped now.
         }
+        st.pin_slots_mapped_in(&ranges);
         st.index.remove_guest(gi as u16);
         st.distrusted.retain(|l| usize::from(l.guest) != gi);
         if st.cursor.guest == gi {

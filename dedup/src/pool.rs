@@ -94,6 +94,8 @@ struct NodePool {
     /// The fill mapping and its userfaultfd (`None`: filled with `pwrite`).
     filler: Option<(FillView, Uffd)>,
     size: u64,
+    /// Inode number of the file (how /proc/self/maps names its mappings).
+    inode: u64,
 }
 
 /// All node pools, created on first use.
@@ -256,6 +258,11 @@ impl Pools {
     pub fn exists(&self, node: u8) -> bool {
         self.get(node).is_ok()
     }
+
+    /// Whether `inode` is the file of one of the pools.
+    pub fn is_pool_file(&self, inode: u64) -> bool {
+        self.nodes.iter().flatten().any(|p| p.inode == inode)
+    }
 }
 
 fn create(node: u8, topology: &dyn Topology, faults: &Faults) -> Result<NodePool, PoolError> {
@@ -279,11 +286,17 @@ fn create(node: u8, topology: &dyn Topology, faults: &Faults) -> Result<NodePool
         })
         .map_err(|e| log::info!("vm-dedup: pool slots filled with pwrite: {e}"))
         .ok();
+    let inode = fd
+        .try_clone()
+        .and_then(|f| std::fs::File::from(f).metadata())
+        .map(|m| std::os::unix::fs::MetadataExt::ino(&m))
+        .map_err(|source| PoolError::Create { node, source })?;
     Ok(NodePool {
         fd,
         view,
         filler,
         size: 0,
+        inode,
     })
 }
 

@@ -13,6 +13,7 @@ use crate::slots::SlotTable;
 use crate::stats::Failures;
 use crate::sys::PAGE_SIZE;
 use crate::sys::pagemap::Pagemap;
+use crate::sys::procfs;
 
 /// Where the scan is.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -57,6 +58,9 @@ pub(crate) struct State {
     pub next_id: u32,
     /// Pages whose merge was refused for differing bytes: compared before being planned again.
     pub distrusted: hashbrown::HashSet<PageLoc>,
+    /// Slots still mapped by memory that left the engine (see `Engine::unregister`): never
+    /// punched or reused, whatever their reference count.
+    pub pinned: hashbrown::HashSet<u32>,
     /// Next free number in the index's page numbering (numbers are never reused).
     pub next_page_id: u64,
     /// Kinds of failure going on, their backoff and their log lines.
@@ -122,6 +126,9 @@ impl State {
     /// Frees slots nobody maps: punches their pool pages, then forgets them. Slots whose punch
     /// fails stay allocated and are tried again later.
     pub fn release_slots(&mut self, mut slots: Vec<u32>, faults: &crate::fault::Faults) {
+        if !self.pinned.is_empty() {
+            slots.retain(|s| !self.pinned.contains(s));
+        }
         if !slots.is_empty() {
             self.changed = true;
         }
@@ -155,6 +162,38 @@ impl State {
             }
             i = j;
         }
+    }
+
+    /// Pins every slot that a pool mapping inside `ranges` (memory no longer registered) still
+    /// maps, so that it is never punched or reused. Returns how many pages still map the pool.
+    pub fn pin_slots_mapped_in(&mut self, ranges: &[(usize, usize)]) -> u64 {
+        let maps = match procfs::file_mappings_in(ranges) {
+            Ok(m) => m,
+            Err(e) => {
+                // Without the maps nothing can be freed safely: keep every slot in use.
+                log::error!("vm-dedup: reading /proc/self/maps failed ({e}): no slot is freed");
+                self.pinned.extend(self.slots.all_allocated());
+                return 0;
+            }
+        };
+        let mut pages = 0;
+        for m in maps.iter().filter(|m| self.pools.is_pool_file(m.inode)) {
+            let first = m.offset / PAGE_SIZE as u64;
+            let count = ((m.end - m.start) / PAGE_SIZE) as u64;
+            for slot in first..first + count {
+                if let Ok(slot) = u32::try_from(slot) {
+                    self.pinned.insert(slot);
+                }
+            }
+            pages += count;
+        }
+        if pages > 0 {
+            log::error!(
+                "vm-dedup: memory no longer registered still maps {pages} pool pages (held \
+                 elsewhere, or not unmerged): their slots are kept and never reused"
+            );
+        }
+        pages
     }
 
     /// Recounts every slot's references from page metadata (kept exact by the pagemap checks of

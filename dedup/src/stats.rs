@@ -206,6 +206,9 @@ pub struct Stats {
     /// Regions unmerged in place because rebuilding them failed: their pages are private but
     /// stay in pool-file VMAs (cumulative).
     pub unmerged_in_place: u64,
+    /// Pool slots kept for memory that was unregistered while it still mapped them (held
+    /// elsewhere, or not unmerged): never freed or reused.
+    pub pinned_slots: u64,
     /// Wall time per phase of the scan steps.
     pub phases: PhaseTimes,
     /// Per guest.

@@ -149,3 +149,101 @@ fn discard_reads_zero_even_for_merged_pages() {
             .is_err()
     );
 }
+
+/// Guest b's memory is still mapped after unregister by a clone of its regions (which share
+/// their mappings) that the engine's hold cannot see.
+#[test]
+fn memory_kept_alive_elsewhere_keeps_its_slots() {
+    let _serial = serial();
+    let a = memory(64);
+    let b = memory(64);
+    let a_seeds: Vec<u64> = (0..64).map(|i| 1000 + i).collect();
+    fill_all(&a, &a_seeds);
+    fill_all(&b, &[3; 64]);
+    let (engine, _) = engine_with(fast_config(), &[("a", "d", a.clone())]);
+    let b_clone = Arc::new((*b).clone());
+    let idb = engine
+        .register(GuestConfig::new("b", "d"), b_clone)
+        .unwrap();
+    engine.scan_pass().unwrap();
+    assert_eq!(engine.scan_pass().unwrap().pages_sharing, 63);
+    engine.unregister(idb).unwrap();
+    assert_eq!(engine.stats().pinned_slots, 1, "b's one slot is kept");
+    assert_contents(&b, &[3; 64]);
+    // Another guest's new content must not land in b's slot.
+    let c = memory(64);
+    fill_all(&c, &[5; 64]);
+    engine
+        .register(GuestConfig::new("c", "d"), c.clone())
+        .unwrap();
+    engine.scan_pass().unwrap();
+    engine.scan_pass().unwrap();
+    assert_contents(&b, &[3; 64]);
+    assert_contents(&c, &[5; 64]);
+}
+
+/// Unmerging fails (read-only guest memory: neither a rebuild nor a write fault works): the
+/// error says so, and the pages that stay merged keep their slots.
+#[test]
+fn a_failed_unmerge_keeps_the_slots_of_pages_still_merged() {
+    let _serial = serial();
+    let b = memory(64);
+    let seeds: Vec<u64> = (0..64).map(|i| if i < 32 { 3 } else { 500 + i }).collect();
+    fill_all(&b, &seeds);
+    let (engine, ids) = engine_with(fast_config(), &[("b", "d", b.clone())]);
+    engine.scan_pass().unwrap();
+    assert_eq!(engine.scan_pass().unwrap().pages_sharing, 31);
+    let (start, end) = host_range(&b);
+    // SAFETY: the test's own guest memory; it is only read from now on.
+    let rc = unsafe { libc::mprotect(start as *mut libc::c_void, end - start, libc::PROT_READ) };
+    assert_eq!(rc, 0);
+    // The engine holds b too (`b` here): unregister unmerges, and fails.
+    assert!(engine.unregister(ids[0]).is_err());
+    assert!(engine.stats().pinned_slots > 0);
+    let c = memory(64);
+    fill_all(&c, &[5; 64]);
+    engine
+        .register(GuestConfig::new("c", "d"), c.clone())
+        .unwrap();
+    engine.scan_pass().unwrap();
+    engine.scan_pass().unwrap();
+    assert_contents(&b, &seeds);
+}
+
+/// Rebuilding fails (part of the memory is locked, which the scratch mapping is not), so the
+/// region is unmerged in place: private pages in pool mappings. After unregister, a
+/// `MADV_DONTNEED` by the owner reads the pool at those offsets: its own old content, never
+/// another guest's.
+#[test]
+fn memory_unmerged_in_place_never_reads_another_guests_page() {
+    let _serial = serial();
+    let b = memory(64);
+    let seeds: Vec<u64> = (0..64).map(|i| if i < 32 { 3 } else { 500 + i }).collect();
+    fill_all(&b, &seeds);
+    let (engine, ids) = engine_with(fast_config(), &[("b", "d", b.clone())]);
+    engine.scan_pass().unwrap();
+    assert_eq!(engine.scan_pass().unwrap().pages_sharing, 31);
+    // SAFETY: locks pages of the test's own guest memory.
+    let rc = unsafe { libc::mlock(page_ptr(&b, 32).cast(), 32 * PAGE) };
+    assert_eq!(rc, 0);
+    engine.unregister(ids[0]).unwrap();
+    assert!(pool_mappings(&b) > 0, "unmerged in place");
+    assert!(engine.stats().pinned_slots > 0);
+    assert_contents(&b, &seeds);
+    let c = memory(64);
+    fill_all(&c, &[5; 64]);
+    engine
+        .register(GuestConfig::new("c", "d"), c.clone())
+        .unwrap();
+    engine.scan_pass().unwrap();
+    engine.scan_pass().unwrap();
+    // SAFETY: drops pages of the test's own guest memory, no longer registered.
+    let rc = unsafe { libc::madvise(page_ptr(&b, 0).cast(), 32 * PAGE, libc::MADV_DONTNEED) };
+    assert_eq!(rc, 0);
+    for p in 0..32 {
+        assert!(
+            read(&b, p) != content(5),
+            "page {p} reads guest c's content"
+        );
+    }
+}

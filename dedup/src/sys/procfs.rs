@@ -1,5 +1,5 @@
 //! CPU time and address-space facts from the kernel: thread CPU clocks, `vm.max_map_count`,
-//! and VMA counts from /proc/self/maps.
+//! and VMA counts and file mappings from /proc/self/maps.
 
 use std::io;
 
@@ -53,6 +53,62 @@ pub fn count_vmas(ranges: &[(usize, usize)]) -> io::Result<(usize, usize)> {
         }
     }
     Ok((total, inside))
+}
+
+/// A file mapping as /proc/self/maps shows it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct FileMapping {
+    /// Start address.
+    pub start: usize,
+    /// End address.
+    pub end: usize,
+    /// Offset in the file of the first byte.
+    pub offset: u64,
+    /// Inode number of the file.
+    pub inode: u64,
+}
+
+/// The file mappings of this process that start inside any of `ranges`.
+pub fn file_mappings_in(ranges: &[(usize, usize)]) -> io::Result<Vec<FileMapping>> {
+    let maps = std::fs::read_to_string("/proc/self/maps")?;
+    Ok(parse_file_mappings(&maps, ranges))
+}
+
+fn parse_file_mappings(maps: &str, ranges: &[(usize, usize)]) -> Vec<FileMapping> {
+    let mut out = Vec::new();
+    for line in maps.lines() {
+        // start-end perms offset dev inode [path]
+        let mut fields = line.split_ascii_whitespace();
+        let (Some(span), Some(_), Some(offset), Some(_), Some(inode)) = (
+            fields.next(),
+            fields.next(),
+            fields.next(),
+            fields.next(),
+            fields.next(),
+        ) else {
+            continue;
+        };
+        let Some((start, end)) = span.split_once('-') else {
+            continue;
+        };
+        let (Ok(start), Ok(end), Ok(offset), Ok(inode)) = (
+            usize::from_str_radix(start, 16),
+            usize::from_str_radix(end, 16),
+            u64::from_str_radix(offset, 16),
+            inode.parse::<u64>(),
+        ) else {
+            continue;
+        };
+        if inode != 0 && ranges.iter().any(|&(s, e)| start >= s && start < e) {
+            out.push(FileMapping {
+                start,
+                end,
+                offset,
+                inode,
+            });
+        }
+    }
+    out
 }
 
 /// One VMA as /proc/self/smaps shows it.
@@ -143,6 +199,26 @@ pub fn pss_bytes() -> io::Result<u64> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn file_mappings_inside_ranges() {
+        let maps = "\
+7f0000000000-7f0000002000 rw-p 00000000 00:00 0 \n\
+7f0000002000-7f0000003000 r--p 00005000 00:01 4242                       /memfd:vm-dedup-pool (deleted)\n\
+7f0000003000-7f0000004000 rw-p 00000000 00:00 0 \n\
+7f1000000000-7f1000001000 r--p 00000000 00:01 4242                       /memfd:vm-dedup-pool (deleted)\n\
+garbage\n";
+        let got = parse_file_mappings(maps, &[(0x7f00_0000_0000, 0x7f00_0000_4000)]);
+        assert_eq!(
+            got,
+            [FileMapping {
+                start: 0x7f00_0000_2000,
+                end: 0x7f00_0000_3000,
+                offset: 0x5000,
+                inode: 4242,
+            }]
+        );
+    }
 
     #[test]
     fn smaps_flags_of_overlapping_vmas() {
