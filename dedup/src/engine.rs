@@ -231,11 +231,12 @@ impl Engine {
         st.troubles.retry_now();
         st.stir();
         drop(st);
-        *self
+        let mut current = self
             .inner
             .config
             .lock()
-            .map_err(|_| EngineError::Poisoned)? = config;
+            .map_err(|_| EngineError::Poisoned)?;
+        *current = config;
         self.inner.wake.notify_all();
         Ok(())
     }

@@ -75,19 +75,27 @@ fn run(engine: &Engine, stop: &std::sync::atomic::AtomicBool) {
             }
             RunMode::Stop => None,
         };
-        wait(engine, stop, pause);
+        wait(engine, stop, pause, &cfg);
     }
 }
 
-/// Sleeps for `pause` (or until the configuration changes or the scanner stops).
-fn wait(engine: &Engine, stop: &std::sync::atomic::AtomicBool, pause: Option<Duration>) {
+/// Sleeps for `pause` (or until the configuration changes or the scanner stops). `seen` is
+/// the configuration the step ran with: a change made since (whose wake-up came before this
+/// wait) ends the wait at once.
+fn wait(
+    engine: &Engine,
+    stop: &std::sync::atomic::AtomicBool,
+    pause: Option<Duration>,
+    seen: &crate::config::Config,
+) {
     if pause == Some(Duration::ZERO) {
         return;
     }
     let Ok(guard) = engine.inner.config.lock() else {
         return;
     };
-    if stop.load(Ordering::SeqCst) {
+    // Both are set under this lock before the wake-up, so neither can slip in unseen.
+    if stop.load(Ordering::SeqCst) || *guard != *seen {
         return;
     }
     let _ = match pause {
@@ -107,8 +115,13 @@ impl Scanner {
     }
 
     fn shutdown(&mut self) {
-        self.stop.store(true, Ordering::SeqCst);
-        self.engine.inner.wake.notify_all();
+        {
+            // Under the lock the scanner checks `stop` with, so that it is not between that
+            // check and its wait when the wake-up comes.
+            let _config = self.engine.inner.config.lock();
+            self.stop.store(true, Ordering::SeqCst);
+            self.engine.inner.wake.notify_all();
+        }
         if let Some(t) = self.thread.take() {
             let _ = t.join();
         }
