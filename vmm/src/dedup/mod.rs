@@ -330,11 +330,11 @@ impl Shared {
     /// `why` shows in the statistics and in refusals.
     fn pause_merging(&self, why: String) {
         let _serial = lock(&self.update);
-        let mut paused = lock(&self.paused);
-        if let Some(p) = paused.as_mut() {
+        if let Some(p) = lock(&self.paused).as_mut() {
             p.why = why;
             return;
         }
+        // `paused` is not held while the engine is busy: the watch thread reads it every look.
         let mut config = self.engine.config();
         let wanted = config.run;
         config.run = RunMode::Stop;
@@ -342,7 +342,7 @@ impl Shared {
             log::error!("memory guard: cannot pause merging: {e}");
             return;
         }
-        *paused = Some(Paused { wanted, why });
+        *lock(&self.paused) = Some(Paused { wanted, why });
     }
 
     /// Restores the run mode that [`Shared::pause_merging`] replaced.

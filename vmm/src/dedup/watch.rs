@@ -18,11 +18,20 @@ use crate::report::human_bytes;
 /// Called once when the level becomes critical, with the error to report: stops every guest.
 pub type OnCritical = Box<dyn Fn(&str) + Send>;
 
-/// A running watch thread.
+/// A running watch thread, and the thread that pauses and resumes merging for it.
 #[derive(Debug)]
 pub(crate) struct Watch {
     stop: Sender<()>,
     thread: JoinHandle<()>,
+    merging: JoinHandle<()>,
+}
+
+/// What the guard asks of merging. Applied in order on a thread of its own: pausing waits for
+/// the engine, which an unmerge can hold for seconds while memory climbs, and the watch thread
+/// must still see the level turn critical and stop the guests meanwhile.
+enum Merging {
+    Pause(String),
+    Resume,
 }
 
 /// The files the guard reads, opened once.
@@ -191,9 +200,16 @@ struct State {
     level: Level,
     tracker: Tracker,
     on_critical: Option<OnCritical>,
+    merging: Sender<Merging>,
 }
 
 impl State {
+    fn ask(&self, what: Merging) {
+        if self.merging.send(what).is_err() {
+            log::error!("memory guard: the thread that pauses merging is gone");
+        }
+    }
+
     fn look(&mut self, shared: &Shared) {
         let settings = lock(&shared.tune).guard;
         let (look, mut memory) = self.sources.look();
@@ -208,12 +224,12 @@ impl State {
                         settings.pressure_percent
                     );
                     log::warn!("{why}");
-                    shared.pause_merging(why);
+                    self.ask(Merging::Pause(why));
                 }
                 Level::Pressure => {}
                 Level::Ok => {
                     log::warn!("memory pressure over: {now}; merging resumes");
-                    shared.resume_merging();
+                    self.ask(Merging::Resume);
                 }
                 Level::Critical => {
                     let why = format!(
@@ -224,11 +240,12 @@ impl State {
                         human_bytes(guard::STOP_HEADROOM.into())
                     );
                     log::error!("{why}");
-                    shared.pause_merging(why.clone());
+                    // The guests first: nothing here may wait for the engine.
                     *lock(&shared.critical) = Some(why.clone());
                     if let Some(stop) = self.on_critical.take() {
                         stop(&why);
                     }
+                    self.ask(Merging::Pause(why));
                 }
             }
             self.level = level;
@@ -254,11 +271,25 @@ impl Watch {
     /// Opens the memory sources and starts the thread; `on_critical` is called once if the
     /// memory guard stops the guests.
     pub(crate) fn start(shared: Arc<Shared>, on_critical: OnCritical) -> std::io::Result<Self> {
+        let (ask, asked) = mpsc::channel::<Merging>();
+        let applier = shared.clone();
+        let merging = thread::Builder::new()
+            .name("dedup-guard".into())
+            .spawn(move || {
+                // Ends when the watch thread's state (the sender) is dropped.
+                for what in asked {
+                    match what {
+                        Merging::Pause(why) => applier.pause_merging(why),
+                        Merging::Resume => applier.resume_merging(),
+                    }
+                }
+            })?;
         let mut state = State {
             sources: Sources::open(),
             level: Level::Ok,
             tracker: Tracker::default(),
             on_critical: Some(on_critical),
+            merging: ask,
         };
         state.look(&shared);
         let (stop, stopped) = mpsc::channel::<()>();
@@ -273,7 +304,11 @@ impl Watch {
                     }
                 }
             })?;
-        Ok(Self { stop, thread })
+        Ok(Self {
+            stop,
+            thread,
+            merging,
+        })
     }
 
     pub(crate) fn stop(self) {
@@ -281,6 +316,9 @@ impl Watch {
         let _ = self.stop.send(());
         if self.thread.join().is_err() {
             log::error!("dedup: the watch thread panicked");
+        }
+        if self.merging.join().is_err() {
+            log::error!("dedup: the memory guard's pause thread panicked");
         }
     }
 }
