@@ -70,6 +70,14 @@ pub enum EngineError {
     /// A background scanner is already running.
     #[error("a background scanner is already running")]
     AlreadyRunning,
+    /// Unmerging left pages of the guest in pool mappings (the region could not be rebuilt as
+    /// anonymous memory): the guest stays registered.
+    #[error("{0} pages of the guest stay in pool mappings: still registered")]
+    StillMapped(u64),
+    /// The memory to register maps this engine's pool (memory that left the engine without
+    /// being unmerged), or overlaps a registered guest's memory.
+    #[error("the memory maps this engine's pool or overlaps a registered guest")]
+    Overlap,
 }
 
 pub(crate) struct Inner {
@@ -264,6 +272,15 @@ impl Engine {
             return Err(EngineError::TooMany);
         }
         let mut st = self.state()?;
+        // Memory in pool mappings would read (and discard to) slots the engine may give to
+        // other guests; memory registered twice would be merged under two domains.
+        let ranges: Vec<(usize, usize)> = regions
+            .iter()
+            .map(|r| (r.hva, r.hva + r.pages * PAGE_SIZE))
+            .collect();
+        if st.overlaps_guests(&ranges) || st.maps_pool_in(&ranges) {
+            return Err(EngineError::Overlap);
+        }
         let domain = st.domain_id(&guest.domain).ok_or(EngineError::TooMany)?;
         let id = GuestId(st.next_id);
         st.next_id += 1;
@@ -272,7 +289,7 @@ impl Engine {
             name: guest.name,
             domain,
             regions,
-            keep: guest::keep_alive(memory),
+            _keep: guest::keep_alive(memory),
             dirty: guest.dirty,
             exclusion: guest.exclusion,
             pages_scanned: 0,
@@ -308,25 +325,59 @@ impl Engine {
         Ok(id)
     }
 
-    /// Unregisters a guest. If anyone else still holds its memory, its merged pages are first
-    /// turned back into private pages; otherwise the memory goes away with the engine's hold.
-    ///
-    /// Pool slots that the memory still maps afterwards are never freed or reused: memory kept
-    /// alive elsewhere (a clone of the guest memory's regions), pages an unmerge could not
-    /// turn private (the error says how many), and regions unmerged in place (private pages
-    /// in pool mappings, where a later `MADV_DONTNEED` would read the pool) keep reading their
-    /// own content, never another guest's.
+    /// Unregisters a guest after turning its merged pages back into private anonymous memory
+    /// (the regions are rebuilt as plain anonymous mappings), so that the memory can go on
+    /// without the engine. Where that fails (the error says how), the guest stays registered
+    /// and nothing changes for it: call again later, or [`Engine::forget`] it once its memory
+    /// is being dropped.
     pub fn unregister(&self, id: GuestId) -> Result<(), EngineError> {
         let mut st = self.state()?;
         let gi = st.guest_index(id).ok_or(EngineError::NoGuest(id))?;
-        let shared = st.guests[gi]
-            .as_ref()
-            .is_some_and(|g| Arc::strong_count(&g.keep) > 1);
-        let result = if shared {
-            st.unmerge_guest(gi, &self.inner.faults)
-        } else {
-            Ok(())
-        };
+        let unmerged = st.unmerge_guest(gi, &self.inner.faults);
+        let in_pool = st.guests[gi].as_ref().map_or(0, |g| {
+            g.regions
+                .iter()
+                .flat_map(|r| r.metas.iter())
+                .filter(|m| m.remapped())
+                .count() as u64
+        });
+        if unmerged.is_err() || in_pool > 0 {
+            st.stir();
+            st.rebuild_refs(&self.inner.faults);
+            self.publish(&st);
+            return Err(unmerged.err().unwrap_or(EngineError::StillMapped(in_pool)));
+        }
+        let (st, _) = self.drop_guest(st, gi);
+        drop(st);
+        Ok(())
+    }
+
+    /// Unregisters a guest whose memory goes away with the engine's hold: no unmerge (which
+    /// copies every merged page), for a VMM that stops the guest and drops its memory. The
+    /// caller must hold no other reference to the memory's regions (clones of a
+    /// `GuestMemoryMmap` share them). If the memory still maps the pool afterwards all the
+    /// same, the slots it maps are kept and never reused (`Stats::pinned_slots`), and
+    /// [`EngineError::StillMapped`] says how many pages: those pages read their old content,
+    /// but a private copy dropped later (`MADV_DONTNEED`) would read whatever its slot holds.
+    pub fn forget(&self, id: GuestId) -> Result<(), EngineError> {
+        let st = self.state()?;
+        let gi = st.guest_index(id).ok_or(EngineError::NoGuest(id))?;
+        let (st, still) = self.drop_guest(st, gi);
+        drop(st);
+        if still > 0 {
+            return Err(EngineError::StillMapped(still));
+        }
+        Ok(())
+    }
+
+    /// Takes guest `gi` out of the engine (its hold on the memory dropped with it) and frees
+    /// what only it used, except the slots its memory still maps if it lives on (returns how
+    /// many pages map the pool there).
+    fn drop_guest<'a>(
+        &self,
+        mut st: MutexGuard<'a, State>,
+        gi: usize,
+    ) -> (MutexGuard<'a, State>, u64) {
         let mut ranges = Vec::new();
         if let Some(g) = st.guests[gi].take() {
             for r in &g.regions {
@@ -337,7 +388,7 @@ impl Engine {
             }
             // Dropped here: if the engine held the memory last, it is unmapped now.
         }
-        st.pin_slots_mapped_in(&ranges);
+        let still = st.pin_slots_mapped_in(&ranges);
         st.index.remove_guest(gi as u16);
         st.distrusted.retain(|l| usize::from(l.guest) != gi);
         if st.cursor.guest == gi {
@@ -350,7 +401,7 @@ impl Engine {
         st.rebuild_refs(&self.inner.faults);
         st.measure_vmas();
         self.publish(&st);
-        result
+        (st, still)
     }
 
     pub(crate) fn step_ctx(&self) -> StepCtx<'_> {

@@ -108,7 +108,8 @@ pub(crate) struct Guest {
     pub name: String,
     pub domain: u16,
     pub regions: Vec<Region>,
-    pub keep: Arc<dyn Any + Send + Sync>,
+    /// The engine's hold on the guest memory (never read: dropping it may unmap the memory).
+    pub _keep: Arc<dyn Any + Send + Sync>,
     pub dirty: Option<Arc<dyn DirtySource>>,
     pub exclusion: Option<Arc<dyn ExclusionSource>>,
     pub pages_scanned: u64,

@@ -128,6 +128,15 @@ impl SlotTable {
             .filter(|&s| s <= PAYLOAD_MASK)
     }
 
+    /// Keeps `slot` from ever being allocated (memory outside the engine still maps it): a free
+    /// slot becomes allocated with no domain, no hash and no reference; an allocated one is
+    /// left as it is (the caller never frees it).
+    pub fn reserve(&mut self, slot: u32) {
+        if slot <= PAYLOAD_MASK && !self.is_used(slot) {
+            let _ = self.alloc(0, 0, u16::MAX, Some(slot));
+        }
+    }
+
     /// Frees a slot (its pool page must have been punched, or never mapped).
     pub fn free(&mut self, slot: u32) {
         if !self.is_used(slot) {

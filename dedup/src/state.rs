@@ -105,6 +105,16 @@ impl State {
         ((loc.page as usize) < r.pages && r.active()).then(|| r.addr(loc.page))
     }
 
+    /// Host ranges of every region of every guest, active or not.
+    pub fn guest_ranges(&self) -> Vec<(usize, usize)> {
+        self.guests
+            .iter()
+            .flatten()
+            .flat_map(|g| g.regions.iter())
+            .map(|r| (r.hva, r.hva + r.pages * PAGE_SIZE))
+            .collect()
+    }
+
     /// Address ranges of every active region.
     pub fn active_ranges(&self) -> Vec<(usize, usize)> {
         self.guests
@@ -183,6 +193,7 @@ impl State {
             for slot in first..first + count {
                 if let Ok(slot) = u32::try_from(slot) {
                     self.pinned.insert(slot);
+                    self.slots.reserve(slot);
                 }
             }
             pages += count;
@@ -194,6 +205,21 @@ impl State {
             );
         }
         pages
+    }
+
+    /// Whether any of `ranges` overlaps the memory of a registered guest.
+    pub fn overlaps_guests(&self, ranges: &[(usize, usize)]) -> bool {
+        self.guest_ranges()
+            .iter()
+            .any(|&(s, e)| ranges.iter().any(|&(a, b)| a < e && s < b))
+    }
+
+    /// Whether a mapping of this engine's pool starts inside `ranges` (an unreadable
+    /// /proc/self/maps counts as yes).
+    pub fn maps_pool_in(&self, ranges: &[(usize, usize)]) -> bool {
+        procfs::file_mappings_in(ranges).map_or(true, |maps| {
+            maps.iter().any(|m| self.pools.is_pool_file(m.inode))
+        })
     }
 
     /// Recounts every slot's references from page metadata (kept exact by the pagemap checks of

@@ -89,13 +89,14 @@ fn unregistering_a_guest_in_use_unmerges_it_only() {
     assert_contents(&a, &[3; 64]);
     assert_contents(&c, &[3; 64]);
     assert_eq!(engine.scan_pass().unwrap().cow_breaks, 0);
-    // A guest whose memory nobody else holds goes away with the engine's hold.
+    // A guest whose memory nobody else holds can go away with the engine's hold.
     let d = memory(64);
     fill_all(&d, &[3; 64]);
     let id = engine.register(GuestConfig::new("d", "d"), d).unwrap();
     engine.scan_pass().unwrap();
     engine.scan_pass().unwrap();
-    engine.unregister(id).unwrap();
+    engine.forget(id).unwrap();
+    assert_eq!(engine.stats().pinned_slots, 0);
     assert_eq!(engine.scan_pass().unwrap().pages_sharing, 2 * 64 - 1);
     assert_contents(&a, &[3; 64]);
 }
@@ -150,10 +151,50 @@ fn discard_reads_zero_even_for_merged_pages() {
     );
 }
 
-/// Guest b's memory is still mapped after unregister by a clone of its regions (which share
-/// their mappings) that the engine's hold cannot see.
+/// Guest b's memory lives on after unregister through a clone of its regions (which share
+/// their mappings), which the engine cannot see: unregister rebuilds it as anonymous memory
+/// all the same, so a private copy dropped later reads zeros, never a slot another guest got.
 #[test]
-fn memory_kept_alive_elsewhere_keeps_its_slots() {
+fn unregister_leaves_plain_memory_even_when_held_elsewhere() {
+    let _serial = serial();
+    let a = memory(64);
+    let b = memory(64);
+    fill_all(&a, &[3; 64]);
+    fill_all(&b, &[3; 64]);
+    let (engine, _) = engine_with(fast_config(), &[("a", "red", a.clone())]);
+    let idb = engine
+        .register(GuestConfig::new("b", "red"), Arc::new((*b).clone()))
+        .unwrap();
+    engine.scan_pass().unwrap();
+    assert_eq!(engine.scan_pass().unwrap().pages_sharing, 127);
+    // a and b write their pages: private copies inside the pool mappings; the slot is freed.
+    fill_all(&a, &[4; 64]);
+    fill_all(&b, &[4; 64]);
+    engine.scan_pass().unwrap();
+    engine.unregister(idb).unwrap();
+    assert_eq!(pool_mappings(&b), 0, "b is plain anonymous memory");
+    assert_eq!(engine.stats().pinned_slots, 0);
+    assert_contents(&b, &[4; 64]);
+    // Another domain's content gets the freed slot; b drops a page.
+    let c = memory(64);
+    fill_all(&c, &[5; 64]);
+    engine
+        .register(GuestConfig::new("c", "blue"), c.clone())
+        .unwrap();
+    engine.scan_pass().unwrap();
+    engine.scan_pass().unwrap();
+    // SAFETY: drops pages of the test's own memory, no longer registered.
+    let rc = unsafe { libc::madvise(page_ptr(&b, 0).cast(), PAGE, libc::MADV_DONTNEED) };
+    assert_eq!(rc, 0);
+    assert!(read(&b, 0).iter().all(|&x| x == 0));
+    assert_contents(&c, &[5; 64]);
+}
+
+/// `forget` is for memory that goes away with the engine's hold. Memory that lives on all
+/// the same (a clone of its regions) keeps the slots it maps, never reused, and the error
+/// says how many pages map the pool; memory in pool mappings cannot be registered again.
+#[test]
+fn forgotten_memory_that_lives_on_keeps_its_slots() {
     let _serial = serial();
     let a = memory(64);
     let b = memory(64);
@@ -161,16 +202,20 @@ fn memory_kept_alive_elsewhere_keeps_its_slots() {
     fill_all(&a, &a_seeds);
     fill_all(&b, &[3; 64]);
     let (engine, _) = engine_with(fast_config(), &[("a", "d", a.clone())]);
-    let b_clone = Arc::new((*b).clone());
     let idb = engine
-        .register(GuestConfig::new("b", "d"), b_clone)
+        .register(GuestConfig::new("b", "d"), Arc::new((*b).clone()))
         .unwrap();
     engine.scan_pass().unwrap();
     assert_eq!(engine.scan_pass().unwrap().pages_sharing, 63);
-    engine.unregister(idb).unwrap();
+    assert!(matches!(
+        engine.forget(idb),
+        Err(vm_dedup::EngineError::StillMapped(64))
+    ));
     assert_eq!(engine.stats().pinned_slots, 1, "b's one slot is kept");
-    assert_contents(&b, &[3; 64]);
-    // Another guest's new content must not land in b's slot.
+    assert!(matches!(
+        engine.register(GuestConfig::new("b", "d"), b.clone()),
+        Err(vm_dedup::EngineError::Overlap)
+    ));
     let c = memory(64);
     fill_all(&c, &[5; 64]);
     engine
@@ -180,12 +225,17 @@ fn memory_kept_alive_elsewhere_keeps_its_slots() {
     engine.scan_pass().unwrap();
     assert_contents(&b, &[3; 64]);
     assert_contents(&c, &[5; 64]);
+    // The same memory twice would be merged twice (and under two domains).
+    assert!(matches!(
+        engine.register(GuestConfig::new("c2", "e"), c.clone()),
+        Err(vm_dedup::EngineError::Overlap)
+    ));
 }
 
 /// Unmerging fails (read-only guest memory: neither a rebuild nor a write fault works): the
-/// error says so, and the pages that stay merged keep their slots.
+/// guest stays registered with its pages merged, and nothing is lost.
 #[test]
-fn a_failed_unmerge_keeps_the_slots_of_pages_still_merged() {
+fn a_failed_unmerge_keeps_the_guest_registered() {
     let _serial = serial();
     let b = memory(64);
     let seeds: Vec<u64> = (0..64).map(|i| if i < 32 { 3 } else { 500 + i }).collect();
@@ -197,9 +247,8 @@ fn a_failed_unmerge_keeps_the_slots_of_pages_still_merged() {
     // SAFETY: the test's own guest memory; it is only read from now on.
     let rc = unsafe { libc::mprotect(start as *mut libc::c_void, end - start, libc::PROT_READ) };
     assert_eq!(rc, 0);
-    // The engine holds b too (`b` here): unregister unmerges, and fails.
     assert!(engine.unregister(ids[0]).is_err());
-    assert!(engine.stats().pinned_slots > 0);
+    assert_eq!(engine.stats().guests.len(), 1, "still registered");
     let c = memory(64);
     fill_all(&c, &[5; 64]);
     engine
@@ -208,14 +257,14 @@ fn a_failed_unmerge_keeps_the_slots_of_pages_still_merged() {
     engine.scan_pass().unwrap();
     engine.scan_pass().unwrap();
     assert_contents(&b, &seeds);
+    assert_contents(&c, &[5; 64]);
 }
 
 /// Rebuilding fails (part of the memory is locked, which the scratch mapping is not), so the
-/// region is unmerged in place: private pages in pool mappings. After unregister, a
-/// `MADV_DONTNEED` by the owner reads the pool at those offsets: its own old content, never
-/// another guest's.
+/// region is unmerged in place: private pages in pool mappings. The guest stays registered
+/// (the owner must not drop such pages itself); once the rebuild can work, unregister does.
 #[test]
-fn memory_unmerged_in_place_never_reads_another_guests_page() {
+fn memory_unmerged_in_place_stays_registered_until_rebuilt() {
     let _serial = serial();
     let b = memory(64);
     let seeds: Vec<u64> = (0..64).map(|i| if i < 32 { 3 } else { 500 + i }).collect();
@@ -226,24 +275,17 @@ fn memory_unmerged_in_place_never_reads_another_guests_page() {
     // SAFETY: locks pages of the test's own guest memory.
     let rc = unsafe { libc::mlock(page_ptr(&b, 32).cast(), 32 * PAGE) };
     assert_eq!(rc, 0);
-    engine.unregister(ids[0]).unwrap();
+    assert!(matches!(
+        engine.unregister(ids[0]),
+        Err(vm_dedup::EngineError::StillMapped(_))
+    ));
     assert!(pool_mappings(&b) > 0, "unmerged in place");
-    assert!(engine.stats().pinned_slots > 0);
+    assert_eq!(engine.stats().guests.len(), 1, "still registered");
     assert_contents(&b, &seeds);
-    let c = memory(64);
-    fill_all(&c, &[5; 64]);
-    engine
-        .register(GuestConfig::new("c", "d"), c.clone())
-        .unwrap();
-    engine.scan_pass().unwrap();
-    engine.scan_pass().unwrap();
-    // SAFETY: drops pages of the test's own guest memory, no longer registered.
-    let rc = unsafe { libc::madvise(page_ptr(&b, 0).cast(), 32 * PAGE, libc::MADV_DONTNEED) };
+    // SAFETY: unlocks the pages locked above.
+    let rc = unsafe { libc::munlock(page_ptr(&b, 32).cast(), 32 * PAGE) };
     assert_eq!(rc, 0);
-    for p in 0..32 {
-        assert!(
-            read(&b, p) != content(5),
-            "page {p} reads guest c's content"
-        );
-    }
+    engine.unregister(ids[0]).unwrap();
+    assert_eq!(pool_mappings(&b), 0);
+    assert_contents(&b, &seeds);
 }

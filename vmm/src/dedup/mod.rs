@@ -469,14 +469,14 @@ impl Dedup {
         }
     }
 
-    /// Stops scanning and unregisters every guest (when the guests have stopped). Pages of
-    /// guests whose memory someone else still holds are unmerged first.
+    /// Stops scanning and lets go of every guest (when the guests have stopped and their
+    /// memory is being dropped: the engine's hold is the last, so nothing is unmerged).
     pub fn shutdown(mut self) -> Result<(), Error> {
         self.stop();
         let guests = std::mem::take(&mut *lock(&self.shared.guests));
         let mut first = None;
         for g in guests {
-            if let Err(e) = self.shared.engine.unregister(g.id) {
+            if let Err(e) = self.shared.engine.forget(g.id) {
                 log::warn!("dedup: unregistering {}: {e}", g.name);
                 first.get_or_insert(Error::Runtime(e));
             }
