@@ -70,9 +70,10 @@ pub enum EngineError {
     /// A background scanner is already running.
     #[error("a background scanner is already running")]
     AlreadyRunning,
-    /// Unmerging left pages of the guest in pool mappings (the region could not be rebuilt as
-    /// anonymous memory): the guest stays registered.
-    #[error("{0} pages of the guest stay in pool mappings: still registered")]
+    /// Pages of the guest's memory are still in pool mappings: after `unregister`, the region
+    /// could not be rebuilt as anonymous memory (the guest stays registered); after `release`,
+    /// the memory lives on elsewhere (its slots are kept).
+    #[error("{0} pages of the guest's memory stay in pool mappings")]
     StillMapped(u64),
     /// The memory to register maps this engine's pool (memory that left the engine without
     /// being unmerged), or overlaps a registered guest's memory.
@@ -328,7 +329,7 @@ impl Engine {
     /// Unregisters a guest after turning its merged pages back into private anonymous memory
     /// (the regions are rebuilt as plain anonymous mappings), so that the memory can go on
     /// without the engine. Where that fails (the error says how), the guest stays registered
-    /// and nothing changes for it: call again later, or [`Engine::forget`] it once its memory
+    /// and nothing changes for it: call again later, or [`Engine::release`] it once its memory
     /// is being dropped.
     pub fn unregister(&self, id: GuestId) -> Result<(), EngineError> {
         let mut st = self.state()?;
@@ -352,16 +353,27 @@ impl Engine {
         Ok(())
     }
 
-    /// Unregisters a guest whose memory goes away with the engine's hold: no unmerge (which
-    /// copies every merged page), for a VMM that stops the guest and drops its memory. The
-    /// caller must hold no other reference to the memory's regions (clones of a
-    /// `GuestMemoryMmap` share them). If the memory still maps the pool afterwards all the
-    /// same, the slots it maps are kept and never reused (`Stats::pinned_slots`), and
-    /// [`EngineError::StillMapped`] says how many pages: those pages read their old content,
-    /// but a private copy dropped later (`MADV_DONTNEED`) would read whatever its slot holds.
-    pub fn forget(&self, id: GuestId) -> Result<(), EngineError> {
+    /// Lets go of a guest at the end of its life: when the engine holds the last reference to
+    /// the memory given to [`Engine::register`], without unmerging (the memory is unmapped
+    /// with that reference; copying every merged page back would be wasted), else as
+    /// [`Engine::unregister`]. For a VMM whose guests stopped and dropped their memory.
+    ///
+    /// A clone of the memory's regions elsewhere (clones of a `GuestMemoryMmap` share them)
+    /// keeps the memory mapped without the engine knowing: then the slots it still maps are
+    /// kept and never reused (`Stats::pinned_slots`) and [`EngineError::StillMapped`] says how
+    /// many pages map the pool. Those pages read their old content, but a private copy dropped
+    /// later (`MADV_DONTNEED`) would read whatever its slot holds: use `unregister` for memory
+    /// that lives on.
+    pub fn release(&self, id: GuestId) -> Result<(), EngineError> {
         let st = self.state()?;
         let gi = st.guest_index(id).ok_or(EngineError::NoGuest(id))?;
+        let last = st.guests[gi]
+            .as_ref()
+            .is_some_and(|g| Arc::strong_count(&g._keep) == 1);
+        if !last {
+            drop(st);
+            return self.unregister(id);
+        }
         let (st, still) = self.drop_guest(st, gi);
         drop(st);
         if still > 0 {

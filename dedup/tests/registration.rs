@@ -95,7 +95,7 @@ fn unregistering_a_guest_in_use_unmerges_it_only() {
     let id = engine.register(GuestConfig::new("d", "d"), d).unwrap();
     engine.scan_pass().unwrap();
     engine.scan_pass().unwrap();
-    engine.forget(id).unwrap();
+    engine.release(id).unwrap();
     assert_eq!(engine.stats().pinned_slots, 0);
     assert_eq!(engine.scan_pass().unwrap().pages_sharing, 2 * 64 - 1);
     assert_contents(&a, &[3; 64]);
@@ -190,11 +190,11 @@ fn unregister_leaves_plain_memory_even_when_held_elsewhere() {
     assert_contents(&c, &[5; 64]);
 }
 
-/// `forget` is for memory that goes away with the engine's hold. Memory that lives on all
+/// `release` is for memory that goes away with the engine's hold. Memory that lives on all
 /// the same (a clone of its regions) keeps the slots it maps, never reused, and the error
 /// says how many pages map the pool; memory in pool mappings cannot be registered again.
 #[test]
-fn forgotten_memory_that_lives_on_keeps_its_slots() {
+fn released_memory_that_lives_on_keeps_its_slots() {
     let _serial = serial();
     let a = memory(64);
     let b = memory(64);
@@ -208,7 +208,7 @@ fn forgotten_memory_that_lives_on_keeps_its_slots() {
     engine.scan_pass().unwrap();
     assert_eq!(engine.scan_pass().unwrap().pages_sharing, 63);
     assert!(matches!(
-        engine.forget(idb),
+        engine.release(idb),
         Err(vm_dedup::EngineError::StillMapped(64))
     ));
     assert_eq!(engine.stats().pinned_slots, 1, "b's one slot is kept");

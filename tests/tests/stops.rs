@@ -466,8 +466,8 @@ fn unmerge_all_while_host_threads_write_loses_nothing() {
 
 #[test]
 fn the_engine_is_the_only_extra_holder_of_guest_memory() {
-    // `Engine::unregister` turns merged pages back into private ones (a copy of every merged
-    // page) when anyone else still holds the guest's memory. When the guests have stopped,
+    // `Engine::release` (the VMM's exit) turns merged pages back into private ones (a copy of
+    // every merged page) when anyone else still holds the guest's memory. When the guests have stopped,
     // the engine must hold the last reference, or every stop pays that copy, in time and in
     // memory, for RAM that is about to be freed.
     if !vmm_tests::require_kvm() {

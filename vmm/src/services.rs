@@ -145,7 +145,8 @@ impl Services {
             written?;
             return Err(Error::OutOfMemory(why));
         }
-        let unregistered = self.dedup.take().map_or(Ok(()), Dedup::shutdown);
+        // `Vmm::run` dropped the guests and their memory: nothing to unmerge.
+        let unregistered = self.dedup.take().map_or(Ok(()), Dedup::release);
         written?;
         unregistered?;
         Ok(())

@@ -39,8 +39,9 @@ pub fn merge_bits(into: &mut [u64], from: &[u64], pages: usize) -> u64 {
 ///
 /// It holds the guest's memory weakly: the engine, which owns this source, keeps the memory
 /// alive while the guest is registered, and at exit the VMM lets go of the guests with
-/// `Engine::forget`, which expects the engine's hold to be the last (else the slots the memory
-/// still maps are kept for good). A strong reference here would keep the memory alive past it.
+/// `Engine::release`, which copies every merged page back into private memory when anyone
+/// else still holds it. A strong reference here would make every stop pay that copy for RAM
+/// that is about to be freed.
 #[derive(Debug)]
 pub struct DirtyLog {
     reader: DirtyLogReader,

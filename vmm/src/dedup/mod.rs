@@ -469,14 +469,30 @@ impl Dedup {
         }
     }
 
-    /// Stops scanning and lets go of every guest (when the guests have stopped and their
-    /// memory is being dropped: the engine's hold is the last, so nothing is unmerged).
-    pub fn shutdown(mut self) -> Result<(), Error> {
+    /// Stops scanning and unregisters every guest (when the guests have stopped): their
+    /// merged pages are turned back into private anonymous memory first, so their memory can
+    /// live on.
+    pub fn shutdown(self) -> Result<(), Error> {
+        self.let_go(vm_dedup::Engine::unregister)
+    }
+
+    /// Stops scanning and lets go of every guest for the VMM's exit: where the guests and
+    /// their memory are gone (the engine's hold is the last) without unmerging, which would
+    /// copy every merged page for RAM about to be freed; else as `shutdown` (see
+    /// `Engine::release`).
+    pub fn release(self) -> Result<(), Error> {
+        self.let_go(vm_dedup::Engine::release)
+    }
+
+    fn let_go(
+        mut self,
+        how: fn(&vm_dedup::Engine, vm_dedup::GuestId) -> Result<(), vm_dedup::EngineError>,
+    ) -> Result<(), Error> {
         self.stop();
         let guests = std::mem::take(&mut *lock(&self.shared.guests));
         let mut first = None;
         for g in guests {
-            if let Err(e) = self.shared.engine.forget(g.id) {
+            if let Err(e) = how(&self.shared.engine, g.id) {
                 log::warn!("dedup: unregistering {}: {e}", g.name);
                 first.get_or_insert(Error::Runtime(e));
             }
