@@ -16,14 +16,7 @@ fn write_to_merged_page_changes_only_that_page() {
     for m in [&a, &b, &c] {
         fill_all(m, &seeds);
     }
-    let (engine, ids) = engine_with(
-        fast_config(),
-        &[
-            ("a", "d", a.clone()),
-            ("b", "d", b.clone()),
-            ("c", "d", c.clone()),
-        ],
-    );
+    let (engine, ids) = engine_of(&[&a, &b, &c]);
     engine.scan_pass().unwrap();
     let s = engine.scan_pass().unwrap();
     assert_eq!(s.pages_shared, 56);

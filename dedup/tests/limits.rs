@@ -173,14 +173,7 @@ fn vmas_made_by_discards_count_against_the_budget() {
     let (a, b, c) = (memory(64), memory(64), memory(64));
     fill_all(&a, &seeds);
     fill_all(&b, &seeds);
-    let (engine, ids) = engine_with(
-        fast_config(),
-        &[
-            ("a", "d", a.clone()),
-            ("b", "d", b.clone()),
-            ("c", "d", c.clone()),
-        ],
-    );
+    let (engine, ids) = engine_of(&[&a, &b, &c]);
     engine.scan_pass().unwrap();
     let s = engine.scan_pass().unwrap();
     assert_eq!(s.pages_sharing, 64);

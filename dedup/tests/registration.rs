@@ -61,14 +61,7 @@ fn unregistering_a_guest_in_use_unmerges_it_only() {
     for m in [&a, &b, &c] {
         fill_all(m, &[3; 64]);
     }
-    let (engine, ids) = engine_with(
-        fast_config(),
-        &[
-            ("a", "d", a.clone()),
-            ("b", "d", b.clone()),
-            ("c", "d", c.clone()),
-        ],
-    );
+    let (engine, ids) = engine_of(&[&a, &b, &c]);
     engine.scan_pass().unwrap();
     assert_eq!(engine.scan_pass().unwrap().pages_sharing, 3 * 64 - 1);
     engine.unregister(ids[1]).unwrap();
@@ -151,6 +144,31 @@ fn discard_reads_zero_even_for_merged_pages() {
     );
 }
 
+/// Registers guest "c" of `domain`, every page holding content 5, and runs two passes.
+fn another_guest_merged(engine: &Engine, domain: &str) -> Arc<Mem> {
+    let c = memory(64);
+    fill_all(&c, &[5; 64]);
+    engine
+        .register(GuestConfig::new("c", domain), c.clone())
+        .unwrap();
+    engine.scan_pass().unwrap();
+    engine.scan_pass().unwrap();
+    c
+}
+
+/// Guests "a" and "b" of `domain` after two passes, b registered through a clone of its
+/// regions (which share their mappings): the engine's hold on it is the only `Arc`, yet the
+/// memory lives on with `b`. Returns the engine and b's id.
+fn merged_with_cloned_b(a: &Arc<Mem>, b: &Arc<Mem>, domain: &str) -> (Engine, vm_dedup::GuestId) {
+    let (engine, _) = engine_with(fast_config(), &[("a", domain, a.clone())]);
+    let idb = engine
+        .register(GuestConfig::new("b", domain), Arc::new((**b).clone()))
+        .unwrap();
+    engine.scan_pass().unwrap();
+    engine.scan_pass().unwrap();
+    (engine, idb)
+}
+
 /// Guest b's memory lives on after unregister through a clone of its regions (which share
 /// their mappings), which the engine cannot see: unregister rebuilds it as anonymous memory
 /// all the same, so a private copy dropped later reads zeros, never a slot another guest got.
@@ -161,12 +179,8 @@ fn unregister_leaves_plain_memory_even_when_held_elsewhere() {
     let b = memory(64);
     fill_all(&a, &[3; 64]);
     fill_all(&b, &[3; 64]);
-    let (engine, _) = engine_with(fast_config(), &[("a", "red", a.clone())]);
-    let idb = engine
-        .register(GuestConfig::new("b", "red"), Arc::new((*b).clone()))
-        .unwrap();
-    engine.scan_pass().unwrap();
-    assert_eq!(engine.scan_pass().unwrap().pages_sharing, 127);
+    let (engine, idb) = merged_with_cloned_b(&a, &b, "red");
+    assert_eq!(engine.stats().pages_sharing, 127);
     // a and b write their pages: private copies inside the pool mappings; the slot is freed.
     fill_all(&a, &[4; 64]);
     fill_all(&b, &[4; 64]);
@@ -176,13 +190,7 @@ fn unregister_leaves_plain_memory_even_when_held_elsewhere() {
     assert_eq!(engine.stats().pinned_slots, 0);
     assert_contents(&b, &[4; 64]);
     // Another domain's content gets the freed slot; b drops a page.
-    let c = memory(64);
-    fill_all(&c, &[5; 64]);
-    engine
-        .register(GuestConfig::new("c", "blue"), c.clone())
-        .unwrap();
-    engine.scan_pass().unwrap();
-    engine.scan_pass().unwrap();
+    let c = another_guest_merged(&engine, "blue");
     // SAFETY: drops pages of the test's own memory, no longer registered.
     let rc = unsafe { libc::madvise(page_ptr(&b, 0).cast(), PAGE, libc::MADV_DONTNEED) };
     assert_eq!(rc, 0);
@@ -201,12 +209,8 @@ fn released_memory_that_lives_on_keeps_its_slots() {
     let a_seeds: Vec<u64> = (0..64).map(|i| 1000 + i).collect();
     fill_all(&a, &a_seeds);
     fill_all(&b, &[3; 64]);
-    let (engine, _) = engine_with(fast_config(), &[("a", "d", a.clone())]);
-    let idb = engine
-        .register(GuestConfig::new("b", "d"), Arc::new((*b).clone()))
-        .unwrap();
-    engine.scan_pass().unwrap();
-    assert_eq!(engine.scan_pass().unwrap().pages_sharing, 63);
+    let (engine, idb) = merged_with_cloned_b(&a, &b, "d");
+    assert_eq!(engine.stats().pages_sharing, 63);
     assert!(matches!(
         engine.release(idb),
         Err(vm_dedup::EngineError::StillMapped(64))
@@ -216,13 +220,7 @@ fn released_memory_that_lives_on_keeps_its_slots() {
         engine.register(GuestConfig::new("b", "d"), b.clone()),
         Err(vm_dedup::EngineError::Overlap)
     ));
-    let c = memory(64);
-    fill_all(&c, &[5; 64]);
-    engine
-        .register(GuestConfig::new("c", "d"), c.clone())
-        .unwrap();
-    engine.scan_pass().unwrap();
-    engine.scan_pass().unwrap();
+    let c = another_guest_merged(&engine, "d");
     assert_contents(&b, &[3; 64]);
     assert_contents(&c, &[5; 64]);
     // The same memory twice would be merged twice (and under two domains).
@@ -232,30 +230,31 @@ fn released_memory_that_lives_on_keeps_its_slots() {
     ));
 }
 
-/// Unmerging fails (read-only guest memory: neither a rebuild nor a write fault works): the
-/// guest stays registered with its pages merged, and nothing is lost.
-#[test]
-fn a_failed_unmerge_keeps_the_guest_registered() {
-    let _serial = serial();
+/// Guest "b" of 64 pages whose first 32 hold one content, merged: its engine, id, memory and
+/// page seeds.
+fn half_merged() -> (Engine, vm_dedup::GuestId, Arc<Mem>, Vec<u64>) {
     let b = memory(64);
     let seeds: Vec<u64> = (0..64).map(|i| if i < 32 { 3 } else { 500 + i }).collect();
     fill_all(&b, &seeds);
     let (engine, ids) = engine_with(fast_config(), &[("b", "d", b.clone())]);
     engine.scan_pass().unwrap();
     assert_eq!(engine.scan_pass().unwrap().pages_sharing, 31);
+    (engine, ids[0], b, seeds)
+}
+
+/// Unmerging fails (read-only guest memory: neither a rebuild nor a write fault works): the
+/// guest stays registered with its pages merged, and nothing is lost.
+#[test]
+fn a_failed_unmerge_keeps_the_guest_registered() {
+    let _serial = serial();
+    let (engine, id, b, seeds) = half_merged();
     let (start, end) = host_range(&b);
     // SAFETY: the test's own guest memory; it is only read from now on.
     let rc = unsafe { libc::mprotect(start as *mut libc::c_void, end - start, libc::PROT_READ) };
     assert_eq!(rc, 0);
-    assert!(engine.unregister(ids[0]).is_err());
+    assert!(engine.unregister(id).is_err());
     assert_eq!(engine.stats().guests.len(), 1, "still registered");
-    let c = memory(64);
-    fill_all(&c, &[5; 64]);
-    engine
-        .register(GuestConfig::new("c", "d"), c.clone())
-        .unwrap();
-    engine.scan_pass().unwrap();
-    engine.scan_pass().unwrap();
+    let c = another_guest_merged(&engine, "d");
     assert_contents(&b, &seeds);
     assert_contents(&c, &[5; 64]);
 }
@@ -266,17 +265,12 @@ fn a_failed_unmerge_keeps_the_guest_registered() {
 #[test]
 fn memory_unmerged_in_place_stays_registered_until_rebuilt() {
     let _serial = serial();
-    let b = memory(64);
-    let seeds: Vec<u64> = (0..64).map(|i| if i < 32 { 3 } else { 500 + i }).collect();
-    fill_all(&b, &seeds);
-    let (engine, ids) = engine_with(fast_config(), &[("b", "d", b.clone())]);
-    engine.scan_pass().unwrap();
-    assert_eq!(engine.scan_pass().unwrap().pages_sharing, 31);
+    let (engine, id, b, seeds) = half_merged();
     // SAFETY: locks pages of the test's own guest memory.
     let rc = unsafe { libc::mlock(page_ptr(&b, 32).cast(), 32 * PAGE) };
     assert_eq!(rc, 0);
     assert!(matches!(
-        engine.unregister(ids[0]),
+        engine.unregister(id),
         Err(vm_dedup::EngineError::StillMapped(_))
     ));
     assert!(pool_mappings(&b) > 0, "unmerged in place");
@@ -285,7 +279,7 @@ fn memory_unmerged_in_place_stays_registered_until_rebuilt() {
     // SAFETY: unlocks the pages locked above.
     let rc = unsafe { libc::munlock(page_ptr(&b, 32).cast(), 32 * PAGE) };
     assert_eq!(rc, 0);
-    engine.unregister(ids[0]).unwrap();
+    engine.unregister(id).unwrap();
     assert_eq!(pool_mappings(&b), 0);
     assert_contents(&b, &seeds);
 }

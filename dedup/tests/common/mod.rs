@@ -133,6 +133,18 @@ pub fn engine_with(config: Config, guests: &[(&str, &str, Arc<Mem>)]) -> (Engine
     (engine, ids)
 }
 
+/// `mems` registered in a fresh engine with [`fast_config`], as guests "a", "b", "c", ... of
+/// one domain.
+pub fn engine_of(mems: &[&Arc<Mem>]) -> (Engine, Vec<GuestId>) {
+    let names: Vec<String> = (b'a'..=b'z').map(|c| char::from(c).to_string()).collect();
+    let guests: Vec<(&str, &str, Arc<Mem>)> = mems
+        .iter()
+        .zip(&names)
+        .map(|(m, n)| (n.as_str(), "d", Arc::clone(m)))
+        .collect();
+    engine_with(fast_config(), &guests)
+}
+
 /// Proportional set size of this process, in bytes.
 pub fn pss() -> u64 {
     let s = std::fs::read_to_string("/proc/self/smaps_rollup").unwrap();
