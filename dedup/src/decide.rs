@@ -36,6 +36,8 @@ struct Opened {
 struct ShardPlan {
     assigns: Vec<Assign>,
     opened: Vec<Opened>,
+    /// A partner was passed over for being on another node now.
+    moved: bool,
 }
 
 /// A page location as one number, in the same order.
@@ -125,16 +127,21 @@ fn decide_shard(
         // A lone partner with the same hash is trusted (a collision only costs a slot with one
         // sharer, and makes the candidate distrusted); with several, or a distrusted candidate,
         // the bytes are compared first.
+        let mut moved = false;
         let partner = entries.iter().find_map(|&e| match e {
             Entry::Page(p)
                 if p != c.loc
                     && !assigned.contains(&p)
                     && (!several || view.same_content(p, c.loc)) =>
             {
-                Some(p)
+                // Its entry is under the node it was on when indexed.
+                let here = rules.merge_across_nodes || view.on_node(p, c.node);
+                moved |= !here;
+                here.then_some(p)
             }
             _ => None,
         });
+        out.moved |= moved;
         if let Some(p) = partner {
             let s = PROVISIONAL + out.opened.len() as u32;
             out.opened.push(Opened {
@@ -336,6 +343,7 @@ pub(crate) fn decide(
             }
         }
         out.assigns.extend(part.assigns);
+        out.moved |= part.moved;
     }
     out.new_slots.sort_unstable_by_key(|n| n.slot);
     match threads {

@@ -57,6 +57,9 @@ pub struct Plan {
     pub new_slots: Vec<NewSlot>,
     /// Merges to attempt.
     pub assigns: Vec<Assign>,
+    /// A partner page was passed over for being on another node than its index entry says
+    /// (`merge_across_nodes` off): the index needs rebuilding from a full pass.
+    pub moved: bool,
 }
 
 /// The knobs that change merge decisions.
@@ -83,6 +86,12 @@ pub trait PlanView {
     /// Whether a merge of this page was refused for differing bytes before: its hash is not
     /// trusted alone any more (a collision), so it is compared before being planned.
     fn distrusted(&self, loc: PageLoc) -> bool;
+    /// Whether the page is on host node `node` now. Asked, with `merge_across_nodes` off, of
+    /// a partner page indexed earlier, which the kernel may have moved to another node since.
+    fn on_node(&self, loc: PageLoc, node: u8) -> bool {
+        let _ = (loc, node);
+        true
+    }
 }
 
 /// The index table a slot or page of `domain` on `node` belongs to.

@@ -256,6 +256,7 @@ impl State {
 /// The planner's view of guest pages.
 pub(crate) struct EngineView<'a> {
     pub state: &'a State,
+    pub topology: &'a dyn crate::numa::Topology,
 }
 
 impl PlanView for EngineView<'_> {
@@ -303,5 +304,16 @@ impl PlanView for EngineView<'_> {
 
     fn distrusted(&self, loc: PageLoc) -> bool {
         self.state.distrusted.contains(&loc)
+    }
+
+    fn on_node(&self, loc: PageLoc, node: u8) -> bool {
+        if self.topology.node_count() == 1 {
+            return true;
+        }
+        let Some(addr) = self.state.addr(loc) else {
+            return false;
+        };
+        let mut now = [0u8];
+        self.topology.nodes_of(&[addr], &mut now).is_ok() && now[0] == node
     }
 }

@@ -229,7 +229,10 @@ impl State {
             let mut index = std::mem::take(&mut self.index);
             let mut slots = std::mem::take(&mut self.slots);
             let rules = self.rules;
-            let view = EngineView { state: self };
+            let view = EngineView {
+                state: self,
+                topology: ctx.topology,
+            };
             let mut p = if cands.len() >= PARALLEL_PLAN_MIN {
                 plan::plan_parallel(&cands, &rules, &mut index, &mut slots, &view, ctx.threads)
             } else {
@@ -261,7 +264,7 @@ impl State {
         self.budget = budget;
         self.totals.held_back += held;
         self.totals.failures.vma_budget += refused;
-        if !plan.assigns.is_empty() || !tally.is_empty() {
+        if !plan.assigns.is_empty() || !tally.is_empty() || plan.moved {
             self.changed = true;
         }
 

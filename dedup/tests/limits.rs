@@ -205,3 +205,61 @@ fn vmas_made_by_discards_count_against_the_budget() {
         assert!(read(&a, p).iter().all(|&x| x == 0), "discarded page {p}");
     }
 }
+
+/// A topology whose answers the test changes: pages move between two nodes.
+#[derive(Debug, Default)]
+struct Moving(std::sync::Mutex<HashMap<usize, u8>>);
+
+impl vm_dedup::Topology for Moving {
+    fn node_count(&self) -> usize {
+        2
+    }
+
+    fn nodes_of(
+        &self,
+        addrs: &[usize],
+        out: &mut [u8],
+    ) -> Result<(), vm_dedup::numa::TopologyError> {
+        let m = self.0.lock().unwrap();
+        for (o, a) in out.iter_mut().zip(addrs) {
+            *o = m.get(a).copied().unwrap_or(0);
+        }
+        Ok(())
+    }
+
+    fn bind(&self, _: u8, _: usize, _: usize) -> Result<(), vm_dedup::numa::TopologyError> {
+        Ok(())
+    }
+}
+
+#[test]
+fn merge_across_nodes_off_checks_the_partners_node_now() {
+    // Page 0 is indexed while on node 0, then the kernel moves it to node 1 and page 1 (same
+    // content) to node 0: they must not share a slot.
+    let topo = Arc::new(Moving::default());
+    let mem = memory(2);
+    fill_all(&mem, &[7, 7]);
+    let (p0, p1) = (page_ptr(&mem, 0) as usize, page_ptr(&mem, 1) as usize);
+    topo.0.lock().unwrap().insert(p1, 1);
+    let mut cfg = fast_config();
+    cfg.set("merge_across_nodes", "0").unwrap();
+    let engine = Engine::with_topology(cfg, topo.clone()).unwrap();
+    let id = engine
+        .register(GuestConfig::new("g", "d"), mem.clone())
+        .unwrap();
+    engine.scan_pass().unwrap();
+    assert!(!engine.step(1).unwrap(), "page 0 indexed on node 0");
+    {
+        let mut m = topo.0.lock().unwrap();
+        m.insert(p0, 1);
+        m.insert(p1, 0);
+    }
+    while !engine.step(1).unwrap() {}
+    assert!(engine.merged_pages(id).unwrap().is_empty());
+    // Once both are seen on one node, they merge there.
+    topo.0.lock().unwrap().insert(p0, 0);
+    engine.scan_pass().unwrap();
+    engine.scan_pass().unwrap();
+    assert_eq!(engine.merged_pages(id).unwrap().len(), 2);
+    assert_contents(&mem, &[7, 7]);
+}
