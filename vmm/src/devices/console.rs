@@ -16,10 +16,18 @@ pub type Sink = Arc<Mutex<Box<dyn Write + Send>>>;
 /// The serial port of one guest, shared by its vCPUs and the console input.
 pub type SharedSerial = Arc<Mutex<SerialPort<ConsoleOut>>>;
 
-/// A sink writing to the process's stdout. Once stdout's reader has gone (a broken pipe), one
-/// warning is logged and guest output is dropped from then on: the guests keep running.
+/// A sink writing to the process's stdout through a bounded queue and a thread of its own
+/// ([`super::stdout::Forwarder`]): a slow or stuck reader costs dropped output, never a
+/// blocked vCPU. Once stdout's reader has gone (a broken pipe), one warning is logged and guest
+/// output is dropped from then on: the guests keep running.
 pub fn stdout_sink() -> Sink {
-    Arc::new(Mutex::new(Box::new(DropWhenClosed::new(io::stdout()))))
+    match super::stdout::Forwarder::spawn(DropWhenClosed::new(io::stdout())) {
+        Ok(f) => Arc::new(Mutex::new(Box::new(f))),
+        Err(e) => {
+            log::warn!("console: no output thread ({e}); guests write to stdout directly");
+            Arc::new(Mutex::new(Box::new(DropWhenClosed::new(io::stdout()))))
+        }
+    }
 }
 
 /// A writer that stops writing once its reader has gone.
@@ -116,26 +124,33 @@ impl ConsoleOut {
         }
     }
 
+    /// Writes the line out. It is cleared even when the sink fails (the line is lost, not
+    /// kept growing with everything the guest writes after it).
     fn emit(&mut self, newline: bool) -> io::Result<()> {
         let mut sink = self.sink.lock().unwrap_or_else(PoisonError::into_inner);
-        if let Some(prefix) = &self.prefix {
-            sink.write_all(prefix.as_bytes())?;
-        }
-        sink.write_all(&self.line)?;
-        if newline {
-            sink.write_all(b"\n")?;
-        }
-        sink.flush()?;
+        let written = (|| {
+            if let Some(prefix) = &self.prefix {
+                sink.write_all(prefix.as_bytes())?;
+            }
+            sink.write_all(&self.line)?;
+            if newline {
+                sink.write_all(b"\n")?;
+            }
+            sink.flush()
+        })();
         self.line.clear();
-        Ok(())
+        written
     }
 
-    /// Emits a last unterminated line, if any (when the guest stops).
+    /// Emits a last unterminated line, if any, and flushes the sink (when the guest stops).
     pub fn finish(&mut self) -> io::Result<()> {
         if self.prefix.is_some() && !self.line.is_empty() {
-            self.emit(true)?;
+            return self.emit(true);
         }
-        Ok(())
+        self.sink
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .flush()
     }
 }
 
@@ -295,6 +310,25 @@ mod tests {
 
     fn text(s: &Shared) -> String {
         String::from_utf8(s.0.lock().unwrap().clone()).unwrap()
+    }
+
+    #[test]
+    fn a_failing_sink_never_lets_a_line_grow() {
+        struct Full;
+        impl Write for Full {
+            fn write(&mut self, _: &[u8]) -> io::Result<usize> {
+                Err(io::Error::from_raw_os_error(libc::ENOSPC))
+            }
+            fn flush(&mut self) -> io::Result<()> {
+                Ok(())
+            }
+        }
+        let sink: Sink = Arc::new(Mutex::new(Box::new(Full)));
+        let mut out = ConsoleOut::prefixed(sink, "guest0");
+        for _ in 0..1024 {
+            let _ = out.write(&[b'z'; 4096]);
+            assert!(out.line.len() < MAX_LINE, "{} bytes kept", out.line.len());
+        }
     }
 
     #[test]

@@ -5,6 +5,7 @@
 pub mod console;
 pub mod i8042;
 pub mod serial;
+pub mod stdout;
 
 use std::sync::{Mutex, PoisonError};
 

@@ -1,0 +1,212 @@
+//! Guest console output to the process's stdout without ever blocking a vCPU: writes go to a
+//! bounded queue that one thread drains to stdout. A reader that is slow, stuck or gone (a
+//! pipe nobody reads, a full disk) then costs the guests dropped output, counted and logged,
+//! never a stalled vCPU, a stalled neighbour guest or a stop that does not finish.
+
+use std::collections::VecDeque;
+use std::io::{self, Write};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
+use std::thread;
+use std::time::{Duration, Instant};
+
+/// Most bytes waiting for stdout; past it, output is dropped.
+pub const QUEUE_BYTES: usize = 1 << 20;
+/// Longest a flush waits for the queue to drain (a stuck reader must not hold up a stop).
+pub const FLUSH_WAIT: Duration = Duration::from_secs(1);
+
+#[derive(Debug, Default)]
+struct Queue {
+    chunks: VecDeque<Vec<u8>>,
+    bytes: usize,
+    /// Bytes dropped since the last warning (the queue was full or the writer failed).
+    dropped: u64,
+    /// The drain thread is writing a chunk it took.
+    writing: bool,
+}
+
+#[derive(Debug, Default)]
+struct Shared {
+    queue: Mutex<Queue>,
+    /// Signalled when bytes arrive and when the queue drains.
+    changed: Condvar,
+}
+
+impl Shared {
+    fn lock(&self) -> MutexGuard<'_, Queue> {
+        self.queue.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+}
+
+/// The writing end: cheap, never blocks on the reader.
+#[derive(Debug)]
+pub struct Forwarder {
+    shared: Arc<Shared>,
+}
+
+impl Forwarder {
+    /// Starts the thread that writes what is queued to `out`.
+    pub fn spawn<W: Write + Send + 'static>(out: W) -> io::Result<Self> {
+        let shared = Arc::new(Shared::default());
+        let drain = Arc::clone(&shared);
+        thread::Builder::new()
+            .name("console-out".into())
+            .spawn(move || run(&drain, out))?;
+        Ok(Self { shared })
+    }
+}
+
+/// Writes queued chunks to `out` until the process exits (the thread is never joined: a
+/// stuck reader must not keep the process from exiting).
+fn run<W: Write>(shared: &Shared, mut out: W) {
+    loop {
+        let chunk = {
+            let mut q = shared.lock();
+            loop {
+                if let Some(c) = q.chunks.pop_front() {
+                    q.bytes -= c.len();
+                    q.writing = true;
+                    break c;
+                }
+                q.writing = false;
+                shared.changed.notify_all();
+                q = shared
+                    .changed
+                    .wait(q)
+                    .unwrap_or_else(PoisonError::into_inner);
+            }
+        };
+        let written = out.write_all(&chunk).and_then(|()| out.flush());
+        if let Err(e) = written {
+            let mut q = shared.lock();
+            if q.dropped == 0 {
+                log::warn!("console: writing guest output failed ({e}); output is dropped");
+            }
+            q.dropped += chunk.len() as u64;
+        } else {
+            let mut q = shared.lock();
+            if q.dropped > 0 && q.chunks.is_empty() {
+                log::warn!(
+                    "console: {} bytes of guest output were dropped (stdout could not keep up)",
+                    q.dropped
+                );
+                q.dropped = 0;
+            }
+        }
+    }
+}
+
+impl Write for Forwarder {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        let mut q = self.shared.lock();
+        if q.bytes + buf.len() > QUEUE_BYTES {
+            if q.dropped == 0 {
+                log::warn!("console: stdout is not keeping up; guest output is dropped");
+            }
+            q.dropped += buf.len() as u64;
+            return Ok(buf.len());
+        }
+        q.bytes += buf.len();
+        q.chunks.push_back(buf.to_vec());
+        self.shared.changed.notify_all();
+        Ok(buf.len())
+    }
+
+    /// Waits until what was queued is written, at most [`FLUSH_WAIT`].
+    fn flush(&mut self) -> io::Result<()> {
+        let until = Instant::now() + FLUSH_WAIT;
+        let mut q = self.shared.lock();
+        while !q.chunks.is_empty() || q.writing {
+            let left = until.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                break;
+            }
+            q = self
+                .shared
+                .changed
+                .wait_timeout(q, left)
+                .unwrap_or_else(PoisonError::into_inner)
+                .0;
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A writer that blocks until the test lets it go, then records everything.
+    #[derive(Clone, Default)]
+    struct Gate {
+        open: Arc<(Mutex<bool>, Condvar)>,
+        seen: Arc<Mutex<Vec<u8>>>,
+    }
+
+    impl Write for Gate {
+        fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+            let (lock, cv) = &*self.open;
+            let mut open = lock.lock().unwrap();
+            while !*open {
+                open = cv.wait(open).unwrap();
+            }
+            self.seen.lock().unwrap().extend_from_slice(buf);
+            Ok(buf.len())
+        }
+
+        fn flush(&mut self) -> io::Result<()> {
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn a_stuck_reader_never_blocks_the_writer_and_output_is_bounded() {
+        let gate = Gate::default();
+        let mut f = Forwarder::spawn(gate.clone()).unwrap();
+        let line = vec![b'x'; 4096];
+        let start = Instant::now();
+        // Eight times what the queue holds: every write returns at once.
+        for _ in 0..(8 * QUEUE_BYTES / line.len()) {
+            f.write_all(&line).unwrap();
+        }
+        let q = f.shared.lock();
+        assert!(q.bytes <= QUEUE_BYTES);
+        assert!(q.dropped > 0);
+        drop(q);
+        // A flush gives up after FLUSH_WAIT.
+        f.flush().unwrap();
+        assert!(start.elapsed() < FLUSH_WAIT * 10);
+        // Once the reader reads, what was kept arrives in order.
+        {
+            let (lock, cv) = &*gate.open;
+            *lock.lock().unwrap() = true;
+            cv.notify_all();
+        }
+        f.flush().unwrap();
+        assert_eq!(f.shared.lock().bytes, 0, "drained");
+        f.write_all(b"end\n").unwrap();
+        f.flush().unwrap();
+        let seen = gate.seen.lock().unwrap();
+        assert!(seen.ends_with(b"end\n"));
+        assert!(seen.len() <= QUEUE_BYTES + line.len() + 4);
+    }
+
+    #[test]
+    fn a_failing_reader_costs_dropped_output_only() {
+        struct Full;
+        impl Write for Full {
+            fn write(&mut self, _: &[u8]) -> io::Result<usize> {
+                Err(io::Error::from_raw_os_error(libc::ENOSPC))
+            }
+            fn flush(&mut self) -> io::Result<()> {
+                Ok(())
+            }
+        }
+        let mut f = Forwarder::spawn(Full).unwrap();
+        for _ in 0..1000 {
+            f.write_all(&[b'y'; 4096]).unwrap();
+        }
+        f.flush().unwrap();
+        let q = f.shared.lock();
+        assert!(q.bytes <= QUEUE_BYTES && q.dropped > 0);
+    }
+}
