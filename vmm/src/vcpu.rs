@@ -174,9 +174,29 @@ fn diagnose(fd: &mut VcpuFd) -> String {
     rip
 }
 
+/// Stops the guest if the vCPU thread unwinds (a bug in the VMM): its other vCPUs would run
+/// on, and the VMM would wait for a stop nobody reports.
+struct StopOnPanic<'a> {
+    state: &'a GuestState,
+    index: u32,
+}
+
+impl Drop for StopOnPanic<'_> {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            self.state
+                .request_stop(Stop::Failed(format!("vCPU {} thread panicked", self.index)));
+        }
+    }
+}
+
 /// Runs vCPU `index` of a guest until the guest stops; a stop decided here is reported to
 /// `state`.
 pub fn run(mut fd: VcpuFd, index: u32, state: Arc<GuestState>, devices: Arc<Devices>) {
+    let _stop_on_panic = StopOnPanic {
+        state: &state,
+        index,
+    };
     while !state.stopping() {
         let action = match fd.run() {
             Ok(exit) => exit::handle(to_exit(exit), &devices),
@@ -194,5 +214,39 @@ pub fn run(mut fd: VcpuFd, index: u32, state: Arc<GuestState>, devices: Arc<Devi
             state.request_stop(stop);
             return;
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::vm::Event;
+
+    #[test]
+    fn a_panicking_vcpu_thread_stops_its_guest() {
+        let (events, heard) = std::sync::mpsc::channel();
+        let state = Arc::new(GuestState::new(3, events));
+        let s = Arc::clone(&state);
+        let ended = std::thread::spawn(move || {
+            let _guard = StopOnPanic {
+                state: &s,
+                index: 1,
+            };
+            panic!("a bug");
+        })
+        .join();
+        assert!(ended.is_err());
+        assert!(state.stopping());
+        assert!(matches!(state.stop_reason(), Some(Stop::Failed(why)) if why.contains("vCPU 1")));
+        assert_eq!(heard.try_recv(), Ok(Event::GuestStopping(3)));
+        // A vCPU thread that ends normally reports nothing through the guard.
+        let (events, heard) = std::sync::mpsc::channel();
+        let calm = GuestState::new(0, events);
+        drop(StopOnPanic {
+            state: &calm,
+            index: 0,
+        });
+        assert!(!calm.stopping());
+        assert!(heard.try_recv().is_err());
     }
 }

@@ -119,6 +119,16 @@ pub struct GuestState {
 }
 
 impl GuestState {
+    /// The state of guest `index`, not stopping, reporting to `events`.
+    pub(crate) fn new(index: usize, events: Sender<Event>) -> Self {
+        Self {
+            index,
+            stopping: AtomicBool::new(false),
+            stop: Mutex::new(None),
+            events,
+        }
+    }
+
     /// Whether the guest is stopping.
     pub fn stopping(&self) -> bool {
         self.stopping.load(Ordering::Acquire)
@@ -222,12 +232,7 @@ impl Guest {
                 source,
             })?;
 
-        let state = Arc::new(GuestState {
-            index,
-            stopping: AtomicBool::new(false),
-            stop: Mutex::new(None),
-            events,
-        });
+        let state = Arc::new(GuestState::new(index, events));
         Ok(Self {
             name,
             vm: Arc::new(vm),
