@@ -314,16 +314,7 @@ mod tests {
 
     #[test]
     fn a_failing_sink_never_lets_a_line_grow() {
-        struct Full;
-        impl Write for Full {
-            fn write(&mut self, _: &[u8]) -> io::Result<usize> {
-                Err(io::Error::from_raw_os_error(libc::ENOSPC))
-            }
-            fn flush(&mut self) -> io::Result<()> {
-                Ok(())
-            }
-        }
-        let sink: Sink = Arc::new(Mutex::new(Box::new(Full)));
+        let sink: Sink = Arc::new(Mutex::new(Box::new(crate::devices::stdout::tests::Full)));
         let mut out = ConsoleOut::prefixed(sink, "guest0");
         for _ in 0..1024 {
             let _ = out.write(&[b'z'; 4096]);

@@ -132,7 +132,7 @@ impl Write for Forwarder {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
     /// A writer that blocks until the test lets it go, then records everything.
@@ -190,17 +190,20 @@ mod tests {
         assert!(seen.len() <= QUEUE_BYTES + line.len() + 4);
     }
 
+    /// A writer that always fails as a full disk does (for the console's tests too).
+    pub(crate) struct Full;
+
+    impl Write for Full {
+        fn write(&mut self, _: &[u8]) -> io::Result<usize> {
+            Err(io::Error::from_raw_os_error(libc::ENOSPC))
+        }
+        fn flush(&mut self) -> io::Result<()> {
+            Ok(())
+        }
+    }
+
     #[test]
     fn a_failing_reader_costs_dropped_output_only() {
-        struct Full;
-        impl Write for Full {
-            fn write(&mut self, _: &[u8]) -> io::Result<usize> {
-                Err(io::Error::from_raw_os_error(libc::ENOSPC))
-            }
-            fn flush(&mut self) -> io::Result<()> {
-                Ok(())
-            }
-        }
         let mut f = Forwarder::spawn(Full).unwrap();
         for _ in 0..1000 {
             f.write_all(&[b'y'; 4096]).unwrap();
