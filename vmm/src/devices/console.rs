@@ -115,7 +115,8 @@ impl ConsoleOut {
         }
     }
 
-    /// Output emitted line by line as `NAME: line` (several guests).
+    /// Output emitted line by line as `NAME: line` (several guests), carriage returns dropped
+    /// and other control characters but tab shown as `?`.
     pub fn prefixed(sink: Sink, name: &str) -> Self {
         Self {
             sink,
@@ -162,13 +163,21 @@ impl Write for ConsoleOut {
             return Ok(buf.len());
         }
         for &byte in buf {
-            if byte == b'\n' {
-                self.emit(true)?;
-            } else {
-                self.line.push(byte);
-                if self.line.len() >= MAX_LINE {
+            match byte {
+                b'\n' => {
                     self.emit(true)?;
+                    continue;
                 }
+                // The end of "\r\n" lines; alone it would let a guest write over its prefix.
+                b'\r' => continue,
+                // Other control characters (escape sequences) would reach the operator's
+                // terminal, where a guest could pass its lines off as another guest's.
+                b'\t' => self.line.push(byte),
+                0..=0x1f | 0x7f => self.line.push(b'?'),
+                _ => self.line.push(byte),
+            }
+            if self.line.len() >= MAX_LINE {
+                self.emit(true)?;
             }
         }
         Ok(buf.len())
@@ -310,6 +319,15 @@ mod tests {
 
     fn text(s: &Shared) -> String {
         String::from_utf8(s.0.lock().unwrap().clone()).unwrap()
+    }
+
+    #[test]
+    fn prefixed_lines_carry_no_control_characters() {
+        let (sink, out) = sink();
+        let mut a = ConsoleOut::prefixed(sink, "guest0");
+        a.write_all(b"boot\r\n\rguest1: fake\x1b[2K\ttab\x07\n")
+            .unwrap();
+        assert_eq!(text(&out), "guest0: boot\nguest0: guest1: fake?[2K\ttab?\n");
     }
 
     #[test]
