@@ -13,6 +13,8 @@ use std::time::{Duration, Instant};
 pub const QUEUE_BYTES: usize = 1 << 20;
 /// Longest a flush waits for the queue to drain (a stuck reader must not hold up a stop).
 pub const FLUSH_WAIT: Duration = Duration::from_secs(1);
+/// Writes join the last queued chunk while it is shorter than this.
+const CHUNK_BYTES: usize = 4096;
 
 #[derive(Debug, Default)]
 struct Queue {
@@ -59,11 +61,15 @@ impl Forwarder {
 /// stuck reader must not keep the process from exiting).
 fn run<W: Write>(shared: &Shared, mut out: W) {
     loop {
+        // Everything queued, in one write.
         let chunk = {
             let mut q = shared.lock();
             loop {
-                if let Some(c) = q.chunks.pop_front() {
-                    q.bytes -= c.len();
+                if let Some(mut c) = q.chunks.pop_front() {
+                    while let Some(more) = q.chunks.pop_front() {
+                        c.extend_from_slice(&more);
+                    }
+                    // `bytes` still counts them until they are written.
                     q.writing = true;
                     break c;
                 }
@@ -76,21 +82,19 @@ fn run<W: Write>(shared: &Shared, mut out: W) {
             }
         };
         let written = out.write_all(&chunk).and_then(|()| out.flush());
+        let mut q = shared.lock();
+        q.bytes -= chunk.len();
         if let Err(e) = written {
-            let mut q = shared.lock();
             if q.dropped == 0 {
                 log::warn!("console: writing guest output failed ({e}); output is dropped");
             }
             q.dropped += chunk.len() as u64;
-        } else {
-            let mut q = shared.lock();
-            if q.dropped > 0 && q.chunks.is_empty() {
-                log::warn!(
-                    "console: {} bytes of guest output were dropped (stdout could not keep up)",
-                    q.dropped
-                );
-                q.dropped = 0;
-            }
+        } else if q.dropped > 0 && q.chunks.is_empty() {
+            log::warn!(
+                "console: {} bytes of guest output were dropped (stdout could not keep up)",
+                q.dropped
+            );
+            q.dropped = 0;
         }
     }
 }
@@ -106,7 +110,11 @@ impl Write for Forwarder {
             return Ok(buf.len());
         }
         q.bytes += buf.len();
-        q.chunks.push_back(buf.to_vec());
+        // Small writes (a serial port's bytes) join the last chunk.
+        match q.chunks.back_mut() {
+            Some(last) if last.len() < CHUNK_BYTES => last.extend_from_slice(buf),
+            _ => q.chunks.push_back(buf.to_vec()),
+        }
         self.shared.changed.notify_all();
         Ok(buf.len())
     }
