@@ -24,7 +24,9 @@ pub fn stdout_sink() -> Sink {
     match super::stdout::Forwarder::spawn(DropWhenClosed::new(io::stdout())) {
         Ok(f) => Arc::new(Mutex::new(Box::new(f))),
         Err(e) => {
-            log::warn!("console: no output thread ({e}); guests write to stdout directly");
+            log::warn!(
+                "console: no output thread ({e}); guests write to stdout directly, line by line"
+            );
             Arc::new(Mutex::new(Box::new(DropWhenClosed::new(io::stdout()))))
         }
     }
@@ -125,8 +127,9 @@ impl ConsoleOut {
         }
     }
 
-    /// Writes the line out. It is cleared even when the sink fails (the line is lost, not
-    /// kept growing with everything the guest writes after it).
+    /// Writes the line out, unflushed (see [`ConsoleOut::finish`]). It is cleared even when the
+    /// sink fails (the line is lost, not kept growing with everything the guest writes after
+    /// it).
     fn emit(&mut self, newline: bool) -> io::Result<()> {
         let mut sink = self.sink.lock().unwrap_or_else(PoisonError::into_inner);
         let written = (|| {
@@ -137,16 +140,18 @@ impl ConsoleOut {
             if newline {
                 sink.write_all(b"\n")?;
             }
-            sink.flush()
+            Ok(())
         })();
         self.line.clear();
         written
     }
 
-    /// Emits a last unterminated line, if any, and flushes the sink (when the guest stops).
+    /// Emits a last unterminated line, if any, and flushes the sink (when the guest stops). The
+    /// sink is flushed only here: stdout's writes reach it from a thread of their own
+    /// ([`super::stdout::Forwarder`]), and a flush per byte or line would wait for them.
     pub fn finish(&mut self) -> io::Result<()> {
         if self.prefix.is_some() && !self.line.is_empty() {
-            return self.emit(true);
+            self.emit(true)?;
         }
         self.sink
             .lock()
@@ -183,13 +188,9 @@ impl Write for ConsoleOut {
         Ok(buf.len())
     }
 
+    /// Nothing to do: the UART flushes after every byte, and the sink is flushed when the
+    /// guest stops ([`ConsoleOut::finish`]).
     fn flush(&mut self) -> io::Result<()> {
-        if self.prefix.is_none() {
-            self.sink
-                .lock()
-                .unwrap_or_else(PoisonError::into_inner)
-                .flush()?;
-        }
         Ok(())
     }
 }
