@@ -73,11 +73,17 @@ pub enum EngineError {
     /// Pages of the guest's memory are still in pool mappings: after `unregister`, the region
     /// could not be rebuilt as anonymous memory (the guest stays registered); after `release`,
     /// the memory lives on elsewhere (its slots are kept).
-    #[error("{0} pages of the guest's memory stay in pool mappings")]
+    #[error(
+        "{0} pages of the guest's memory still map the pool (unmerging could not rebuild it, \
+         or it lives on elsewhere)"
+    )]
     StillMapped(u64),
     /// The memory to register maps this engine's pool (memory that left the engine without
     /// being unmerged), or overlaps a registered guest's memory.
-    #[error("the memory maps this engine's pool or overlaps a registered guest")]
+    #[error(
+        "the memory maps this engine's pool or overlaps a registered guest (register memory \
+         once, and unregister it before registering it again)"
+    )]
     Overlap,
 }
 

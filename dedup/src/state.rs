@@ -105,25 +105,30 @@ impl State {
         ((loc.page as usize) < r.pages && r.active()).then(|| r.addr(loc.page))
     }
 
-    /// Host ranges of every region of every guest, active or not.
-    pub fn guest_ranges(&self) -> Vec<(usize, usize)> {
+    /// Host ranges of the regions of every guest, active ones only or all.
+    fn ranges(&self, active_only: bool) -> Vec<(usize, usize)> {
         self.guests
             .iter()
             .flatten()
             .flat_map(|g| g.regions.iter())
+            .filter(|r| !active_only || r.active())
             .map(|r| (r.hva, r.hva + r.pages * PAGE_SIZE))
             .collect()
     }
 
+    /// Host ranges of every region of every guest, active or not.
+    pub fn guest_ranges(&self) -> Vec<(usize, usize)> {
+        self.ranges(false)
+    }
+
     /// Address ranges of every active region.
     pub fn active_ranges(&self) -> Vec<(usize, usize)> {
-        self.guests
-            .iter()
-            .flatten()
-            .flat_map(|g| g.regions.iter())
-            .filter(|r| r.active())
-            .map(|r| (r.hva, r.hva + r.pages * PAGE_SIZE))
-            .collect()
+        self.ranges(true)
+    }
+
+    /// VMAs of the process, and of them those inside active guest memory.
+    pub fn count_vmas(&self) -> std::io::Result<(usize, usize)> {
+        procfs::count_vmas(&self.active_ranges())
     }
 
     /// Something outside the scan changed guest memory, pages or settings: the next pass
@@ -174,10 +179,20 @@ impl State {
         }
     }
 
+    /// Mappings of this engine's pool files that start inside `ranges`.
+    fn pool_mappings_in(
+        &self,
+        ranges: &[(usize, usize)],
+    ) -> std::io::Result<Vec<procfs::FileMapping>> {
+        let mut maps = procfs::file_mappings_in(ranges)?;
+        maps.retain(|m| self.pools.is_pool_file(m.inode));
+        Ok(maps)
+    }
+
     /// Pins every slot that a pool mapping inside `ranges` (memory no longer registered) still
     /// maps, so that it is never punched or reused. Returns how many pages still map the pool.
     pub fn pin_slots_mapped_in(&mut self, ranges: &[(usize, usize)]) -> u64 {
-        let maps = match procfs::file_mappings_in(ranges) {
+        let maps = match self.pool_mappings_in(ranges) {
             Ok(m) => m,
             Err(e) => {
                 // Without the maps nothing can be freed safely: keep every slot in use.
@@ -187,7 +202,7 @@ impl State {
             }
         };
         let mut pages = 0;
-        for m in maps.iter().filter(|m| self.pools.is_pool_file(m.inode)) {
+        for m in &maps {
             let first = m.offset / PAGE_SIZE as u64;
             let count = ((m.end - m.start) / PAGE_SIZE) as u64;
             for slot in first..first + count {
@@ -217,9 +232,8 @@ impl State {
     /// Whether a mapping of this engine's pool starts inside `ranges` (an unreadable
     /// /proc/self/maps counts as yes).
     pub fn maps_pool_in(&self, ranges: &[(usize, usize)]) -> bool {
-        procfs::file_mappings_in(ranges).map_or(true, |maps| {
-            maps.iter().any(|m| self.pools.is_pool_file(m.inode))
-        })
+        self.pool_mappings_in(ranges)
+            .map_or(true, |maps| !maps.is_empty())
     }
 
     /// Recounts every slot's references from page metadata (kept exact by the pagemap checks of

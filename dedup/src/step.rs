@@ -250,7 +250,8 @@ impl State {
                     b,
                     // Before refusing on what it charged for remaps done since the last count.
                     &mut || {
-                        procfs::count_vmas(&view.state.active_ranges())
+                        view.state
+                            .count_vmas()
                             .ok()
                             .map(|(_, inside)| inside as u64)
                     },
@@ -412,8 +413,7 @@ impl State {
         let mut lines = Vec::new();
         if tally.count(Trouble::VmaLimit) > 0 {
             self.vma_probe = false;
-            let ranges = self.active_ranges();
-            let inside = procfs::count_vmas(&ranges).map(|(_, inside)| inside as u64);
+            let inside = self.count_vmas().map(|(_, inside)| inside as u64);
             if let (Ok(inside), Ok(mut b)) = (inside, self.budget.lock()) {
                 b.learn(inside);
             }
@@ -514,8 +514,7 @@ impl State {
 
     /// Measures VMAs inside guest memory and, when automatic, the budget's limit.
     pub(crate) fn measure_vmas(&mut self) {
-        let ranges = self.active_ranges();
-        let Ok((total, inside)) = procfs::count_vmas(&ranges) else {
+        let Ok((total, inside)) = self.count_vmas() else {
             return;
         };
         self.vmas_changed = false;
