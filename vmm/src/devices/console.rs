@@ -332,6 +332,25 @@ mod tests {
     }
 
     #[test]
+    fn a_stuck_stdout_never_holds_up_a_guest_writing_byte_by_byte() {
+        use crate::devices::stdout::{DRAIN_WAIT, Forwarder, tests::Gate};
+        let forwarder = Forwarder::spawn(Gate::default()).unwrap();
+        let sink: Sink = Arc::new(Mutex::new(Box::new(forwarder)));
+        let start = std::time::Instant::now();
+        for mut out in [
+            ConsoleOut::raw(sink.clone()),
+            ConsoleOut::prefixed(sink, "guest0"),
+        ] {
+            // As the UART does: a write and a flush per byte.
+            for &b in b"login: ok\n".iter().cycle().take(200) {
+                out.write_all(&[b]).unwrap();
+                out.flush().unwrap();
+            }
+        }
+        assert!(start.elapsed() < DRAIN_WAIT, "{:?}", start.elapsed());
+    }
+
+    #[test]
     fn a_failing_sink_never_lets_a_line_grow() {
         let sink: Sink = Arc::new(Mutex::new(Box::new(crate::devices::stdout::tests::Full)));
         let mut out = ConsoleOut::prefixed(sink, "guest0");

@@ -157,7 +157,7 @@ pub(crate) mod tests {
 
     /// A writer that blocks until the test lets it go, then records everything.
     #[derive(Clone, Default)]
-    struct Gate {
+    pub(crate) struct Gate {
         open: Arc<(Mutex<bool>, Condvar)>,
         seen: Arc<Mutex<Vec<u8>>>,
     }
