@@ -20,6 +20,7 @@ use crate::hash::is_zero;
 use crate::hooks::ExclusionSource;
 use crate::plan::Target;
 use crate::pool::Pools;
+use crate::slots::CHUNK_SLOTS;
 use crate::sys::PAGE_SIZE;
 use crate::sys::mem;
 use crate::sys::uffd::Uffd;
@@ -413,7 +414,10 @@ impl Committer<'_> {
                     && items[j].node == it.node
                     && match (it.target, items[j].target) {
                         (Target::Zero, Target::Zero) => true,
-                        (Target::Slot(a), Target::Slot(b)) => b == a + (j - k) as u32,
+                        // Consecutive slots in one chunk: consecutive pages of one file.
+                        (Target::Slot(a), Target::Slot(b)) => {
+                            b == a + (j - k) as u32 && b / CHUNK_SLOTS == a / CHUNK_SLOTS
+                        }
                         _ => false,
                     }
                 {
@@ -524,15 +528,13 @@ impl Committer<'_> {
                 return Err(Cause::VmaBudget);
             }
         }
-        let fd = self.pools.fd(node).map_err(|_| Cause::Pool)?;
+        let (fd, offset) = self.pools.mapping(node, slot).map_err(|_| Cause::Pool)?;
         self.faults
             .check(FaultPoint::RemapNoMem)
             .and_then(|()| self.faults.check(FaultPoint::Remap))
             // SAFETY: `[addr, addr + len)` is guest memory of a registered region, write-protected,
             // and every page in it was just found equal to the slot it is mapped onto.
-            .and_then(|()| unsafe {
-                mem::map_private_fixed(addr, len, fd, u64::from(slot) * PAGE_SIZE as u64)
-            })
+            .and_then(|()| unsafe { mem::map_private_fixed(addr, len, fd, offset) })
             .map_err(|e| {
                 if e.raw_os_error() == Some(libc::ENOMEM) {
                     self.vma_limit_hit.store(true, Ordering::Relaxed);

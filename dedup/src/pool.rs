@@ -1,8 +1,15 @@
-//! The pool: one sealed memfd per host NUMA node, its memory bound to that node, holding the
-//! single copy of each merged content at `slot * 4096`. Slots are written only while nobody
-//! maps them (a private mapping does not snapshot the file) and punched only when nobody maps
-//! them any more. The file can grow but never shrink (`F_SEAL_SHRINK`), so no sharer can ever
-//! fault on a truncated page.
+//! The pool: sealed memfds per host NUMA node, their memory bound to that node, holding the
+//! single copy of each merged content. Slots are written only while nobody maps them (a private
+//! mapping does not snapshot the file) and punched only when nobody maps them any more. The files
+//! can grow but never shrink (`F_SEAL_SHRINK`), so no sharer can ever fault on a truncated page.
+//!
+//! Each node's slots are spread over [`FILES_PER_NODE`] files in chunks of [`CHUNK_SLOTS`]
+//! consecutive slots (chunk `c` in file `c % FILES_PER_NODE`): adding a page to a shmem file
+//! takes that file's page-cache and inode locks, so parallel fills into one file queue behind
+//! each other. Measured on 16 cores: 16 threads filling 186,764 slots took 12.4 us per slot
+//! summed over threads into one file, 3.9 us spread over 8 files (2.1 and 1.6 us on one
+//! thread). The planner never gives a run of up to a chunk's slots a stretch that crosses a
+//! chunk (see `SlotTable::free_stretch`), so a run is still one remap of one file.
 //!
 //! Slots are filled with `UFFDIO_COPY` through a writable mapping registered for missing-page
 //! faults (never touched otherwise), not with `pwrite`: a write to a shmem file holds the
@@ -18,14 +25,53 @@ use std::sync::Mutex;
 use crate::fault::{FaultPoint, Faults};
 use crate::meta::PAYLOAD_MASK;
 use crate::numa::{Topology, TopologyError};
+use crate::slots::CHUNK_SLOTS;
 use crate::sys::PAGE_SIZE;
 use crate::sys::mem::{self, FillView, ReadView};
 use crate::sys::uffd::Uffd;
 
-/// Address space reserved for each node's read-only view: every possible slot.
-const VIEW_BYTES: usize = (PAYLOAD_MASK as usize + 1) * PAGE_SIZE;
-/// The pool file grows by this much at a time.
-const GROW_BYTES: u64 = 64 << 20;
+/// Files each node's slots are spread over.
+pub const FILES_PER_NODE: usize = 8;
+/// Address space reserved for each file's views: every slot the file can hold.
+const VIEW_BYTES: usize = (PAYLOAD_MASK as usize + 1) * PAGE_SIZE / FILES_PER_NODE;
+/// A pool file grows by this much at a time.
+const GROW_BYTES: u64 = 16 << 20;
+
+/// Where `slot` lives: its file among its node's, and its page in that file.
+pub fn locate(slot: u32) -> (usize, u64) {
+    let chunk = slot / CHUNK_SLOTS;
+    let file = chunk as usize % FILES_PER_NODE;
+    let page = u64::from(chunk / FILES_PER_NODE as u32) * u64::from(CHUNK_SLOTS)
+        + u64::from(slot % CHUNK_SLOTS);
+    (file, page)
+}
+
+/// The slot at page `page` of file `file` of a node (the inverse of [`locate`]), if any.
+fn slot_at(file: usize, page: u64) -> Option<u32> {
+    let chunk = (page / u64::from(CHUNK_SLOTS))
+        .checked_mul(FILES_PER_NODE as u64)?
+        .checked_add(file as u64)?;
+    let slot = chunk
+        .checked_mul(u64::from(CHUNK_SLOTS))?
+        .checked_add(page % u64::from(CHUNK_SLOTS))?;
+    u32::try_from(slot).ok().filter(|&s| s <= PAYLOAD_MASK)
+}
+
+/// Cuts `count` slots from `slot` on into pieces that each lie in one chunk (consecutive pages
+/// of one file): `(first slot, slots)`.
+pub fn pieces(slot: u32, count: u32) -> impl Iterator<Item = (u32, u32)> {
+    let end = slot.saturating_add(count);
+    let mut s = slot;
+    std::iter::from_fn(move || {
+        if s >= end {
+            return None;
+        }
+        let n = (CHUNK_SLOTS - s % CHUNK_SLOTS).min(end - s);
+        let piece = (s, n);
+        s += n;
+        Some(piece)
+    })
+}
 
 /// Errors from pool operations.
 #[derive(Debug, thiserror::Error)]
@@ -86,9 +132,9 @@ pub enum PoolError {
     Missing(u8),
 }
 
-/// One node's pool file, its read-only view, and where slots are filled.
+/// One pool file, its read-only view, and where slots are filled.
 #[derive(Debug)]
-struct NodePool {
+struct PoolFile {
     fd: OwnedFd,
     view: ReadView,
     /// The fill mapping and its userfaultfd (`None`: filled with `pwrite`).
@@ -96,6 +142,12 @@ struct NodePool {
     size: u64,
     /// Inode number of the file (how /proc/self/maps names its mappings).
     inode: u64,
+}
+
+/// One node's pool: its files, chunk `c` of its slots in file `c % FILES_PER_NODE`.
+#[derive(Debug)]
+struct NodePool {
+    files: Vec<PoolFile>,
 }
 
 /// All node pools, created on first use.
@@ -174,14 +226,28 @@ impl Pools {
             *entry = Some(create(node, topology, faults)?);
         }
         let pool = entry.as_mut().ok_or(PoolError::Missing(node))?;
-        let need = (u64::from(last_slot) + 1) * PAGE_SIZE as u64;
-        if need > pool.size {
-            let size = need.div_ceil(GROW_BYTES) * GROW_BYTES;
-            faults
-                .check(FaultPoint::PoolGrow)
-                .and_then(|()| mem::set_len(pool.fd.as_fd(), size))
-                .map_err(|source| PoolError::Grow { node, source })?;
-            pool.size = size;
+        let last_chunk = last_slot / CHUNK_SLOTS;
+        for (f, file) in pool.files.iter_mut().enumerate() {
+            // The highest slot up to `last_slot` that lives in this file, if any.
+            let f = f as u32;
+            if f > last_chunk {
+                continue;
+            }
+            let chunk = last_chunk - (last_chunk - f) % FILES_PER_NODE as u32;
+            let highest = if chunk == last_chunk {
+                last_slot
+            } else {
+                chunk * CHUNK_SLOTS + CHUNK_SLOTS - 1
+            };
+            let need = (locate(highest).1 + 1) * PAGE_SIZE as u64;
+            if need > file.size {
+                let size = need.div_ceil(GROW_BYTES) * GROW_BYTES;
+                faults
+                    .check(FaultPoint::PoolGrow)
+                    .and_then(|()| mem::set_len(file.fd.as_fd(), size))
+                    .map_err(|source| PoolError::Grow { node, source })?;
+                file.size = size;
+            }
         }
         Ok(())
     }
@@ -193,30 +259,45 @@ impl Pools {
             .ok_or(PoolError::Missing(node))
     }
 
+    /// The file of `node` holding `slot`, and the slot's byte offset in it.
+    fn file_of(&self, node: u8, slot: u32) -> Result<(&PoolFile, u64), PoolError> {
+        let (f, page) = locate(slot);
+        let file = self
+            .get(node)?
+            .files
+            .get(f)
+            .ok_or(PoolError::Missing(node))?;
+        Ok((file, page * PAGE_SIZE as u64))
+    }
+
     /// Writes `src` (whole pages) into consecutive free slots from `slot` on (holes in the file:
     /// new or punched slots), and maps them into the read-only view (so the guarded comparisons
     /// that follow do not fault).
     pub fn fill(&self, node: u8, slot: u32, src: &[u8], faults: &Faults) -> Result<(), PoolError> {
-        let pool = self.note(self.get(node))?;
-        let off = u64::from(slot) * PAGE_SIZE as u64;
-        let written = faults
-            .check(FaultPoint::PoolFill)
-            .and_then(|()| match &pool.filler {
-                // A free slot that holds a page (a read of the hole through the view allocates
-                // one) is written over instead: nobody maps it.
-                Some((view, uffd)) => copy_in(view, uffd, src, off as usize).or_else(|e| {
-                    if e.raw_os_error() == Some(libc::EEXIST) {
-                        mem::write_at(pool.fd.as_fd(), src, off)
-                    } else {
-                        Err(e)
-                    }
-                }),
-                None => mem::write_at(pool.fd.as_fd(), src, off),
-            })
-            .map_err(|source| PoolError::Fill { slot, source });
-        self.note(written)?;
-        if let Err(e) = mem::populate_read(pool.view.addr() + off as usize, src.len()) {
-            log::debug!("vm-dedup: populating the pool view: {e}");
+        let count = u32::try_from(src.len() / PAGE_SIZE).unwrap_or(u32::MAX);
+        for (s, n) in pieces(slot, count) {
+            let (file, off) = self.note(self.file_of(node, s))?;
+            let at = (s - slot) as usize * PAGE_SIZE;
+            let src = &src[at..at + n as usize * PAGE_SIZE];
+            let written = faults
+                .check(FaultPoint::PoolFill)
+                .and_then(|()| match &file.filler {
+                    // A free slot that holds a page (a read of the hole through the view
+                    // allocates one) is written over instead: nobody maps it.
+                    Some((view, uffd)) => copy_in(view, uffd, src, off as usize).or_else(|e| {
+                        if e.raw_os_error() == Some(libc::EEXIST) {
+                            mem::write_at(file.fd.as_fd(), src, off)
+                        } else {
+                            Err(e)
+                        }
+                    }),
+                    None => mem::write_at(file.fd.as_fd(), src, off),
+                })
+                .map_err(|source| PoolError::Fill { slot: s, source });
+            self.note(written)?;
+            if let Err(e) = mem::populate_read(file.view.addr() + off as usize, src.len()) {
+                log::debug!("vm-dedup: populating the pool view: {e}");
+            }
         }
         Ok(())
     }
@@ -225,33 +306,38 @@ impl Pools {
     ///
     /// The slot must have been filled (see [`Pools::fill`]); it never changes while mapped.
     pub fn slot_bytes(&self, node: u8, slot: u32) -> Result<&[u8], PoolError> {
-        let pool = self.get(node)?;
-        let off = slot as usize * PAGE_SIZE;
-        if (off + PAGE_SIZE) as u64 > pool.size || off + PAGE_SIZE > pool.view.len() {
+        let (file, off) = self.file_of(node, slot)?;
+        let off = off as usize;
+        if (off + PAGE_SIZE) as u64 > file.size || off + PAGE_SIZE > file.view.len() {
             return Err(PoolError::Missing(node));
         }
         // SAFETY: the view maps the whole file read-only and `off + PAGE_SIZE` lies within both
         // the view and the file, so the page is readable; slots are not written while they can
         // be compared against (the engine fills a slot before any comparison with it).
-        Ok(unsafe { std::slice::from_raw_parts((pool.view.addr() + off) as *const u8, PAGE_SIZE) })
+        Ok(unsafe { std::slice::from_raw_parts((file.view.addr() + off) as *const u8, PAGE_SIZE) })
     }
 
-    /// The pool file of `node`, for remapping guest pages onto it.
-    pub fn fd(&self, node: u8) -> Result<BorrowedFd<'_>, PoolError> {
-        Ok(self.get(node)?.fd.as_fd())
+    /// The pool file of `node` holding `slot`, and the slot's byte offset in it, for remapping
+    /// guest pages onto it. The slots after it in the same chunk (see [`pieces`]) follow it in
+    /// the file.
+    pub fn mapping(&self, node: u8, slot: u32) -> Result<(BorrowedFd<'_>, u64), PoolError> {
+        let (file, off) = self.file_of(node, slot)?;
+        Ok((file.fd.as_fd(), off))
     }
 
     /// Frees the memory of `count` slots from `slot` on. Only for slots nobody maps.
     pub fn punch(&self, node: u8, slot: u32, count: u32, faults: &Faults) -> Result<(), PoolError> {
-        let pool = self.note(self.get(node))?;
-        let off = u64::from(slot) * PAGE_SIZE as u64;
-        let punched = faults
-            .check(FaultPoint::PoolPunch)
-            .and_then(|()| {
-                mem::punch_hole(pool.fd.as_fd(), off, u64::from(count) * PAGE_SIZE as u64)
-            })
-            .map_err(|source| PoolError::Punch { slot, source });
-        self.note(punched)
+        for (s, n) in pieces(slot, count) {
+            let (file, off) = self.note(self.file_of(node, s))?;
+            let punched = faults
+                .check(FaultPoint::PoolPunch)
+                .and_then(|()| {
+                    mem::punch_hole(file.fd.as_fd(), off, u64::from(n) * PAGE_SIZE as u64)
+                })
+                .map_err(|source| PoolError::Punch { slot: s, source });
+            self.note(punched)?;
+        }
+        Ok(())
     }
 
     /// Whether the pool of `node` exists.
@@ -259,13 +345,34 @@ impl Pools {
         self.get(node).is_ok()
     }
 
-    /// Whether `inode` is the file of one of the pools.
+    /// Whether `inode` is one of the pools' files.
     pub fn is_pool_file(&self, inode: u64) -> bool {
-        self.nodes.iter().flatten().any(|p| p.inode == inode)
+        self.file_index(inode).is_some()
+    }
+
+    /// The slot at byte offset `offset` of the pool file `inode` (as /proc/self/maps names a
+    /// mapping of it), if `inode` is a pool file.
+    pub fn slot_at(&self, inode: u64, offset: u64) -> Option<u32> {
+        slot_at(self.file_index(inode)?, offset / PAGE_SIZE as u64)
+    }
+
+    /// Which of its node's files `inode` is.
+    fn file_index(&self, inode: u64) -> Option<usize> {
+        self.nodes
+            .iter()
+            .flatten()
+            .find_map(|p| p.files.iter().position(|f| f.inode == inode))
     }
 }
 
 fn create(node: u8, topology: &dyn Topology, faults: &Faults) -> Result<NodePool, PoolError> {
+    let files = (0..FILES_PER_NODE)
+        .map(|_| create_file(node, topology, faults))
+        .collect::<Result<Vec<_>, _>>()?;
+    Ok(NodePool { files })
+}
+
+fn create_file(node: u8, topology: &dyn Topology, faults: &Faults) -> Result<PoolFile, PoolError> {
     let name = c"vm-dedup-pool";
     let fd = faults
         .check(FaultPoint::PoolCreate)
@@ -291,7 +398,7 @@ fn create(node: u8, topology: &dyn Topology, faults: &Faults) -> Result<NodePool
         .and_then(|f| std::fs::File::from(f).metadata())
         .map(|m| std::os::unix::fs::MetadataExt::ino(&m))
         .map_err(|source| PoolError::Create { node, source })?;
-    Ok(NodePool {
+    Ok(PoolFile {
         fd,
         view,
         filler,
@@ -344,7 +451,12 @@ mod tests {
         assert!(pools.slot_bytes(0, 2).unwrap().iter().all(|&b| b == 7));
         assert!(pools.slot_bytes(0, 3).unwrap().iter().all(|&b| b == 9));
         assert!(
-            pools.get(0).unwrap().filler.is_some(),
+            pools
+                .get(0)
+                .unwrap()
+                .files
+                .iter()
+                .all(|f| f.filler.is_some()),
             "filled with UFFDIO_COPY on this kernel"
         );
         pools.punch(0, 2, 2, &faults).unwrap();
@@ -359,6 +471,79 @@ mod tests {
         assert_eq!(pools.last_error(), None);
         assert!(pools.ensure(1, 0, &topo, &faults).is_err());
         assert_eq!(pools.last_error().as_deref(), Some("no NUMA node 1"));
+    }
+
+    #[test]
+    fn chunks_go_round_the_files_and_back() {
+        assert_eq!(locate(0), (0, 0));
+        assert_eq!(locate(CHUNK_SLOTS - 1), (0, u64::from(CHUNK_SLOTS) - 1));
+        assert_eq!(locate(CHUNK_SLOTS), (1, 0));
+        let round = CHUNK_SLOTS * FILES_PER_NODE as u32;
+        assert_eq!(locate(round + 5), (0, u64::from(CHUNK_SLOTS) + 5));
+        for slot in [0, 1, 511, 512, 4095, 4096, 4097, 123_457, PAYLOAD_MASK] {
+            let (f, page) = locate(slot);
+            assert_eq!(slot_at(f, page), Some(slot));
+        }
+        assert_eq!(slot_at(FILES_PER_NODE - 1, u64::MAX / 2), None);
+        assert_eq!(
+            pieces(CHUNK_SLOTS - 2, 5).collect::<Vec<_>>(),
+            [(CHUNK_SLOTS - 2, 2), (CHUNK_SLOTS, 3)]
+        );
+        assert_eq!(pieces(7, 3).collect::<Vec<_>>(), [(7, 3)]);
+        assert_eq!(pieces(7, 0).count(), 0);
+    }
+
+    #[test]
+    fn fills_and_punches_across_files() {
+        let topo = HostTopology::new().unwrap();
+        let faults = Faults::default();
+        let mut pools = Pools::new(1);
+        // Two slots at the end of chunk 0 (file 0) and two at the start of chunk 1 (file 1).
+        let first = CHUNK_SLOTS - 2;
+        pools.ensure(0, first + 3, &topo, &faults).unwrap();
+        let mut src = vec![0u8; 4 * PAGE_SIZE];
+        for (i, page) in src.chunks_mut(PAGE_SIZE).enumerate() {
+            page.fill(i as u8 + 1);
+        }
+        pools.fill(0, first, &src, &faults).unwrap();
+        for i in 0..4u32 {
+            let bytes = pools.slot_bytes(0, first + i).unwrap();
+            assert!(
+                bytes.iter().all(|&b| b == i as u8 + 1),
+                "slot {}",
+                first + i
+            );
+        }
+        let (fd0, off0) = pools.mapping(0, first).unwrap();
+        let (fd1, off1) = pools.mapping(0, CHUNK_SLOTS).unwrap();
+        assert_ne!(
+            std::os::fd::AsRawFd::as_raw_fd(&fd0),
+            std::os::fd::AsRawFd::as_raw_fd(&fd1)
+        );
+        assert_eq!(off0, u64::from(first) * PAGE_SIZE as u64);
+        assert_eq!(off1, 0);
+        // Mappings of each file name their slots by inode and offset.
+        let inodes: Vec<u64> = pools
+            .get(0)
+            .unwrap()
+            .files
+            .iter()
+            .map(|f| f.inode)
+            .collect();
+        assert_eq!(pools.slot_at(inodes[1], 0), Some(CHUNK_SLOTS));
+        assert_eq!(pools.slot_at(inodes[0], off0), Some(first));
+        assert!(pools.is_pool_file(inodes[FILES_PER_NODE - 1]));
+        assert_eq!(pools.slot_at(0, 0), None);
+        pools.punch(0, first, 4, &faults).unwrap();
+        for i in 0..4 {
+            assert!(
+                pools
+                    .slot_bytes(0, first + i)
+                    .unwrap()
+                    .iter()
+                    .all(|&b| b == 0)
+            );
+        }
     }
 
     #[test]

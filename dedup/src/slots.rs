@@ -1,8 +1,13 @@
 //! Pool slots: 8 bytes each (28-bit content hash, node, reference count, trust domain) plus one
-//! bit of allocation state. Slot numbers are global; slot `n` lives at byte offset `n * 4096` in
-//! the pool file of its node.
+//! bit of allocation state. Slot numbers are global; slot `n` lives in the pool of its node, in
+//! chunk `n / CHUNK_SLOTS` (the pool spreads chunks over several files, see `pool::locate`).
 
 use crate::meta::PAYLOAD_MASK;
+
+/// Consecutive slots that stay consecutive pages of one pool file (2 MiB): a stretch of up to
+/// this many slots never crosses a chunk (see [`SlotTable::free_stretch`]), so that a run of
+/// pages merged onto it is one remap.
+pub const CHUNK_SLOTS: u32 = 512;
 
 /// Highest number of NUMA nodes a slot can name.
 pub const MAX_NODES: usize = 16;
@@ -77,13 +82,19 @@ impl SlotTable {
 
     /// The first slot of `len` free slots in a row: the lowest free slot if the ones after it
     /// are free too (the first few holes are tried), else the first slot past every allocated
-    /// one. `None` when slot numbers are exhausted.
+    /// one. A stretch of up to [`CHUNK_SLOTS`] never crosses a chunk: it starts at the next
+    /// chunk instead. `None` when slot numbers are exhausted.
     pub fn free_stretch(&mut self, len: u32) -> Option<u32> {
         let len = len.max(1) as usize;
         while self.search_from < self.used.len() && self.used[self.search_from] == u64::MAX {
             self.search_from += 1;
         }
         let end = self.used.len() * 64;
+        let fits = |s: usize| {
+            u32::try_from(s)
+                .ok()
+                .filter(|&s| s.saturating_add(len as u32 - 1) <= PAYLOAD_MASK)
+        };
         let mut s = self.search_from * 64;
         for _ in 0..8 {
             // The next hole from `s` on, word by word.
@@ -93,6 +104,7 @@ impl SlotTable {
             while s < end && self.is_used(s as u32) {
                 s += 1;
             }
+            s = within_chunk(s, len);
             if s >= end {
                 break;
             }
@@ -101,15 +113,11 @@ impl SlotTable {
                 e += 1;
             }
             if e - s >= len || e >= end {
-                return u32::try_from(s)
-                    .ok()
-                    .filter(|&s| s.saturating_add(len as u32 - 1) <= PAYLOAD_MASK);
+                return fits(s);
             }
             s = e;
         }
-        u32::try_from(end)
-            .ok()
-            .filter(|&s| s.saturating_add(len as u32 - 1) <= PAYLOAD_MASK)
+        fits(within_chunk(s.max(end), len))
     }
 
     fn first_free(&mut self) -> Option<u32> {
@@ -268,6 +276,17 @@ impl SlotTable {
     }
 }
 
+/// `s`, or the start of the next chunk when a stretch of `len` slots (at most a chunk's) from
+/// `s` would cross into it.
+fn within_chunk(s: usize, len: usize) -> usize {
+    let chunk = CHUNK_SLOTS as usize;
+    if len <= chunk && s / chunk != (s + len - 1) / chunk {
+        (s / chunk + 1) * chunk
+    } else {
+        s
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -306,6 +325,27 @@ mod tests {
         }
         assert_eq!(t.free_stretch(4), Some(64));
         assert_eq!(SlotTable::new().free_stretch(100), Some(0));
+    }
+
+    #[test]
+    fn free_stretch_never_crosses_a_chunk() {
+        let chunk = CHUNK_SLOTS;
+        let mut t = SlotTable::new();
+        for s in 0..chunk - 10 {
+            t.alloc(1, 0, 0, Some(s));
+        }
+        // Past every allocated slot: 10 fit before the chunk ends, 11 start the next chunk.
+        assert_eq!(t.free_stretch(10), Some(chunk - 10));
+        assert_eq!(t.free_stretch(11), Some(chunk));
+        // A hole at a chunk's end is used for what fits in it, skipped for what does not.
+        for s in chunk..chunk + 64 {
+            t.alloc(1, 0, 0, Some(s));
+        }
+        assert_eq!(t.free_stretch(10), Some(chunk - 10));
+        assert_eq!(t.free_stretch(11), Some(chunk + 64));
+        // Longer than a chunk: it has to cross, and starts where it fits.
+        assert_eq!(t.free_stretch(chunk + 1), Some(chunk + 64));
+        assert_eq!(SlotTable::new().free_stretch(chunk), Some(0));
     }
 
     #[test]

@@ -203,10 +203,10 @@ impl State {
         };
         let mut pages = 0;
         for m in &maps {
-            let first = m.offset / PAGE_SIZE as u64;
             let count = ((m.end - m.start) / PAGE_SIZE) as u64;
-            for slot in first..first + count {
-                if let Ok(slot) = u32::try_from(slot) {
+            for page in 0..count {
+                let offset = m.offset + page * PAGE_SIZE as u64;
+                if let Some(slot) = self.pools.slot_at(m.inode, offset) {
                     self.pinned.insert(slot);
                     self.slots.reserve(slot);
                 }
