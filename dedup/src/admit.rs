@@ -63,33 +63,16 @@ pub fn admit(
         budget.admit_all(lens) == Admission::Admitted
     };
     let (ids, lens) = runs(&plan.assigns, slots);
-    // The runs holding each new slot's pages: (new slot's number in the plan, run), sorted.
-    let new: HashMap<u32, u32> = plan
-        .new_slots
-        .iter()
-        .enumerate()
-        .map(|(k, n)| (n.slot, k as u32))
-        .collect();
-    let mut slot_runs: Vec<(u32, u32)> = plan
-        .assigns
-        .iter()
-        .zip(&ids)
-        .filter_map(|(a, &r)| match a.target {
-            Target::Slot(s) => new.get(&s).map(|&k| (k, r)),
-            Target::Zero => None,
-        })
-        .collect();
-    slot_runs.sort_unstable();
-    slot_runs.dedup();
+    let groups = SlotRuns::new(plan, &ids);
     let mut state: Vec<Option<bool>> = vec![None; lens.len()];
     let (mut need, mut need_lens): (Vec<u32>, Vec<usize>) = (Vec::new(), Vec::new());
-    for group in slot_runs.chunk_by(|a, b| a.0 == b.0) {
-        let refused = group.iter().any(|&(_, r)| state[r as usize] == Some(false));
+    for group in groups.iter() {
+        let refused = group.iter().any(|&r| state[r as usize] == Some(false));
         need.clear();
         need.extend(
             group
                 .iter()
-                .map(|&(_, r)| r)
+                .copied()
                 .filter(|&r| state[r as usize].is_none()),
         );
         let ok = if refused {
@@ -112,6 +95,98 @@ pub fn admit(
     ids.iter()
         .map(|&r| r == u32::MAX || state[r as usize] == Some(true))
         .collect()
+}
+
+/// The runs holding the pages of each new slot of a plan, slot by slot in the plan's order,
+/// each slot's runs in increasing order without repeats. Built in two linear passes (a
+/// counting sort by slot): run numbers grow along the assigns, so a slot's runs come in order.
+struct SlotRuns {
+    /// Where each slot's runs start in `runs` (one more entry than slots).
+    start: Vec<usize>,
+    runs: Vec<u32>,
+}
+
+impl SlotRuns {
+    fn new(plan: &Plan, ids: &[u32]) -> Self {
+        let number = NewSlotNumbers::new(plan);
+        let mut start = vec![0usize; plan.new_slots.len() + 1];
+        let mut pairs: Vec<(u32, u32)> = Vec::with_capacity(plan.assigns.len());
+        for (a, &r) in plan.assigns.iter().zip(ids) {
+            if let Some(k) = number.of(a.target) {
+                // A run's merges are consecutive assigns, so a repeat of (slot, run) could only
+                // follow itself.
+                if pairs.last() != Some(&(k, r)) {
+                    pairs.push((k, r));
+                    start[k as usize + 1] += 1;
+                }
+            }
+        }
+        for k in 1..start.len() {
+            start[k] += start[k - 1];
+        }
+        let mut next = start.clone();
+        let mut runs = vec![0u32; pairs.len()];
+        for &(k, r) in &pairs {
+            runs[next[k as usize]] = r;
+            next[k as usize] += 1;
+        }
+        Self { start, runs }
+    }
+
+    /// Each slot's runs (slots without any are skipped).
+    fn iter(&self) -> impl Iterator<Item = &[u32]> + '_ {
+        self.start
+            .windows(2)
+            .filter(|w| w[0] < w[1])
+            .map(|w| &self.runs[w[0]..w[1]])
+    }
+}
+
+/// The number in a plan of each of its new slots, looked up by slot: a table over the slots'
+/// span when they are about as many as the span (as slots numbered in donor order are), else a
+/// hash map.
+enum NewSlotNumbers {
+    Dense { first: u32, number: Vec<u32> },
+    Sparse(HashMap<u32, u32>),
+}
+
+impl NewSlotNumbers {
+    fn new(plan: &Plan) -> Self {
+        let slots = plan.new_slots.iter().map(|n| n.slot);
+        let (Some(first), Some(last)) = (slots.clone().min(), slots.max()) else {
+            return Self::Sparse(HashMap::new());
+        };
+        let span = (last - first) as usize + 1;
+        if span > 4 * plan.new_slots.len() + 1024 {
+            return Self::Sparse(
+                plan.new_slots
+                    .iter()
+                    .enumerate()
+                    .map(|(k, n)| (n.slot, k as u32))
+                    .collect(),
+            );
+        }
+        let mut number = vec![u32::MAX; span];
+        for (k, n) in plan.new_slots.iter().enumerate() {
+            number[(n.slot - first) as usize] = k as u32;
+        }
+        Self::Dense { first, number }
+    }
+
+    /// The plan's number of the new slot `target` names, if it names one.
+    fn of(&self, target: Target) -> Option<u32> {
+        let Target::Slot(s) = target else {
+            return None;
+        };
+        match self {
+            Self::Dense { first, number } => s
+                .checked_sub(*first)
+                .and_then(|i| number.get(i as usize))
+                .copied()
+                .filter(|&k| k != u32::MAX),
+            Self::Sparse(map) => map.get(&s).copied(),
+        }
+    }
 }
 
 /// Takes the merges where `keep` is false out of `plan`, and frees the new slots left without
@@ -369,5 +444,78 @@ mod tests {
         });
         assert_eq!(keep, [true, true, true, false]);
         assert_eq!(counts, 0, "nothing charged since the last count");
+    }
+
+    #[test]
+    fn slot_runs_group_each_new_slots_runs_in_order() {
+        // The grouping the budget admits by, against the plain way (sort and deduplicate the
+        // (slot number, run) pairs), on plans whose slots are numbered densely and sparsely.
+        for spread in [1u32, 100_000] {
+            let mut slots = SlotTable::new();
+            let mut plan = Plan::default();
+            // Slots 0..40 (times `spread`): donors on pages 0..40 in runs of 8, joiners on
+            // pages 100.. in runs of 5 over the same slots, and a second joiner of every
+            // third slot alone.
+            for i in 0..40u32 {
+                let slot = i * spread;
+                assert_eq!(slots.alloc(slot, 0, 0, Some(slot)), Some(slot));
+                plan.new_slots.push(NewSlot {
+                    slot,
+                    donor: loc(i),
+                    node: 0,
+                });
+            }
+            let mut assigns = Vec::new();
+            for i in 0..40u32 {
+                assigns.push((i + (i / 8) * 2, i * spread));
+                assigns.push((200 + i + (i / 5) * 3, i * spread));
+                if i % 3 == 0 {
+                    assigns.push((400 + 2 * i, i * spread));
+                }
+            }
+            assigns.sort_unstable();
+            plan.assigns = assigns
+                .iter()
+                .map(|&(page, slot)| Assign {
+                    loc: loc(page),
+                    target: Target::Slot(slot),
+                })
+                .collect();
+            plan.assigns.push(Assign {
+                loc: loc(900),
+                target: Target::Zero,
+            });
+            let (ids, _) = runs(&plan.assigns, &slots);
+            let got: Vec<Vec<u32>> = SlotRuns::new(&plan, &ids)
+                .iter()
+                .map(<[u32]>::to_vec)
+                .collect();
+            let number: HashMap<u32, u32> = plan
+                .new_slots
+                .iter()
+                .enumerate()
+                .map(|(k, n)| (n.slot, k as u32))
+                .collect();
+            let mut pairs: Vec<(u32, u32)> = plan
+                .assigns
+                .iter()
+                .zip(&ids)
+                .filter_map(|(a, &r)| match a.target {
+                    Target::Slot(s) => number.get(&s).map(|&k| (k, r)),
+                    Target::Zero => None,
+                })
+                .collect();
+            pairs.sort_unstable();
+            pairs.dedup();
+            let want: Vec<Vec<u32>> = pairs
+                .chunk_by(|a, b| a.0 == b.0)
+                .map(|g| g.iter().map(|&(_, r)| r).collect())
+                .collect();
+            assert_eq!(got, want, "spread {spread}");
+            assert_eq!(got.len(), 40);
+            assert!(got.iter().any(|g| g.len() == 3));
+            let dense = matches!(NewSlotNumbers::new(&plan), NewSlotNumbers::Dense { .. });
+            assert_eq!(dense, spread == 1);
+        }
     }
 }

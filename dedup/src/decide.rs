@@ -345,10 +345,17 @@ pub(crate) fn decide(
         out.assigns.extend(part.assigns);
         out.moved |= part.moved;
     }
-    out.new_slots.sort_unstable_by_key(|n| n.slot);
     match threads {
-        Some(pool) => pool.install(|| out.assigns.par_sort_unstable_by_key(|a| loc_key(a.loc))),
-        None => out.assigns.sort_unstable_by_key(|a| loc_key(a.loc)),
+        Some(pool) => pool.install(|| {
+            rayon::join(
+                || out.new_slots.par_sort_unstable_by_key(|n| n.slot),
+                || out.assigns.par_sort_unstable_by_key(|a| loc_key(a.loc)),
+            );
+        }),
+        None => {
+            out.new_slots.sort_unstable_by_key(|n| n.slot);
+            out.assigns.sort_unstable_by_key(|a| loc_key(a.loc));
+        }
     }
     out
 }
