@@ -246,7 +246,12 @@ VmFlags: rd mr
         let v: Vec<u8> = vec![1; 1 << 20];
         let a = v.as_ptr() as usize;
         let here = vma_flags(a, a + 1).unwrap();
-        assert_eq!(here.len(), 1);
-        assert!(here[0].flags.iter().any(|f| f == "rd"));
+        // Other tests map and unmap meanwhile, and smaps is read in pieces between which
+        // neighbouring VMAs can merge or split: the same VMA may show up twice, never not at all.
+        assert!(!here.is_empty());
+        for v in &here {
+            assert!(v.start <= a && a < v.end, "{:#x}-{:#x}", v.start, v.end);
+            assert!(v.flags.iter().any(|f| f == "rd"));
+        }
     }
 }
