@@ -37,10 +37,14 @@ pub enum FaultPoint {
     /// Unmerging: moving the rebuilt mapping over guest memory (`mremap`); the rebuild is
     /// rolled back and the pages are made private where they are.
     UnmergeRemap,
+    /// Unmerging: the move over guest memory fails after the kernel unmapped the guest's range
+    /// (`mremap` unmaps its destination first); the range is mapped again from the rebuilt
+    /// copy.
+    UnmergeRemapLate,
 }
 
 /// Every fault point.
-pub const FAULT_POINTS: [FaultPoint; 13] = [
+pub const FAULT_POINTS: [FaultPoint; 14] = [
     FaultPoint::Protect,
     FaultPoint::Remap,
     FaultPoint::RemapNoMem,
@@ -54,6 +58,7 @@ pub const FAULT_POINTS: [FaultPoint; 13] = [
     FaultPoint::PoolPunch,
     FaultPoint::UnmergeMove,
     FaultPoint::UnmergeRemap,
+    FaultPoint::UnmergeRemapLate,
 ];
 
 impl FaultPoint {

@@ -57,6 +57,10 @@ pub enum RebuildError {
     /// Reading page categories failed.
     #[error("reading page categories")]
     Pagemap(#[source] io::Error),
+    /// The region was unmapped by a failed move and could not be mapped again: its memory is
+    /// gone (the guest cannot go on).
+    #[error("mapping guest memory again after a failed move")]
+    Refill(#[source] io::Error),
     /// Moving the scratch over the region failed.
     #[error("moving the rebuilt mapping over guest memory")]
     Remap(#[source] io::Error),
@@ -369,7 +373,7 @@ fn rebuild(r: &mut Region, pagemap: &Pagemap, faults: &Faults) -> Result<Rebuilt
         moved,
         ..
     } = rb;
-    let swapped = match faults.check(FaultPoint::UnmergeRemap) {
+    let swapped = match swap_faults(faults, hva, len) {
         Err(e) => Err((scratch, e)),
         // SAFETY: the region is guest memory the engine holds; every page of it is in the
         // scratch now (copied under write protection, or moved, after which any access
@@ -378,6 +382,20 @@ fn rebuild(r: &mut Region, pagemap: &Pagemap, faults: &Faults) -> Result<Rebuilt
         Ok(()) => unsafe { scratch.move_over(hva) },
     };
     if let Err((scratch, e)) = swapped {
+        if !mem::is_mapped(hva, len) {
+            // `mremap` unmaps its destination before it moves anything: failing late, it left
+            // the guest's range unmapped. Every page is in the scratch.
+            log::error!(
+                "vm-dedup: moving the rebuilt region over {hva:#x} failed after the kernel \
+                 unmapped it ({e}): mapping it again from the rebuilt copy"
+            );
+            refill(&scratch, hva).map_err(RebuildError::Refill)?;
+            return Ok(if reregister(uffd, hva, len, unregistered) {
+                Rebuilt::Yes
+            } else {
+                Rebuilt::WakeFailed
+            });
+        }
         // The moves back need the scratch registered like the region.
         let _ = uffd.register(scratch.addr(), len);
         let mut rb = Rebuild {
@@ -397,6 +415,53 @@ fn rebuild(r: &mut Region, pagemap: &Pagemap, faults: &Faults) -> Result<Rebuilt
     } else {
         Rebuilt::WakeFailed
     })
+}
+
+/// Fails the swap where a failure is armed. `UnmergeRemapLate` fails it as `mremap` does when
+/// it fails after unmapping its destination.
+fn swap_faults(faults: &Faults, hva: usize, len: usize) -> io::Result<()> {
+    faults.check(FaultPoint::UnmergeRemap)?;
+    faults.check(FaultPoint::UnmergeRemapLate).inspect_err(|_| {
+        #[cfg(feature = "fault-injection")]
+        // SAFETY: the region is guest memory the engine holds, guarded (any access waits) and
+        // entirely copied or moved into the scratch, as when `mremap` unmaps it.
+        let _ = unsafe { mem::unmap(hva, len) };
+        #[cfg(not(feature = "fault-injection"))]
+        let _ = (hva, len);
+    })
+}
+
+/// Maps guest memory at `hva` again after a move of `scratch` over it failed late (the range is
+/// unmapped): fresh anonymous memory where nothing else was mapped meanwhile, the scratch's
+/// pages that are not all-zero copied in, and the scratch's VMA flags (those of the guest's
+/// memory, see `match_flags`).
+fn refill(scratch: &Scratch, hva: usize) -> io::Result<()> {
+    let len = scratch.len();
+    mem::map_anonymous_in_hole(hva, len)?;
+    for off in (0..len).step_by(PAGE_SIZE) {
+        // SAFETY: the scratch is a live mapping of `len` bytes, nobody else's; reading an
+        // untouched page of it maps the zero page, allocating nothing.
+        let src =
+            unsafe { std::slice::from_raw_parts((scratch.addr() + off) as *const u8, PAGE_SIZE) };
+        if !crate::hash::is_zero(src) {
+            // SAFETY: `[hva, hva + len)` was just mapped, private and writable, and nothing
+            // reaches it until it is registered again and its waiters woken.
+            unsafe {
+                std::ptr::copy_nonoverlapping(src.as_ptr(), (hva + off) as *mut u8, PAGE_SIZE)
+            };
+        }
+    }
+    let flags = procfs::vma_flags(scratch.addr(), scratch.addr() + len)?;
+    for f in flags
+        .first()
+        .map(|v| relevant(&v.flags))
+        .unwrap_or_default()
+    {
+        if let Some(a) = Advice::for_flag(&f) {
+            mem::advise(hva, len, a)?;
+        }
+    }
+    Ok(())
 }
 
 impl State {

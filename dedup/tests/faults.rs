@@ -81,6 +81,8 @@ fn cause_count(s: &Stats, point: FaultPoint) -> u64 {
         // A page that cannot be moved is copied: the rebuild still succeeds.
         FaultPoint::UnmergeMove => s.rebuilt_regions,
         FaultPoint::UnmergeRemap => s.unmerged_in_place,
+        // The unmapped region is mapped again from the rebuilt copy: rebuilt all the same.
+        FaultPoint::UnmergeRemapLate => s.rebuilt_regions,
     }
 }
 
@@ -95,17 +97,34 @@ fn scenario(point: FaultPoint) {
         &[("a", "d", a.clone()), ("b", "d", b.clone())],
     );
     let stop = Arc::new(AtomicBool::new(false));
-    let writers = [writer(&a, stop.clone()), writer(&b, stop.clone())];
-    if matches!(point, FaultPoint::UnmergeMove | FaultPoint::UnmergeRemap) {
+    let mut writers = Some([writer(&a, stop.clone()), writer(&b, stop.clone())]);
+    let mut stopped = None;
+    if matches!(
+        point,
+        FaultPoint::UnmergeMove | FaultPoint::UnmergeRemap | FaultPoint::UnmergeRemapLate
+    ) {
         // Unmerging rebuilds guest memory: merge first, then unmerge (with the writers
         // running) while armed. One move goes through, so a region fails half-way.
         engine.scan_pass().unwrap();
         engine.scan_pass().unwrap();
+        if point == FaultPoint::UnmergeRemapLate {
+            // The failed move leaves b's range unmapped until the engine maps it again: a
+            // writer arriving in between would fault on nothing (as it would with a real late
+            // failure of the kernel's `mremap`). Writers already waiting on the guard are fine.
+            stop.store(true, Ordering::Relaxed);
+            let [wa, wb] = writers.take().unwrap();
+            stopped = Some((wa.join().unwrap(), wb.join().unwrap()));
+        }
         engine.faults().arm(point, 1, 1_000_000);
         engine.unmerge_all().unwrap();
         let s = engine.stats();
         assert_eq!((s.pages_sharing, s.zero_pages), (0, 0));
-        if point == FaultPoint::UnmergeRemap {
+        if point == FaultPoint::UnmergeRemapLate {
+            // b was unmapped by the failed move and mapped again from its rebuilt copy: both
+            // regions are plain anonymous memory again.
+            assert_eq!((s.rebuilt_regions, s.unmerged_in_place), (2, 0));
+            assert_eq!(pool_mappings(&a) + pool_mappings(&b), 0);
+        } else if point == FaultPoint::UnmergeRemap {
             // a was rebuilt; b was rolled back and unmerged in place: private pages, pool
             // mappings still there.
             assert_eq!((s.rebuilt_regions, s.unmerged_in_place), (1, 1));
@@ -149,8 +168,11 @@ fn scenario(point: FaultPoint) {
         engine.scan_pass().unwrap();
     }
     stop.store(true, Ordering::Relaxed);
-    let [wa, wb] = writers;
-    let (la, lb) = (wa.join().unwrap(), wb.join().unwrap());
+    let (la, lb) = match (writers, stopped) {
+        (Some([wa, wb]), _) => (wa.join().unwrap(), wb.join().unwrap()),
+        (None, Some(last)) => last,
+        (None, None) => unreachable!("the writers are joined once"),
+    };
     let after = engine.stats();
     assert!(injected > 0, "{point:?} was never reached");
     assert!(

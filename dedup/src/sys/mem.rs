@@ -64,6 +64,55 @@ pub unsafe fn map_anonymous_fixed(addr: usize, len: usize) -> io::Result<()> {
     Ok(())
 }
 
+/// Maps fresh private anonymous memory (reading as zeros) at `[addr, addr + len)`, only where
+/// nothing is mapped (`MAP_FIXED_NOREPLACE`): `EEXIST` if any of it is.
+pub fn map_anonymous_in_hole(addr: usize, len: usize) -> io::Result<()> {
+    // SAFETY: MAP_FIXED_NOREPLACE never replaces a mapping: the call either maps the hole or
+    // fails (a kernel that ignores the flag maps elsewhere, undone below).
+    let p = unsafe {
+        libc::mmap(
+            addr as *mut libc::c_void,
+            len,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_PRIVATE
+                | libc::MAP_ANONYMOUS
+                | libc::MAP_FIXED_NOREPLACE
+                | libc::MAP_NORESERVE,
+            -1,
+            0,
+        )
+    };
+    if p == libc::MAP_FAILED {
+        return Err(last_os_error());
+    }
+    if p as usize != addr {
+        // SAFETY: `p` is the mapping just made, which nothing else knows of.
+        unsafe { libc::munmap(p, len) };
+        return Err(io::Error::from_raw_os_error(libc::EEXIST));
+    }
+    Ok(())
+}
+
+/// Whether every page of `[addr, addr + len)` is mapped (`msync` reports a hole with ENOMEM).
+pub fn is_mapped(addr: usize, len: usize) -> bool {
+    // SAFETY: `msync` with `MS_ASYNC` only looks the range up: it changes no mapping and no
+    // byte, whatever the range is.
+    unsafe { libc::msync(addr as *mut libc::c_void, len, libc::MS_ASYNC) == 0 }
+}
+
+/// Unmaps `[addr, addr + len)`.
+///
+/// # Safety
+/// The range must be memory the caller owns, which nothing uses until it is mapped again.
+#[cfg(feature = "fault-injection")]
+pub unsafe fn unmap(addr: usize, len: usize) -> io::Result<()> {
+    // SAFETY: the caller owns the range and nothing uses it.
+    if unsafe { libc::munmap(addr as *mut libc::c_void, len) } != 0 {
+        return Err(last_os_error());
+    }
+    Ok(())
+}
+
 /// A private anonymous mapping at an address the kernel chooses, where guest memory is rebuilt
 /// before it is moved over the guest's range ([`Scratch::move_over`]); unmapped on drop unless
 /// it was moved.
