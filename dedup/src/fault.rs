@@ -37,9 +37,9 @@ pub enum FaultPoint {
     /// Unmerging: moving the rebuilt mapping over guest memory (`mremap`); the rebuild is
     /// rolled back and the pages are made private where they are.
     UnmergeRemap,
-    /// Unmerging: the move over guest memory fails after the kernel unmapped the guest's range
-    /// (`mremap` unmaps its destination first); the range is mapped again from the rebuilt
-    /// copy.
+    /// Unmerging: the move over guest memory fails (ENOMEM) after the kernel unmapped the
+    /// guest's range (`mremap` unmaps its destination first); the rebuilt copy is moved in
+    /// again.
     UnmergeRemapLate,
 }
 
@@ -64,7 +64,7 @@ pub const FAULT_POINTS: [FaultPoint; 14] = [
 impl FaultPoint {
     fn errno(self) -> i32 {
         match self {
-            FaultPoint::RemapNoMem => libc::ENOMEM,
+            FaultPoint::RemapNoMem | FaultPoint::UnmergeRemapLate => libc::ENOMEM,
             FaultPoint::PoolCreate => libc::EMFILE,
             FaultPoint::PoolGrow => libc::ENOSPC,
             _ => libc::EIO,

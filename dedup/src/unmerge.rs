@@ -57,9 +57,9 @@ pub enum RebuildError {
     /// Reading page categories failed.
     #[error("reading page categories")]
     Pagemap(#[source] io::Error),
-    /// The region was unmapped by a failed move and could not be mapped again: its memory is
-    /// gone (the guest cannot go on).
-    #[error("mapping guest memory again after a failed move")]
+    /// The region was unmapped by a failed move and could not be mapped again: the guest's
+    /// memory there is gone (the guest cannot go on).
+    #[error("guest memory unmapped by a failed move could not be mapped again")]
     Refill(#[source] io::Error),
     /// Moving the scratch over the region failed.
     #[error("moving the rebuilt mapping over guest memory")]
@@ -384,13 +384,16 @@ fn rebuild(r: &mut Region, pagemap: &Pagemap, faults: &Faults) -> Result<Rebuilt
     if let Err((scratch, e)) = swapped {
         if !mem::is_mapped(hva, len) {
             // `mremap` unmaps its destination before it moves anything: failing late, it left
-            // the guest's range unmapped. Every page is in the scratch.
+            // the guest's range unmapped. Every page is in the scratch: move it in again.
             log::error!(
                 "vm-dedup: moving the rebuilt region over {hva:#x} failed after the kernel \
-                 unmapped it ({e}): mapping it again from the rebuilt copy"
+                 unmapped it ({e}): moving it in again"
             );
-            refill(&scratch, hva).map_err(RebuildError::Refill)?;
-            return Ok(if reregister(uffd, hva, len, unregistered) {
+            let refilled = refill(scratch, hva);
+            // Whatever happened, nobody may stay waiting on the guard.
+            let woke = reregister(uffd, hva, len, unregistered);
+            refilled.map_err(RebuildError::Refill)?;
+            return Ok(if woke {
                 Rebuilt::Yes
             } else {
                 Rebuilt::WakeFailed
@@ -431,37 +434,32 @@ fn swap_faults(faults: &Faults, hva: usize, len: usize) -> io::Result<()> {
     })
 }
 
-/// Maps guest memory at `hva` again after a move of `scratch` over it failed late (the range is
-/// unmapped): fresh anonymous memory where nothing else was mapped meanwhile, the scratch's
-/// pages that are not all-zero copied in, and the scratch's VMA flags (those of the guest's
-/// memory, see `match_flags`).
-fn refill(scratch: &Scratch, hva: usize) -> io::Result<()> {
-    let len = scratch.len();
-    mem::map_anonymous_in_hole(hva, len)?;
-    for off in (0..len).step_by(PAGE_SIZE) {
-        // SAFETY: the scratch is a live mapping of `len` bytes, nobody else's; reading an
-        // untouched page of it maps the zero page, allocating nothing.
-        let src =
-            unsafe { std::slice::from_raw_parts((scratch.addr() + off) as *const u8, PAGE_SIZE) };
-        if !crate::hash::is_zero(src) {
-            // SAFETY: `[hva, hva + len)` was just mapped, private and writable, and nothing
-            // reaches it until it is registered again and its waiters woken.
-            unsafe {
-                std::ptr::copy_nonoverlapping(src.as_ptr(), (hva + off) as *mut u8, PAGE_SIZE)
-            };
-        }
+/// Moves `scratch` over `hva` again after a move failed late, leaving the range unmapped:
+/// the hole is claimed first (so that no mapping made meanwhile is replaced), then the
+/// scratch moves over the claim in one step, as in a rebuild. Accesses meanwhile find nothing
+/// mapped (as they did since the failed move); waiters on the guard wait on. If this fails too
+/// the guest's memory is gone, and the scratch is kept mapped (leaked) with its content.
+fn refill(scratch: Scratch, hva: usize) -> io::Result<()> {
+    if let Err(e) = mem::claim_hole(hva, scratch.len()) {
+        log::error!(
+            "vm-dedup: guest memory at {hva:#x} stays unmapped ({e}); its content is kept at \
+             {:#x}",
+            scratch.addr()
+        );
+        std::mem::forget(scratch);
+        return Err(e);
     }
-    let flags = procfs::vma_flags(scratch.addr(), scratch.addr() + len)?;
-    for f in flags
-        .first()
-        .map(|v| relevant(&v.flags))
-        .unwrap_or_default()
-    {
-        if let Some(a) = Advice::for_flag(&f) {
-            mem::advise(hva, len, a)?;
-        }
-    }
-    Ok(())
+    // SAFETY: `[hva, hva + len)` is the guest's range, now the engine's own inaccessible claim;
+    // the scratch holds every byte of the region, as in a rebuild's move.
+    unsafe { scratch.move_over(hva) }.map_err(|(scratch, e)| {
+        log::error!(
+            "vm-dedup: guest memory at {hva:#x} stays unmapped ({e}); its content is kept at \
+             {:#x}",
+            scratch.addr()
+        );
+        std::mem::forget(scratch);
+        e
+    })
 }
 
 impl State {
@@ -496,6 +494,12 @@ impl State {
                             log::error!("vm-dedup: cannot wake writers; replacing the guard");
                             r.replace_guard();
                         }
+                    }
+                    Err(e @ RebuildError::Refill(_)) => {
+                        // Nothing is mapped there: nothing to unmerge in place either.
+                        log::error!("vm-dedup: the region at {:#x} is lost: {e}", r.hva);
+                        failed += r.pages as u64;
+                        continue;
                     }
                     Err(e) => {
                         log::warn!(

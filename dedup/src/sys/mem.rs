@@ -64,16 +64,17 @@ pub unsafe fn map_anonymous_fixed(addr: usize, len: usize) -> io::Result<()> {
     Ok(())
 }
 
-/// Maps fresh private anonymous memory (reading as zeros) at `[addr, addr + len)`, only where
-/// nothing is mapped (`MAP_FIXED_NOREPLACE`): `EEXIST` if any of it is.
-pub fn map_anonymous_in_hole(addr: usize, len: usize) -> io::Result<()> {
+/// Claims the hole `[addr, addr + len)` with an inaccessible placeholder mapping
+/// (`PROT_NONE`, `MAP_FIXED_NOREPLACE`), so that nothing else is mapped there before the caller
+/// moves memory over it; `EEXIST` if anything is mapped there already.
+pub fn claim_hole(addr: usize, len: usize) -> io::Result<()> {
     // SAFETY: MAP_FIXED_NOREPLACE never replaces a mapping: the call either maps the hole or
     // fails (a kernel that ignores the flag maps elsewhere, undone below).
     let p = unsafe {
         libc::mmap(
             addr as *mut libc::c_void,
             len,
-            libc::PROT_READ | libc::PROT_WRITE,
+            libc::PROT_NONE,
             libc::MAP_PRIVATE
                 | libc::MAP_ANONYMOUS
                 | libc::MAP_FIXED_NOREPLACE
