@@ -9,11 +9,12 @@ use hashbrown::HashMap;
 use crate::budget::{Admission, VmaBudget};
 use crate::index::{ContentIndex, Entry};
 use crate::plan::{self, Assign, Plan, PlanView, Rules, Target};
-use crate::slots::SlotTable;
+use crate::slots::{CHUNK_SLOTS, SlotTable};
 
 /// Run number of each planned merge (`u32::MAX` for zero pages), and the length of each run.
 /// A run is a maximal sequence of consecutive pages of one region mapped to consecutive slots
-/// of one node: one remap. `assigns` must be sorted by page (as plans are).
+/// of one node within one chunk (consecutive pages of one pool file): one remap. `assigns` must
+/// be sorted by page (as plans are).
 pub fn runs(assigns: &[Assign], slots: &SlotTable) -> (Vec<u32>, Vec<usize>) {
     let mut ids = Vec::with_capacity(assigns.len());
     let mut lens: Vec<usize> = Vec::new();
@@ -30,7 +31,7 @@ pub fn runs(assigns: &[Assign], slots: &SlotTable) -> (Vec<u32>, Vec<usize>) {
                 && p.loc.region == a.loc.region
                 && p.loc.page + 1 == a.loc.page
                 && pn == node
-                && matches!(p.target, Target::Slot(ps) if ps + 1 == s)
+                && matches!(p.target, Target::Slot(ps) if ps + 1 == s && ps / CHUNK_SLOTS == s / CHUNK_SLOTS)
         });
         match lens.last_mut() {
             Some(l) if extends => *l += 1,
@@ -444,6 +445,19 @@ mod tests {
         });
         assert_eq!(keep, [true, true, true, false]);
         assert_eq!(counts, 0, "nothing charged since the last count");
+    }
+
+    #[test]
+    fn a_run_ends_where_its_slots_change_pool_file() {
+        // Consecutive pages on consecutive slots, but slots 510..512 and 512..514 lie in two
+        // chunks (two pool files): two remaps, two runs.
+        let mut slots = SlotTable::new();
+        let first = CHUNK_SLOTS - 2;
+        let pairs: Vec<(u32, u32)> = (0..4).map(|i| (i, first + i)).collect();
+        let plan = slot_plan(&pairs, &mut slots);
+        let (ids, lens) = runs(&plan.assigns, &slots);
+        assert_eq!(ids, [0, 0, 1, 1]);
+        assert_eq!(lens, [2, 2]);
     }
 
     #[test]

@@ -5,8 +5,9 @@
 use crate::meta::PAYLOAD_MASK;
 
 /// Consecutive slots that stay consecutive pages of one pool file (2 MiB): a stretch of up to
-/// this many slots never crosses a chunk (see [`SlotTable::free_stretch`]), so that a run of
-/// pages merged onto it is one remap.
+/// this many slots never crosses a chunk, and a longer one starts at a chunk (see
+/// [`SlotTable::free_stretch`]), so that a run of pages merged onto it takes as few remaps as
+/// it can.
 pub const CHUNK_SLOTS: u32 = 512;
 
 /// Highest number of NUMA nodes a slot can name.
@@ -83,7 +84,7 @@ impl SlotTable {
     /// The first slot of `len` free slots in a row: the lowest free slot if the ones after it
     /// are free too (the first few holes are tried), else the first slot past every allocated
     /// one. A stretch of up to [`CHUNK_SLOTS`] never crosses a chunk: it starts at the next
-    /// chunk instead. `None` when slot numbers are exhausted.
+    /// chunk instead; a longer one starts at a chunk. `None` when slot numbers are exhausted.
     pub fn free_stretch(&mut self, len: u32) -> Option<u32> {
         let len = len.max(1) as usize;
         while self.search_from < self.used.len() && self.used[self.search_from] == u64::MAX {
@@ -276,12 +277,14 @@ impl SlotTable {
     }
 }
 
-/// `s`, or the start of the next chunk when a stretch of `len` slots (at most a chunk's) from
-/// `s` would cross into it.
+/// `s`, or the start of the next chunk when a stretch of `len` slots from `s` would cross more
+/// chunk boundaries than it must: a stretch of at most a chunk's slots crosses none, a longer
+/// one starts at a chunk.
 fn within_chunk(s: usize, len: usize) -> usize {
     let chunk = CHUNK_SLOTS as usize;
-    if len <= chunk && s / chunk != (s + len - 1) / chunk {
-        (s / chunk + 1) * chunk
+    let crosses = s / chunk != (s + len - 1) / chunk;
+    if (len <= chunk && crosses) || (len > chunk && s % chunk != 0) {
+        s.div_ceil(chunk) * chunk
     } else {
         s
     }
@@ -343,8 +346,8 @@ mod tests {
         }
         assert_eq!(t.free_stretch(10), Some(chunk - 10));
         assert_eq!(t.free_stretch(11), Some(chunk + 64));
-        // Longer than a chunk: it has to cross, and starts where it fits.
-        assert_eq!(t.free_stretch(chunk + 1), Some(chunk + 64));
+        // Longer than a chunk: it has to cross, and starts at a chunk.
+        assert_eq!(t.free_stretch(chunk + 1), Some(2 * chunk));
         assert_eq!(SlotTable::new().free_stretch(chunk), Some(0));
     }
 
