@@ -41,10 +41,13 @@ pub enum FaultPoint {
     /// guest's range (`mremap` unmaps its destination first); the rebuilt copy is moved in
     /// again.
     UnmergeRemapLate,
+    /// Unmerging, after `UnmergeRemapLate`: moving the rebuilt copy in again fails too; the
+    /// region's memory is lost (see [`FaultPoint::loses_memory`]).
+    UnmergeRefill,
 }
 
 /// Every fault point.
-pub const FAULT_POINTS: [FaultPoint; 14] = [
+pub const FAULT_POINTS: [FaultPoint; 15] = [
     FaultPoint::Protect,
     FaultPoint::Remap,
     FaultPoint::RemapNoMem,
@@ -59,12 +62,21 @@ pub const FAULT_POINTS: [FaultPoint; 14] = [
     FaultPoint::UnmergeMove,
     FaultPoint::UnmergeRemap,
     FaultPoint::UnmergeRemapLate,
+    FaultPoint::UnmergeRefill,
 ];
 
 impl FaultPoint {
+    /// Whether a failure here loses guest memory for good (the engine keeps going without the
+    /// region, but nothing may read it): tests that arm points at random leave it out.
+    pub fn loses_memory(self) -> bool {
+        self == FaultPoint::UnmergeRefill
+    }
+
     fn errno(self) -> i32 {
         match self {
-            FaultPoint::RemapNoMem | FaultPoint::UnmergeRemapLate => libc::ENOMEM,
+            FaultPoint::RemapNoMem | FaultPoint::UnmergeRemapLate | FaultPoint::UnmergeRefill => {
+                libc::ENOMEM
+            }
             FaultPoint::PoolCreate => libc::EMFILE,
             FaultPoint::PoolGrow => libc::ENOSPC,
             _ => libc::EIO,

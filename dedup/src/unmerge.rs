@@ -389,7 +389,7 @@ fn rebuild(r: &mut Region, pagemap: &Pagemap, faults: &Faults) -> Result<Rebuilt
                 "vm-dedup: moving the rebuilt region over {hva:#x} failed after the kernel \
                  unmapped it ({e}): moving it in again"
             );
-            let refilled = refill(scratch, hva);
+            let refilled = refill(scratch, hva, faults);
             // Whatever happened, nobody may stay waiting on the guard.
             let woke = reregister(uffd, hva, len, unregistered);
             refilled.map_err(RebuildError::Refill)?;
@@ -437,29 +437,28 @@ fn swap_faults(faults: &Faults, hva: usize, len: usize) -> io::Result<()> {
 /// Moves `scratch` over `hva` again after a move failed late, leaving the range unmapped:
 /// the hole is claimed first (so that no mapping made meanwhile is replaced), then the
 /// scratch moves over the claim in one step, as in a rebuild. Accesses meanwhile find nothing
-/// mapped (as they did since the failed move); waiters on the guard wait on. If this fails too
-/// the guest's memory is gone, and the scratch is kept mapped (leaked) with its content.
-fn refill(scratch: Scratch, hva: usize) -> io::Result<()> {
-    if let Err(e) = mem::claim_hole(hva, scratch.len()) {
+/// mapped (as they did since the failed move); waiters on the guard wait on. If this fails too,
+/// the guest's memory is gone (nothing, or an inaccessible claim, is mapped there) and the
+/// scratch is kept mapped (leaked) with its content, its address logged.
+fn refill(scratch: Scratch, hva: usize, faults: &Faults) -> io::Result<()> {
+    let lost = |scratch: Scratch, e: io::Error| {
         log::error!(
-            "vm-dedup: guest memory at {hva:#x} stays unmapped ({e}); its content is kept at \
-             {:#x}",
-            scratch.addr()
-        );
-        std::mem::forget(scratch);
-        return Err(e);
-    }
-    // SAFETY: `[hva, hva + len)` is the guest's range, now the engine's own inaccessible claim;
-    // the scratch holds every byte of the region, as in a rebuild's move.
-    unsafe { scratch.move_over(hva) }.map_err(|(scratch, e)| {
-        log::error!(
-            "vm-dedup: guest memory at {hva:#x} stays unmapped ({e}); its content is kept at \
-             {:#x}",
+            "vm-dedup: guest memory at {hva:#x} cannot be mapped again ({e}); its content is \
+             kept at {:#x}",
             scratch.addr()
         );
         std::mem::forget(scratch);
         e
-    })
+    };
+    let claimed = faults
+        .check(FaultPoint::UnmergeRefill)
+        .and_then(|()| mem::claim_hole(hva, scratch.len()));
+    if let Err(e) = claimed {
+        return Err(lost(scratch, e));
+    }
+    // SAFETY: `[hva, hva + len)` is the guest's range, now the engine's own inaccessible claim;
+    // the scratch holds every byte of the region, as in a rebuild's move.
+    unsafe { scratch.move_over(hva) }.map_err(|(scratch, e)| lost(scratch, e))
 }
 
 impl State {
@@ -496,8 +495,16 @@ impl State {
                         }
                     }
                     Err(e @ RebuildError::Refill(_)) => {
-                        // Nothing is mapped there: nothing to unmerge in place either.
+                        // The guest's memory is not there any more: the engine lets go of the
+                        // region (never reads, scans nor merges it again), nothing there maps
+                        // the pool (its slots are freed when no other page holds them), and
+                        // nothing is unmerged in place.
                         log::error!("vm-dedup: the region at {:#x} is lost: {e}", r.hva);
+                        r.uffd = None;
+                        r.unregistered.clear();
+                        for m in r.metas.iter_mut() {
+                            *m = m.anonymous().with(PageState::New, 0);
+                        }
                         failed += r.pages as u64;
                         continue;
                     }
