@@ -350,10 +350,13 @@ impl Pools {
         self.file_index(inode).is_some()
     }
 
-    /// The slot at byte offset `offset` of the pool file `inode` (as /proc/self/maps names a
-    /// mapping of it), if `inode` is a pool file.
-    pub fn slot_at(&self, inode: u64, offset: u64) -> Option<u32> {
-        slot_at(self.file_index(inode)?, offset / PAGE_SIZE as u64)
+    /// The slots of `pages` pages from byte offset `offset` of the pool file `inode` (as
+    /// /proc/self/maps names a mapping of it); none if `inode` is not a pool file.
+    pub fn slots_mapped(&self, inode: u64, offset: u64, pages: u64) -> impl Iterator<Item = u32> {
+        let first = offset / PAGE_SIZE as u64;
+        self.file_index(inode).into_iter().flat_map(move |f| {
+            (first..first.saturating_add(pages)).filter_map(move |p| slot_at(f, p))
+        })
     }
 
     /// Which of its node's files `inode` is.
@@ -530,10 +533,12 @@ mod tests {
             .iter()
             .map(|f| f.inode)
             .collect();
-        assert_eq!(pools.slot_at(inodes[1], 0), Some(CHUNK_SLOTS));
-        assert_eq!(pools.slot_at(inodes[0], off0), Some(first));
+        let slots =
+            |inode, offset, pages| pools.slots_mapped(inode, offset, pages).collect::<Vec<_>>();
+        assert_eq!(slots(inodes[1], 0, 2), [CHUNK_SLOTS, CHUNK_SLOTS + 1]);
+        assert_eq!(slots(inodes[0], off0, 2), [first, first + 1]);
         assert!(pools.is_pool_file(inodes[FILES_PER_NODE - 1]));
-        assert_eq!(pools.slot_at(0, 0), None);
+        assert!(slots(0, 0, 2).is_empty());
         pools.punch(0, first, 4, &faults).unwrap();
         for i in 0..4 {
             assert!(

@@ -179,7 +179,7 @@ impl State {
         }
     }
 
-    /// Mappings of this engine's pool files that start inside `ranges`.
+    /// Mappings of this engine's pool files that overlap `ranges`.
     fn pool_mappings_in(
         &self,
         ranges: &[(usize, usize)],
@@ -204,12 +204,9 @@ impl State {
         let mut pages = 0;
         for m in &maps {
             let count = ((m.end - m.start) / PAGE_SIZE) as u64;
-            for page in 0..count {
-                let offset = m.offset + page * PAGE_SIZE as u64;
-                if let Some(slot) = self.pools.slot_at(m.inode, offset) {
-                    self.pinned.insert(slot);
-                    self.slots.reserve(slot);
-                }
+            for slot in self.pools.slots_mapped(m.inode, m.offset, count) {
+                self.pinned.insert(slot);
+                self.slots.reserve(slot);
             }
             pages += count;
         }
@@ -229,7 +226,7 @@ impl State {
             .any(|&(s, e)| ranges.iter().any(|&(a, b)| a < e && s < b))
     }
 
-    /// Whether a mapping of this engine's pool starts inside `ranges` (an unreadable
+    /// Whether a mapping of this engine's pool overlaps `ranges` (an unreadable
     /// /proc/self/maps counts as yes).
     pub fn maps_pool_in(&self, ranges: &[(usize, usize)]) -> bool {
         self.pool_mappings_in(ranges)

@@ -68,7 +68,8 @@ pub struct FileMapping {
     pub inode: u64,
 }
 
-/// The file mappings of this process that start inside any of `ranges`.
+/// The file mappings of this process that overlap any of `ranges` (whole, as the kernel lists
+/// them).
 pub fn file_mappings_in(ranges: &[(usize, usize)]) -> io::Result<Vec<FileMapping>> {
     let maps = std::fs::read_to_string("/proc/self/maps")?;
     Ok(parse_file_mappings(&maps, ranges))
@@ -99,7 +100,7 @@ fn parse_file_mappings(maps: &str, ranges: &[(usize, usize)]) -> Vec<FileMapping
         ) else {
             continue;
         };
-        if inode != 0 && ranges.iter().any(|&(s, e)| start >= s && start < e) {
+        if inode != 0 && ranges.iter().any(|&(s, e)| start < e && s < end) {
             out.push(FileMapping {
                 start,
                 end,
@@ -209,6 +210,9 @@ mod tests {
 7f1000000000-7f1000001000 r--p 00000000 00:01 4242                       /memfd:vm-dedup-pool (deleted)\n\
 garbage\n";
         let got = parse_file_mappings(maps, &[(0x7f00_0000_0000, 0x7f00_0000_4000)]);
+        // A mapping that starts before a range and reaches into it overlaps it too.
+        let late = parse_file_mappings(maps, &[(0x7f00_0000_2800, 0x7f00_0000_2c00)]);
+        assert_eq!(late, got);
         assert_eq!(
             got,
             [FileMapping {
