@@ -55,6 +55,25 @@ impl Forwarder {
             .spawn(move || run(&drain, out))?;
         Ok(Self { shared })
     }
+
+    /// Waits until what was queued is written, at most `wait`; returns whether it was.
+    fn drain(&self, wait: Duration) -> bool {
+        let until = Instant::now() + wait;
+        let mut q = self.shared.lock();
+        while !q.chunks.is_empty() || q.writing {
+            let left = until.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return false;
+            }
+            q = self
+                .shared
+                .changed
+                .wait_timeout(q, left)
+                .unwrap_or_else(PoisonError::into_inner)
+                .0;
+        }
+        true
+    }
 }
 
 /// Writes queued chunks to `out` until the process exits (the thread is never joined: a
@@ -127,27 +146,6 @@ impl Write for Forwarder {
             log::warn!("console: stdout did not take the queued guest output in time");
         }
         Ok(())
-    }
-}
-
-impl Forwarder {
-    /// Waits until what was queued is written, at most `wait`; returns whether it was.
-    fn drain(&self, wait: Duration) -> bool {
-        let until = Instant::now() + wait;
-        let mut q = self.shared.lock();
-        while !q.chunks.is_empty() || q.writing {
-            let left = until.saturating_duration_since(Instant::now());
-            if left.is_zero() {
-                return false;
-            }
-            q = self
-                .shared
-                .changed
-                .wait_timeout(q, left)
-                .unwrap_or_else(PoisonError::into_inner)
-                .0;
-        }
-        true
     }
 }
 
