@@ -6,7 +6,11 @@
 //! and CPU to 95% of the attainable savings (every non-zero page whose content another page
 //! also holds, minus one copy per content), the savings reached, merges, attempts and
 //! refusals, full scans, the VMAs inside guest memory and how they are made up, and what the
-//! idle passes cost.
+//! idle passes cost. Then what any merger that shares pages by remapping them needs for these
+//! images: the fewest file mappings with one pool copy per content (and how few of them hold
+//! 95% of the merged pages), and what one remap costs. The kernel takes the address space's
+//! write lock for each, so their sum is a floor on the time to merge, however many threads
+//! the engine runs.
 //!
 //! Environment: `IMAGES_DIR` (the compose directory, default
 //! `guest-images/out/compose-4x512M` of the workspace), `IMAGES_OPTIONS` (engine knobs,
@@ -18,6 +22,7 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::collections::HashMap;
+use std::os::fd::AsFd;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -299,4 +304,185 @@ fn main() {
         assert!(got == data.as_slice(), "content changed by merging");
     }
     println!("content checked: every page unchanged");
+
+    // What any merger that remaps pages needs for these images, and what remapping costs.
+    let floor = layout_floor(&images);
+    let us = remap_cost(4096);
+    println!(
+        "mappings the merged pages need with one pool copy per content: {} with the best slot \
+         order found ({} in order of first occurrence; the engine made {} file VMAs), the \
+         longest {} of them hold 95% of the pages. One remap: {us:.1} us on one thread: {:.2} \
+         s for all, {:.2} s for 95%, one after the other however many threads run them",
+        floor.best,
+        floor.first_occurrence,
+        shape.file,
+        floor.best_for_95,
+        floor.best as f64 * us / 1e6,
+        floor.best_for_95 as f64 * us / 1e6,
+    );
+    println!(
+        "RESULT floor_mappings={} floor_mappings_95={} remap_us={us:.2}",
+        floor.best, floor.best_for_95
+    );
+}
+
+/// How many file mappings the images' merged pages need at least, with one pool copy of each
+/// content: a mapping covers a run of guest pages whose slots are consecutive, so the count
+/// depends only on the order of the slots. Returns the count with slots in order of first
+/// occurrence (address order, guest 0 first) and with the best order a greedy maximum-weight
+/// path cover finds (consecutive slots for the content pairs that sit side by side most often).
+fn layout_floor(images: &[Vec<u8>]) -> LayoutFloor {
+    // Content of every page: `None` for zero pages and pages no other page shares.
+    let mut count: HashMap<u128, u32> = HashMap::new();
+    let hashes: Vec<Vec<Option<u128>>> = images
+        .iter()
+        .map(|img| {
+            img.chunks_exact(PAGE)
+                .map(|p| {
+                    p.iter().any(|&b| b != 0).then(|| {
+                        let h = xxhash_rust::xxh3::xxh3_128(p);
+                        *count.entry(h).or_insert(0) += 1;
+                        h
+                    })
+                })
+                .collect()
+        })
+        .collect();
+    let mut id: HashMap<u128, u32> = HashMap::new();
+    let seqs: Vec<Vec<Option<u32>>> = hashes
+        .iter()
+        .map(|hs| {
+            hs.iter()
+                .map(|h| {
+                    let h = (*h)?;
+                    (count[&h] > 1).then(|| {
+                        let next = id.len() as u32;
+                        *id.entry(h).or_insert(next)
+                    })
+                })
+                .collect()
+        })
+        .collect();
+    let n = id.len();
+    // Pages of each mapping.
+    let mappings = |pos: &[u32]| -> Vec<u32> {
+        let mut lengths = Vec::new();
+        for seq in &seqs {
+            let mut prev: Option<u32> = None;
+            for &c in seq {
+                let p = c.map(|c| pos[c as usize]);
+                if let Some(p) = p {
+                    if prev.is_none_or(|q| q + 1 != p) {
+                        lengths.push(0);
+                    }
+                    if let Some(l) = lengths.last_mut() {
+                        *l += 1;
+                    }
+                }
+                prev = p;
+            }
+        }
+        lengths
+    };
+    let first: Vec<u32> = (0..n as u32).collect();
+    // Pairs of contents side by side, by how often.
+    let mut pairs: HashMap<(u32, u32), u32> = HashMap::new();
+    for seq in &seqs {
+        for w in seq.windows(2) {
+            if let [Some(a), Some(b)] = *w {
+                if a != b {
+                    *pairs.entry((a, b)).or_insert(0) += 1;
+                }
+            }
+        }
+    }
+    let mut pairs: Vec<((u32, u32), u32)> = pairs.into_iter().collect();
+    pairs.sort_unstable_by(|x, y| y.1.cmp(&x.1).then(x.0.cmp(&y.0)));
+    let (mut next, mut prev) = (vec![u32::MAX; n], vec![u32::MAX; n]);
+    // Union-find over path members, so that no pair closes a cycle.
+    let mut root: Vec<u32> = (0..n as u32).collect();
+    fn find(root: &mut [u32], mut x: u32) -> u32 {
+        while root[x as usize] != x {
+            root[x as usize] = root[root[x as usize] as usize];
+            x = root[x as usize];
+        }
+        x
+    }
+    for ((a, b), _) in pairs {
+        if next[a as usize] != u32::MAX || prev[b as usize] != u32::MAX {
+            continue;
+        }
+        let (ra, rb) = (find(&mut root, a), find(&mut root, b));
+        if ra == rb {
+            continue;
+        }
+        next[a as usize] = b;
+        prev[b as usize] = a;
+        root[rb as usize] = ra;
+    }
+    let mut best = vec![0u32; n];
+    let mut at = 0u32;
+    for start in (0..n).filter(|&c| prev[c] == u32::MAX) {
+        let mut c = start as u32;
+        loop {
+            best[c as usize] = at;
+            at += 1;
+            c = next[c as usize];
+            if c == u32::MAX {
+                break;
+            }
+        }
+    }
+    let mut best = mappings(&best);
+    // Longest first: how few of them hold 95% of the merged pages.
+    best.sort_unstable_by(|a, b| b.cmp(a));
+    let pages: u64 = best.iter().map(|&l| u64::from(l)).sum();
+    let mut held = 0u64;
+    let for_95 = best
+        .iter()
+        .take_while(|&&l| {
+            let short = held * 100 < pages * 95;
+            held += u64::from(l);
+            short
+        })
+        .count() as u64;
+    LayoutFloor {
+        first_occurrence: mappings(&first).len() as u64,
+        best: best.len() as u64,
+        best_for_95: for_95,
+    }
+}
+
+/// File mappings the merged pages of the images need (see [`layout_floor`]).
+struct LayoutFloor {
+    /// With slots in order of first occurrence.
+    first_occurrence: u64,
+    /// With the best slot order found.
+    best: u64,
+    /// The fewest of those that hold 95% of the merged pages (the longest).
+    best_for_95: u64,
+}
+
+/// Microseconds one remap of a page of populated anonymous memory onto a file page takes
+/// (`mmap` with `MAP_FIXED`, as the engine merges), over `n` remaps of every other page onto
+/// scattered file offsets, on one thread. The kernel holds the address space's write lock
+/// through each, so remaps of one process never overlap.
+fn remap_cost(n: usize) -> f64 {
+    use vm_dedup::sys::mem;
+    let fd = mem::memfd_create(c"remap-cost").unwrap();
+    mem::set_len(fd.as_fd(), (n * PAGE) as u64).unwrap();
+    for k in 0..n {
+        mem::write_at(fd.as_fd(), &[1u8; PAGE], (k * PAGE) as u64).unwrap();
+    }
+    let area = mem::Scratch::new(2 * n * PAGE).unwrap();
+    mem::populate_write(area.addr(), area.len()).unwrap();
+    let t = Instant::now();
+    for k in 0..n {
+        let offset = ((k * 7919) % n * PAGE) as u64;
+        // SAFETY: the page is ours (the scratch mapping above, unmapped on drop) and nothing
+        // reads it.
+        unsafe { mem::map_private_fixed(area.addr() + 2 * k * PAGE, PAGE, fd.as_fd(), offset) }
+            .unwrap();
+    }
+    t.elapsed().as_secs_f64() * 1e6 / n as f64
 }
