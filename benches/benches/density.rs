@@ -298,7 +298,7 @@ fn engine_notes(mode: &str, stats: &serde_json::Value) -> String {
         n("vmas_used"),
         n("vma_budget"),
         if stats["vma_budget_reached"].as_bool() == Some(true) {
-            " (reached: only zero pages and runs merge)"
+            " (reached: the longest runs merge first, shorter ones wait)"
         } else {
             ""
         },

@@ -7,6 +7,7 @@
 use hashbrown::HashMap;
 
 use crate::budget::{Admission, VmaBudget};
+use crate::demand::{ByClass, CLASSES, class};
 use crate::index::{ContentIndex, Entry};
 use crate::plan::{self, Assign, Plan, PlanView, Rules, Target};
 use crate::slots::{CHUNK_SLOTS, SlotTable};
@@ -45,16 +46,55 @@ pub fn runs(assigns: &[Assign], slots: &SlotTable) -> (Vec<u32>, Vec<usize>) {
 
 /// Which planned merges the budget admits. The runs holding the pages of a new slot are
 /// admitted together or not at all, so that no slot is left with one sharer because its
-/// partner ran out of budget; zero pages cost no VMA. Refusals are counted by the budget.
-/// Before a refusal that a new count could lift, `recount` is asked for the VMAs inside guest
-/// memory now (`None`: no count, refuse).
+/// partner ran out of budget; zero pages cost no VMA. The longest go first: a new slot's runs
+/// by their pages per remap, other runs by their own, from the longest class down (see
+/// [`crate::demand`] and [`VmaBudget::set_progress`]).
+/// Refusals are counted by the budget. Before a refusal that a new count could lift,
+/// `recount` is asked for the VMAs inside guest memory now (`None`: no count, refuse).
 pub fn admit(
     plan: &Plan,
     slots: &SlotTable,
     budget: &mut VmaBudget,
     recount: &mut dyn FnMut() -> Option<u64>,
 ) -> Vec<bool> {
-    budget.begin_plan();
+    let (ids, lens) = runs(&plan.assigns, slots);
+    let groups = SlotRuns::new(plan, &ids);
+    let mut grouped = vec![false; lens.len()];
+    for group in groups.iter() {
+        for &r in group {
+            grouped[r as usize] = true;
+        }
+    }
+    let singles: Vec<u32> = (0..lens.len() as u32)
+        .filter(|&r| !grouped[r as usize])
+        .collect();
+    // Every ask (a new slot's runs, or one other run) by the class of its pages per remap, in
+    // the plan's order within a class.
+    let mut by_class: [Vec<&[u32]>; CLASSES] = Default::default();
+    for group in groups.iter().chain(singles.chunks(1)) {
+        let pages: usize = group.iter().map(|&r| lens[r as usize]).sum();
+        by_class[class(pages / group.len())].push(group);
+    }
+    // Longest first. A run is asked for with the first ask that holds it, along with the
+    // other runs of that ask not asked for before: those runs' pages per remap are its class.
+    let order = || by_class.iter().rev().flatten();
+    let mut class_of: Vec<Option<usize>> = vec![None; lens.len()];
+    let mut asked: ByClass = [0; CLASSES];
+    let mut need: Vec<u32> = Vec::new();
+    for group in order() {
+        need.clear();
+        need.extend(group.iter().filter(|&&r| class_of[r as usize].is_none()));
+        if need.is_empty() {
+            continue;
+        }
+        let pages: usize = need.iter().map(|&r| lens[r as usize]).sum();
+        let k = class(pages / need.len());
+        for &r in &need {
+            class_of[r as usize] = Some(k);
+        }
+        asked[k] += need.len() as u64;
+    }
+    budget.begin_plan(&asked);
     let mut ask = |budget: &mut VmaBudget, lens: &[usize]| {
         if budget.check(lens) != Admission::Admitted && budget.recount_due() {
             if let Some(counted) = recount() {
@@ -63,21 +103,22 @@ pub fn admit(
         }
         budget.admit_all(lens) == Admission::Admitted
     };
-    let (ids, lens) = runs(&plan.assigns, slots);
-    let groups = SlotRuns::new(plan, &ids);
     let mut state: Vec<Option<bool>> = vec![None; lens.len()];
-    let (mut need, mut need_lens): (Vec<u32>, Vec<usize>) = (Vec::new(), Vec::new());
-    for group in groups.iter() {
+    // Refused along with a run refused before: waiting for that run, not for the budget.
+    let mut followed = vec![false; lens.len()];
+    let mut need_lens: Vec<usize> = Vec::new();
+    for group in order() {
         let refused = group.iter().any(|&r| state[r as usize] == Some(false));
         need.clear();
-        need.extend(
-            group
-                .iter()
-                .copied()
-                .filter(|&r| state[r as usize].is_none()),
-        );
+        need.extend(group.iter().filter(|&&r| state[r as usize].is_none()));
+        if need.is_empty() {
+            continue;
+        }
         let ok = if refused {
             budget.refuse(need.len() as u64);
+            for &r in &need {
+                followed[r as usize] = true;
+            }
             false
         } else {
             need_lens.clear();
@@ -88,11 +129,15 @@ pub fn admit(
             state[r as usize] = Some(ok);
         }
     }
-    for (r, st) in state.iter_mut().enumerate() {
-        if st.is_none() {
-            *st = Some(ask(budget, &lens[r..=r]));
+    let mut refused: ByClass = [0; CLASSES];
+    for (r, st) in state.iter().enumerate() {
+        if *st == Some(false) && !followed[r] {
+            if let Some(k) = class_of[r] {
+                refused[k] += 1;
+            }
         }
     }
+    budget.plan_done(&asked, &refused);
     ids.iter()
         .map(|&r| r == u32::MAX || state[r as usize] == Some(true))
         .collect()
@@ -411,7 +456,7 @@ mod tests {
                 target: Target::Slot(0),
             });
         }
-        let mut budget = VmaBudget::new(1000, 0);
+        let mut budget = VmaBudget::new(884, 0);
         for _ in 0..440 {
             assert_eq!(budget.admit(8), Admission::Admitted);
         }
@@ -431,12 +476,12 @@ mod tests {
         assert_eq!(budget.denied(), 0);
 
         // Without a count (or with too little charged since), it refuses as before.
-        let mut budget = VmaBudget::new(1000, 0);
+        let mut budget = VmaBudget::new(884, 0);
         for _ in 0..440 {
             budget.admit(8);
         }
         let keep = admit(&plan, &slots, &mut budget, &mut || None);
-        assert_eq!(keep, [false; 4], "tight on charges: single pages refused");
+        assert_eq!(keep, [true, true, false, false], "room for two on charges");
         let mut budget = VmaBudget::new(10, 4);
         let mut counts = 0;
         let keep = admit(&plan, &slots, &mut budget, &mut || {

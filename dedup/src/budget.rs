@@ -2,8 +2,7 @@
 //! mapping and the split of the old one), and the whole process fails `mmap` and `mprotect` with
 //! ENOMEM past `vm.max_map_count`. The budget counts VMAs inside guest memory, is measured from
 //! /proc/self/maps at the end of a pass that changed them, charges two VMAs per remap in
-//! between, and is never exceeded. Past seven eighths of it, only runs (several consecutive
-//! pages in one remap) are admitted; zero pages cost no VMA and always continue.
+//! between, and is never exceeded. Zero pages cost no VMA and always continue.
 //!
 //! Two VMAs is what a remap costs alone in private memory; next to another merged page it
 //! costs one or none, so the charges can run far ahead of the count (twice it where merged
@@ -13,16 +12,25 @@
 //! guest mappings (a discard inside a merged run, registering part of a remapped range with
 //! the userfaultfd) is charged as it happens ([`VmaBudget::charge`]).
 //!
+//! When the merges a pass asks for need more than the budget holds, it admits the longest runs
+//! first ([`crate::demand`]): a step's runs from the longest down, and only those classes of
+//! run length that leave room for the longer runs the rest of the pass is expected to bring.
+//! A remap the plan did not ask for as such (a planned run cut by a page that changed) is
+//! admitted past seven eighths of the budget only if it maps at least four pages.
+//!
 //! When a remap fails with ENOMEM all the same (the configured budget is more than the process
 //! may map, or the rest of the process grew), the budget *learns* the count of that moment as
 //! its limit until a later try shows more room.
 
+use crate::demand::{self, ByClass, Demand};
+
 /// VMAs one remap may add.
 pub const VMAS_PER_REMAP: u64 = 2;
-/// The budget is tight (only runs are admitted) once `TIGHT_NUM / TIGHT_DEN` of it is used.
+/// The budget is tight (only runs of unplanned remaps are admitted) once `TIGHT_NUM /
+/// TIGHT_DEN` of it is used.
 const TIGHT_NUM: u64 = 7;
 const TIGHT_DEN: u64 = 8;
-/// Shortest run admitted once the budget is tight.
+/// Shortest unplanned remap admitted once the budget is tight.
 pub const MIN_RUN_WHEN_TIGHT: usize = 4;
 /// A new count is worth reading /proc/self/maps (a line per VMA) once the charges of remaps
 /// done since the last count reach `1 / RECOUNT_DIV` of the limit, and at least `RECOUNT_MIN`.
@@ -30,7 +38,7 @@ const RECOUNT_DIV: u64 = 16;
 const RECOUNT_MIN: u64 = 64;
 
 /// A budget of VMAs inside guest memory.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq)]
 pub struct VmaBudget {
     limit: u64,
     /// A lower limit learnt from ENOMEM.
@@ -43,6 +51,21 @@ pub struct VmaBudget {
     /// Refusals in the pass going on, and in the last completed one.
     denied_pass: u64,
     denied_last_pass: u64,
+    /// What the passes ask for, by run length.
+    demand: Demand,
+    /// The plan being admitted: what it asks for, the pass's progress after it, and the
+    /// shortest class of runs it may admit.
+    plan_asks: ByClass,
+    plan_progress: f64,
+    min_class: usize,
+    /// The last count, and the remaps done since (of them in the plan being admitted).
+    counted_at: u64,
+    remaps: u64,
+    remaps_plan: u64,
+    /// Runs were refused in the pass going on (in the last completed one) while shorter than
+    /// the longer runs that went first, with room left for them later.
+    waited: bool,
+    waited_last: bool,
 }
 
 /// What the budget says about one remap.
@@ -50,7 +73,7 @@ pub struct VmaBudget {
 pub enum Admission {
     /// Go ahead; two VMAs were charged.
     Admitted,
-    /// Refused: the budget is tight and the run too short.
+    /// Refused: the run is too short, for a tight budget or for the longer runs that go first.
     TooShort,
     /// Refused: the budget is spent.
     Exhausted,
@@ -68,6 +91,15 @@ impl VmaBudget {
             denied: 0,
             denied_pass: 0,
             denied_last_pass: 0,
+            demand: Demand::new(VMAS_PER_REMAP as f64),
+            plan_asks: [0; demand::CLASSES],
+            plan_progress: 1.0,
+            min_class: 0,
+            counted_at: used,
+            remaps: 0,
+            remaps_plan: 0,
+            waited: false,
+            waited_last: false,
         }
     }
 
@@ -92,31 +124,59 @@ impl VmaBudget {
 
     /// What [`VmaBudget::admit_all`] would say, without charging or counting anything.
     pub fn check(&self, run_pages: &[usize]) -> Admission {
+        self.verdict(run_pages, true)
+    }
+
+    fn verdict(&self, run_pages: &[usize], planned: bool) -> Admission {
         let cost = VMAS_PER_REMAP * run_pages.len() as u64;
+        let short = if planned {
+            self.waits(run_pages)
+        } else {
+            self.tight() && run_pages.iter().any(|&p| p < MIN_RUN_WHEN_TIGHT)
+        };
         if self.used + cost > self.limit() {
             Admission::Exhausted
-        } else if self.tight() && run_pages.iter().any(|&p| p < MIN_RUN_WHEN_TIGHT) {
+        } else if short {
             Admission::TooShort
         } else {
             Admission::Admitted
         }
     }
 
-    /// Asks to remap a run of `run_pages` pages.
-    pub fn admit(&mut self, run_pages: usize) -> Admission {
-        self.admit_all(&[run_pages])
+    /// Whether planned runs of `run_pages` pages wait for longer ones.
+    fn waits(&self, run_pages: &[usize]) -> bool {
+        let pages: usize = run_pages.iter().sum();
+        demand::class(pages / run_pages.len().max(1)) < self.min_class
     }
 
-    /// Asks to remap several runs together (all or none), `run_pages[i]` pages each.
+    /// Asks to remap a run of `run_pages` pages that was not planned as such (part of a
+    /// planned run): the tight budget's rule applies, not the longest-first one.
+    pub fn admit(&mut self, run_pages: usize) -> Admission {
+        self.take(&[run_pages], false)
+    }
+
+    /// Asks to remap several planned runs together (all or none), `run_pages[i]` pages each.
     pub fn admit_all(&mut self, run_pages: &[usize]) -> Admission {
-        let verdict = self.check(run_pages);
+        self.take(run_pages, true)
+    }
+
+    fn take(&mut self, run_pages: &[usize], planned: bool) -> Admission {
+        let verdict = self.verdict(run_pages, planned);
         if verdict == Admission::Admitted {
-            let cost = VMAS_PER_REMAP * run_pages.len() as u64;
+            let n = run_pages.len() as u64;
+            let cost = VMAS_PER_REMAP * n;
             self.used += cost;
             self.charged += cost;
-            self.charged_plan += cost;
+            self.remaps += n;
+            if planned {
+                self.charged_plan += cost;
+                self.remaps_plan += n;
+            }
         } else {
             self.deny(run_pages.len() as u64);
+            if verdict == Admission::TooShort && planned {
+                self.waited = true;
+            }
         }
         verdict
     }
@@ -129,10 +189,36 @@ impl VmaBudget {
         self.charged += n;
     }
 
-    /// A plan is about to be admitted: what was charged before is mapped (or was never
-    /// needed) by now, so a count would see it.
-    pub fn begin_plan(&mut self) {
+    /// The part of the pass (0 to 1) scanned once the pages of the next plan are.
+    pub fn set_progress(&mut self, progress: f64) {
+        self.plan_progress = progress;
+    }
+
+    /// A plan is about to be admitted that asks for the remaps `asks` (by class of run
+    /// length): what was charged before is mapped (or was never needed) by now, so a count
+    /// would see it.
+    pub fn begin_plan(&mut self, asks: &ByClass) {
         self.charged_plan = 0;
+        self.remaps_plan = 0;
+        self.plan_asks = *asks;
+        self.update_min_class();
+    }
+
+    fn update_min_class(&mut self) {
+        let room = self.limit().saturating_sub(self.used);
+        self.min_class = self
+            .demand
+            .min_class(&self.plan_asks, self.plan_progress, room);
+    }
+
+    /// The plan being admitted asked for `asked` and was refused `refused` (by class).
+    pub fn plan_done(&mut self, asked: &ByClass, refused: &ByClass) {
+        self.demand.step_done(asked, refused);
+    }
+
+    /// Fewest pages per remap the plan being admitted may merge (1: any).
+    pub fn min_run(&self) -> usize {
+        demand::class_pages(self.min_class)
     }
 
     /// Whether a new count of the VMAs may make room: enough was charged for remaps done since
@@ -145,12 +231,24 @@ impl VmaBudget {
     /// Takes a count of the VMAs made while a plan is being admitted: it holds the remaps done
     /// so far, and the plan's charges come on top.
     pub fn recounted(&mut self, counted: u64) {
+        self.demand.counted(
+            counted.saturating_sub(self.counted_at),
+            self.remaps.saturating_sub(self.remaps_plan),
+        );
+        self.counted_at = counted;
+        self.remaps = self.remaps_plan;
         self.used = counted + self.charged_plan;
         self.charged = self.charged_plan;
+        self.update_min_class();
     }
 
     /// Replaces the running charge by a measurement.
     pub fn measured(&mut self, used: u64) {
+        self.demand
+            .counted(used.saturating_sub(self.counted_at), self.remaps);
+        self.counted_at = used;
+        self.remaps = 0;
+        self.remaps_plan = 0;
         self.used = used;
         self.charged = 0;
         self.charged_plan = 0;
@@ -181,6 +279,14 @@ impl VmaBudget {
     /// A pass completed: its refusals become the last pass's.
     pub fn pass_done(&mut self) {
         self.denied_last_pass = std::mem::take(&mut self.denied_pass);
+        self.waited_last = std::mem::take(&mut self.waited);
+        self.demand.pass_done();
+    }
+
+    /// Whether the last completed pass left runs waiting for longer ones: the next pass must
+    /// plan them again, even if nothing changed.
+    pub fn left_waiting(&self) -> bool {
+        self.waited_last
     }
 
     /// Whether the budget holds merges back now: it is tight, or it refused some during the
@@ -189,7 +295,8 @@ impl VmaBudget {
         self.tight() || self.denied_pass > 0 || self.denied_last_pass > 0
     }
 
-    /// Whether only runs are admitted now.
+    /// Whether seven eighths of the budget are used (only runs of unplanned remaps are
+    /// admitted).
     pub fn tight(&self) -> bool {
         self.used.saturating_mul(TIGHT_DEN) >= self.limit().saturating_mul(TIGHT_NUM)
     }
@@ -254,8 +361,41 @@ mod tests {
         assert_eq!(b.used(), 14);
         assert_eq!(b.admit_all(&[8, 8]), Admission::Admitted);
         assert_eq!(b.used(), 18);
-        assert_eq!(b.admit_all(&[1]), Admission::TooShort);
+        assert_eq!(b.admit_all(&[1, 1]), Admission::Exhausted);
         assert_eq!(b.admit_all(&[]), Admission::Admitted);
+    }
+
+    #[test]
+    fn planned_runs_wait_for_longer_ones_others_keep_the_tight_rule() {
+        let mut b = VmaBudget::new(50, 0);
+        // A plan at the end of its pass asking for 10 single pages and 20 runs of 16: room
+        // for 25 remaps at 2 VMAs each, the runs first.
+        let mut asks = [0; demand::CLASSES];
+        asks[0] = 10;
+        asks[4] = 20;
+        b.begin_plan(&asks);
+        assert_eq!(b.min_run(), 2);
+        assert_eq!(b.admit_all(&[1]), Admission::TooShort);
+        assert_eq!(
+            b.admit_all(&[2, 1]),
+            Admission::TooShort,
+            "1.5 pages a remap"
+        );
+        assert_eq!(
+            b.admit_all(&[16, 1]),
+            Admission::Admitted,
+            "8.5 pages a remap"
+        );
+        assert_eq!(b.admit_all(&[16, 16]), Admission::Admitted);
+        b.pass_done();
+        assert!(b.left_waiting());
+        // Past seven eighths, single pages outside a plan are refused, planned ones are not.
+        let mut b = VmaBudget::new(100, 90);
+        b.begin_plan(&[0; demand::CLASSES]);
+        assert_eq!(b.admit(1), Admission::TooShort);
+        assert_eq!(b.admit_all(&[1]), Admission::Admitted);
+        b.pass_done();
+        assert!(!b.left_waiting());
     }
 
     #[test]
@@ -292,7 +432,7 @@ mod tests {
         b.charge(30);
         assert_eq!(b.used(), 120, "over the limit: it happened");
         assert_eq!(b.admit(64), Admission::Exhausted);
-        b.begin_plan();
+        b.begin_plan(&[0; demand::CLASSES]);
         assert!(!b.recount_due(), "30 charged: not worth a count yet");
         b.charge(40);
         assert!(b.recount_due());

@@ -188,6 +188,7 @@ impl Engine {
             vmas_counted: None,
             quiet: false,
             changed: true,
+            replanning: false,
         };
         let engine = Engine {
             inner: Arc::new(Inner {

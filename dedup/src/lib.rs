@@ -55,11 +55,13 @@
 //! - Pages pinned for device I/O cannot be seen from userspace: report them through an
 //!   [`ExclusionSource`]. Memory shared with other processes (vhost-user) is not merged.
 //! - Each isolated merged page costs a VMA; the engine keeps within a budget derived from
-//!   `vm.max_map_count` ([`Config::vma_budget`]).
+//!   `vm.max_map_count` ([`Config::vma_budget`]), and when that cannot hold every merge it
+//!   spends it on the longest runs first ([`demand`]).
 
 pub mod backoff;
 pub mod budget;
 pub mod config;
+pub mod demand;
 pub mod engine;
 pub mod fault;
 pub mod guest;

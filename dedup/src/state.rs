@@ -80,6 +80,10 @@ pub(crate) struct State {
     /// Something changed during the pass going on (a merge, a copy-on-write break, a slot
     /// freed, a failure, the VMA count, a registration or a setting).
     pub changed: bool,
+    /// The pass going on plans every stable page again only because runs waited for longer
+    /// ones in the last pass, which changed nothing: if it changes nothing either, the next
+    /// one is quiet all the same.
+    pub replanning: bool,
 }
 
 impl State {

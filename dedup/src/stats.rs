@@ -183,8 +183,8 @@ pub struct Stats {
     /// The limit learnt from a remap that failed with ENOMEM (the process reached
     /// `vm.max_map_count`), in force until a later try finds more room.
     pub vma_budget_learned: Option<u64>,
-    /// Whether the VMA budget holds merges back now: it is tight (only zero pages and runs
-    /// merge), or it refused merges during the pass going on or the last completed one.
+    /// Whether the VMA budget holds merges back now: it is tight (seven eighths used), or it
+    /// refused merges during the pass going on or the last completed one.
     pub vma_budget_reached: bool,
     /// Bytes of engine metadata (page metadata, slots, index).
     pub metadata_bytes: u64,

@@ -132,6 +132,28 @@ impl State {
         true
     }
 
+    /// The part of the pass's pages before the cursor (0 to 1).
+    fn pass_progress(&self) -> f64 {
+        let c = self.cursor;
+        let (mut before, mut total) = (0usize, 0usize);
+        for (gi, g) in self.guests.iter().enumerate() {
+            let Some(g) = g else { continue };
+            for (ri, r) in g.regions.iter().enumerate().filter(|(_, r)| r.active()) {
+                total += r.pages;
+                before += match (gi, ri).cmp(&(c.guest, c.region)) {
+                    std::cmp::Ordering::Less => r.pages,
+                    std::cmp::Ordering::Equal => c.page.min(r.pages),
+                    std::cmp::Ordering::Greater => 0,
+                };
+            }
+        }
+        if total == 0 {
+            1.0
+        } else {
+            before as f64 / total as f64
+        }
+    }
+
     /// Runs one step over at most `max_pages` pages; returns true when it completed a pass.
     pub(crate) fn step(&mut self, ctx: &StepCtx<'_>, max_pages: usize) -> bool {
         let wall0 = Instant::now();
@@ -224,6 +246,7 @@ impl State {
         // Plan: the index lookups in parallel, the decisions in order. Then leave out what a
         // backed-off failure would refuse, and what the VMA budget refuses: neither is filled,
         // protected nor counted as an attempt.
+        let progress = if done { 1.0 } else { self.pass_progress() };
         let mut budget = std::mem::replace(&mut self.budget, Mutex::new(VmaBudget::new(0, 0)));
         let (plan, held, refused) = {
             let mut index = std::mem::take(&mut self.index);
@@ -241,21 +264,24 @@ impl State {
             let keep = hold_back(&self.troubles, &p, &slots, pass, wall0);
             let held = admit::prune(&mut p, &keep, &rules, &mut index, &mut slots, &view);
             let refused = match budget.get_mut() {
-                Ok(b) => admit::admit_and_prune(
-                    &mut p,
-                    &rules,
-                    &mut index,
-                    &mut slots,
-                    &view,
-                    b,
-                    // Before refusing on what it charged for remaps done since the last count.
-                    &mut || {
-                        view.state
-                            .count_vmas()
-                            .ok()
-                            .map(|(_, inside)| inside as u64)
-                    },
-                ),
+                Ok(b) => {
+                    b.set_progress(progress);
+                    admit::admit_and_prune(
+                        &mut p,
+                        &rules,
+                        &mut index,
+                        &mut slots,
+                        &view,
+                        b,
+                        // Before refusing on charges of remaps done since the last count.
+                        &mut || {
+                            view.state
+                                .count_vmas()
+                                .ok()
+                                .map(|(_, inside)| inside as u64)
+                        },
+                    )
+                }
                 Err(_) => 0,
             };
             self.index = index;
@@ -495,14 +521,21 @@ impl State {
         if self.changed {
             self.rebuild_refs(faults);
         }
+        let mut waiting = false;
         if let Ok(mut b) = self.budget.lock() {
             b.pass_done();
+            waiting = b.left_waiting();
         }
         let stale = self.vmas_counted.is_none_or(|t| t.elapsed() >= VMA_RECOUNT);
         if self.vmas_changed || stale {
             self.measure_vmas();
         }
-        self.quiet = !self.changed && self.troubles.episodes().is_empty();
+        // Runs that waited for longer ones are planned again even if nothing changed: the
+        // refusals of this pass may leave room for them. Once: if a pass planned again for
+        // them changes nothing, the budget has no room for them until something changes.
+        let replan = !self.changed && waiting && !self.replanning;
+        self.replanning = replan;
+        self.quiet = !self.changed && !replan && self.troubles.episodes().is_empty();
         self.changed = false;
         for l in self
             .troubles

@@ -113,6 +113,57 @@ fn vma_budget_counts_again_instead_of_refusing_on_charges() {
     assert_contents(&b, &swapped);
 }
 
+/// Blocks of 64 pages: a run of 32 pages that guest b shares with a at the same offsets, then
+/// 16 shared pages each between two unique ones (`unique` tells a's from b's).
+fn blocks(count: u64, unique: u64) -> Vec<u64> {
+    (0..count)
+        .flat_map(|blk| {
+            (0..64u64).map(move |i| {
+                let seed = 1_000 + blk * 64 + i;
+                if i < 32 || i % 2 == 0 {
+                    seed
+                } else {
+                    seed + unique
+                }
+            })
+        })
+        .collect()
+}
+
+#[test]
+fn a_short_vma_budget_goes_to_the_longest_runs_first() {
+    let _serial = serial();
+    // Every block offers 32 pages for two remaps in one run, and 16 pages for 32 remaps in
+    // single pages; the budget holds about a tenth of all the remaps. Merging in address
+    // order spends it on whatever comes first; longest first, it goes to the runs.
+    let count = 32;
+    let (seeds_a, seeds_b) = (blocks(count, 100_000), blocks(count, 200_000));
+    let budget = 300;
+    let (engine, a, b) = pair_with_budget(&seeds_a, &seeds_b, budget);
+    // Passes in steps of 64 pages: the first looks, the others merge.
+    for _ in 0..4 {
+        while !engine.step(64).unwrap() {}
+    }
+    let s = engine.stats();
+    assert!(
+        s.vmas_used <= budget && guest_vmas(&[&a, &b]) <= budget,
+        "{s:?}"
+    );
+    assert!(
+        s.failures.vma_budget > 0,
+        "the budget held merges back: {s:?}"
+    );
+    let runs = 32 * count;
+    // Single pages fit in the room the runs leave, not much more.
+    assert!(
+        s.pages_sharing >= runs * 7 / 8 && s.pages_sharing <= runs + 16 * count / 4,
+        "{} pages of b merged, {runs} of them in runs: {s:?}",
+        s.pages_sharing
+    );
+    assert_contents(&a, &seeds_a);
+    assert_contents(&b, &seeds_b);
+}
+
 #[test]
 fn merge_across_nodes_off_keeps_nodes_apart() {
     let pages = 64;

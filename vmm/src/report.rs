@@ -117,7 +117,7 @@ pub struct EngineDetails {
     pub vmas_used: u64,
     /// Most VMAs the engine may use.
     pub vma_budget: u64,
-    /// Whether only zero pages and runs merge now.
+    /// Whether the VMA budget holds merges back now.
     pub vma_budget_reached: bool,
     /// Bytes of engine metadata.
     pub metadata_bytes: u64,

@@ -9,7 +9,7 @@
 //! completed pass over guest memory, or the engine reports that kind of failure going on
 //! (`Stats::failing`: while a failing operation backs off its counters stand still), and
 //! clears after a whole pass without one once the engine no longer reports it. `vma_budget`
-//! counts the merges the VMA budget refused (only zero pages and runs merge while it is tight);
+//! counts the merges the VMA budget refused (the longest runs go first, shorter ones wait);
 //! `memory_pressure` is a state: the memory guard paused merging.
 
 use serde::{Deserialize, Serialize};
@@ -26,7 +26,7 @@ pub enum Cause {
     Pool,
     /// Remaps fail with ENOMEM: the process is at `vm.max_map_count`.
     VmaLimit,
-    /// The VMA budget refuses merges: only zero pages and runs merge.
+    /// The VMA budget refuses merges: the longest runs go first, shorter ones wait.
     VmaBudget,
     /// userfaultfd guard operations fail or pages are left outside the guard.
     Guard,
@@ -242,8 +242,8 @@ fn detail(cause: Cause, s: &Stats) -> String {
             f.vma_limit
         ),
         Cause::VmaBudget => format!(
-            "{} merges refused by the VMA budget ({} of its {} VMAs used): only zero pages and \
-             runs of pages merge",
+            "{} merges refused by the VMA budget ({} of its {} VMAs used): the longest runs of \
+             pages merge first, shorter ones wait (raise vm.max_map_count to merge more)",
             f.vma_budget, s.vmas_used, s.vma_budget
         ),
         Cause::Guard => format!(
