@@ -6,7 +6,7 @@
 
 use hashbrown::HashMap;
 
-use crate::budget::{Admission, VmaBudget};
+use crate::budget::{Admission, VMAS_PER_REMAP, VmaBudget};
 use crate::demand::{ByClass, CLASSES, class};
 use crate::index::{ContentIndex, Entry};
 use crate::plan::{self, Assign, Plan, PlanView, Rules, Target};
@@ -77,31 +77,47 @@ pub fn admit(
     }
     // Longest first. A run is asked for with the first ask that holds it, along with the
     // other runs of that ask not asked for before: those runs' pages per remap are its class.
+    // Asks too big for the room (all of a new slot's runs together) are no demand to keep
+    // room for: they cannot be admitted now.
     let order = || by_class.iter().rev().flatten();
+    let room = budget.room();
     let mut class_of: Vec<Option<usize>> = vec![None; lens.len()];
+    let mut claimed = vec![false; lens.len()];
     let mut asked: ByClass = [0; CLASSES];
     let mut need: Vec<u32> = Vec::new();
     for group in order() {
         need.clear();
-        need.extend(group.iter().filter(|&&r| class_of[r as usize].is_none()));
+        need.extend(group.iter().filter(|&&r| !claimed[r as usize]));
         if need.is_empty() {
             continue;
         }
         let pages: usize = need.iter().map(|&r| lens[r as usize]).sum();
         let k = class(pages / need.len());
+        let fits = VMAS_PER_REMAP * need.len() as u64 <= room;
         for &r in &need {
-            class_of[r as usize] = Some(k);
+            class_of[r as usize] = fits.then_some(k);
         }
-        asked[k] += need.len() as u64;
+        if fits {
+            asked[k] += need.len() as u64;
+        }
+        // Claimed by this ask even when it does not fit.
+        for &r in &need {
+            claimed[r as usize] = true;
+        }
     }
     budget.begin_plan(&asked);
-    let mut ask = |budget: &mut VmaBudget, lens: &[usize]| {
-        if budget.check(lens) != Admission::Admitted && budget.recount_due() {
+    let mut ask = |budget: &mut VmaBudget, lens: &[usize], rest: bool| {
+        if budget.check(lens, rest) != Admission::Admitted && budget.recount_due() {
             if let Some(counted) = recount() {
                 budget.recounted(counted);
             }
         }
-        budget.admit_all(lens) == Admission::Admitted
+        let verdict = if rest {
+            budget.admit_rest(lens)
+        } else {
+            budget.admit_all(lens)
+        };
+        verdict == Admission::Admitted
     };
     let mut state: Vec<Option<bool>> = vec![None; lens.len()];
     // Refused along with a run refused before: waiting for that run, not for the budget.
@@ -121,9 +137,12 @@ pub fn admit(
             }
             false
         } else {
+            // The rest of a slot whose other runs were admitted: the slot must keep its donor
+            // and its sharers, so only the room can refuse them.
+            let rest = group.iter().any(|&r| state[r as usize] == Some(true));
             need_lens.clear();
             need_lens.extend(need.iter().map(|&r| lens[r as usize]));
-            ask(budget, &need_lens)
+            ask(budget, &need_lens, rest)
         };
         for &r in &need {
             state[r as usize] = Some(ok);
@@ -490,6 +509,51 @@ mod tests {
         });
         assert_eq!(keep, [true, true, true, false]);
         assert_eq!(counts, 0, "nothing charged since the last count");
+    }
+
+    #[test]
+    fn the_rest_of_a_new_slot_is_not_left_waiting() {
+        // Run 0: pages 0-2 open slots 0-2; run 1: pages 10-13 onto slots 0-3; run 2: page 20
+        // opens slot 3 (its donor). Slots 0-2 admit runs 0 and 1; slot 3 is left with run 2, a
+        // single page, while single pages wait for longer runs: it is admitted all the same.
+        let mut slots = SlotTable::new();
+        let mut plan = slot_plan(&[(0, 0), (1, 1), (2, 2), (20, 3)], &mut slots);
+        for (page, slot) in [(10, 0), (11, 1), (12, 2), (13, 3)] {
+            plan.assigns.push(Assign {
+                loc: loc(page),
+                target: Target::Slot(slot),
+            });
+        }
+        plan.assigns.sort_by_key(|a| a.loc);
+        let mut budget = VmaBudget::new(1000, 0);
+        // The last pass refused 600 runs of 2-3 pages; half of this pass is scanned.
+        let mut last = [0; CLASSES];
+        last[1] = 600;
+        budget.plan_done(&last, &last);
+        budget.pass_done();
+        budget.set_progress(0.5);
+        assert_eq!(admit(&plan, &slots, &mut budget, &mut || None), [true; 8]);
+        assert!(budget.min_run() > 1, "single pages were waiting");
+    }
+
+    #[test]
+    fn an_ask_too_big_for_the_room_keeps_no_room_for_itself() {
+        // A new slot's eight runs of 32 pages need 16 VMAs; the room is 10. A run of 4 pages
+        // onto existing slots fits and is admitted.
+        let mut slots = SlotTable::new();
+        for slot in 1000..1004 {
+            assert_eq!(slots.alloc(slot, 0, 0, Some(slot)), Some(slot));
+        }
+        let mut pairs: Vec<(u32, u32)> = (0..8u32)
+            .flat_map(|run| (0..32u32).map(move |i| (run * 100 + i, i)))
+            .collect();
+        pairs.extend((0..4u32).map(|i| (900 + i, 1000 + i)));
+        let plan = slot_plan(&pairs, &mut slots);
+        let mut budget = VmaBudget::new(10, 0);
+        let keep = admit(&plan, &slots, &mut budget, &mut || None);
+        assert!(keep[..256].iter().all(|&k| !k));
+        assert_eq!(keep[256..], [true; 4]);
+        assert_eq!(budget.used(), 2);
     }
 
     #[test]

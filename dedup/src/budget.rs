@@ -58,14 +58,25 @@ pub struct VmaBudget {
     plan_asks: ByClass,
     plan_progress: f64,
     min_class: usize,
-    /// The last count, and the remaps done since (of them in the plan being admitted).
+    /// The last count, and since then the remaps made and the VMAs charged for other things.
     counted_at: u64,
     remaps: u64,
-    remaps_plan: u64,
+    charged_other: u64,
     /// Runs were refused in the pass going on (in the last completed one) while shorter than
     /// the longer runs that went first, with room left for them later.
     waited: bool,
     waited_last: bool,
+}
+
+/// Which rule besides the room decides an admission.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Rule {
+    /// Planned runs: the longest go first.
+    Longest,
+    /// The rest of a new slot's planned runs: only the room.
+    Room,
+    /// Remaps not planned as such: only runs of four pages once the budget is tight.
+    Tight,
 }
 
 /// What the budget says about one remap.
@@ -97,7 +108,7 @@ impl VmaBudget {
             min_class: 0,
             counted_at: used,
             remaps: 0,
-            remaps_plan: 0,
+            charged_other: 0,
             waited: false,
             waited_last: false,
         }
@@ -122,17 +133,18 @@ impl VmaBudget {
         self.deny(n);
     }
 
-    /// What [`VmaBudget::admit_all`] would say, without charging or counting anything.
-    pub fn check(&self, run_pages: &[usize]) -> Admission {
-        self.verdict(run_pages, true)
+    /// What [`VmaBudget::admit_all`] (or with `rest`, [`VmaBudget::admit_rest`]) would say,
+    /// without charging or counting anything.
+    pub fn check(&self, run_pages: &[usize], rest: bool) -> Admission {
+        self.verdict(run_pages, if rest { Rule::Room } else { Rule::Longest })
     }
 
-    fn verdict(&self, run_pages: &[usize], planned: bool) -> Admission {
+    fn verdict(&self, run_pages: &[usize], rule: Rule) -> Admission {
         let cost = VMAS_PER_REMAP * run_pages.len() as u64;
-        let short = if planned {
-            self.waits(run_pages)
-        } else {
-            self.tight() && run_pages.iter().any(|&p| p < MIN_RUN_WHEN_TIGHT)
+        let short = match rule {
+            Rule::Longest => self.waits(run_pages),
+            Rule::Room => false,
+            Rule::Tight => self.tight() && run_pages.iter().any(|&p| p < MIN_RUN_WHEN_TIGHT),
         };
         if self.used + cost > self.limit() {
             Admission::Exhausted
@@ -152,29 +164,39 @@ impl VmaBudget {
     /// Asks to remap a run of `run_pages` pages that was not planned as such (part of a
     /// planned run): the tight budget's rule applies, not the longest-first one.
     pub fn admit(&mut self, run_pages: usize) -> Admission {
-        self.take(&[run_pages], false)
+        self.take(&[run_pages], Rule::Tight)
     }
 
     /// Asks to remap several planned runs together (all or none), `run_pages[i]` pages each.
     pub fn admit_all(&mut self, run_pages: &[usize]) -> Admission {
-        self.take(run_pages, true)
+        self.take(run_pages, Rule::Longest)
     }
 
-    fn take(&mut self, run_pages: &[usize], planned: bool) -> Admission {
-        let verdict = self.verdict(run_pages, planned);
+    /// Asks to remap the planned runs of a new slot that are left once its other runs were
+    /// admitted: only the room decides, so that the slot keeps its donor and its sharers.
+    pub fn admit_rest(&mut self, run_pages: &[usize]) -> Admission {
+        self.take(run_pages, Rule::Room)
+    }
+
+    /// VMAs left before the limit.
+    pub fn room(&self) -> u64 {
+        self.limit().saturating_sub(self.used)
+    }
+
+    fn take(&mut self, run_pages: &[usize], rule: Rule) -> Admission {
+        let planned = rule != Rule::Tight;
+        let verdict = self.verdict(run_pages, rule);
         if verdict == Admission::Admitted {
             let n = run_pages.len() as u64;
             let cost = VMAS_PER_REMAP * n;
             self.used += cost;
             self.charged += cost;
-            self.remaps += n;
             if planned {
                 self.charged_plan += cost;
-                self.remaps_plan += n;
             }
         } else {
             self.deny(run_pages.len() as u64);
-            if verdict == Admission::TooShort && planned {
+            if verdict == Admission::TooShort && rule == Rule::Longest {
                 self.waited = true;
             }
         }
@@ -187,6 +209,12 @@ impl VmaBudget {
     pub fn charge(&mut self, n: u64) {
         self.used += n;
         self.charged += n;
+        self.charged_other += n;
+    }
+
+    /// `n` remaps were made (what a remap costs is learnt from them and the next count).
+    pub fn remapped(&mut self, n: u64) {
+        self.remaps += n;
     }
 
     /// The part of the pass (0 to 1) scanned once the pages of the next plan are.
@@ -199,16 +227,20 @@ impl VmaBudget {
     /// would see it.
     pub fn begin_plan(&mut self, asks: &ByClass) {
         self.charged_plan = 0;
-        self.remaps_plan = 0;
         self.plan_asks = *asks;
         self.update_min_class();
     }
 
     fn update_min_class(&mut self) {
-        let room = self.limit().saturating_sub(self.used);
         self.min_class = self
             .demand
-            .min_class(&self.plan_asks, self.plan_progress, room);
+            .min_class(&self.plan_asks, self.plan_progress, self.room());
+    }
+
+    /// A pass begins; `quiet`: it plans only pages new to the planner (see
+    /// [`Demand::begin_pass`]).
+    pub fn begin_pass(&mut self, quiet: bool) {
+        self.demand.begin_pass(quiet);
     }
 
     /// The plan being admitted asked for `asked` and was refused `refused` (by class).
@@ -231,24 +263,27 @@ impl VmaBudget {
     /// Takes a count of the VMAs made while a plan is being admitted: it holds the remaps done
     /// so far, and the plan's charges come on top.
     pub fn recounted(&mut self, counted: u64) {
-        self.demand.counted(
-            counted.saturating_sub(self.counted_at),
-            self.remaps.saturating_sub(self.remaps_plan),
-        );
-        self.counted_at = counted;
-        self.remaps = self.remaps_plan;
+        self.learn_cost(counted);
         self.used = counted + self.charged_plan;
         self.charged = self.charged_plan;
         self.update_min_class();
     }
 
+    /// Learns what a remap costs from a count: the VMAs added since the last one, less those
+    /// charged for other things, over the remaps made in between.
+    fn learn_cost(&mut self, counted: u64) {
+        let added = counted
+            .saturating_sub(self.counted_at)
+            .saturating_sub(self.charged_other);
+        self.demand.counted(added, self.remaps);
+        self.counted_at = counted;
+        self.remaps = 0;
+        self.charged_other = 0;
+    }
+
     /// Replaces the running charge by a measurement.
     pub fn measured(&mut self, used: u64) {
-        self.demand
-            .counted(used.saturating_sub(self.counted_at), self.remaps);
-        self.counted_at = used;
-        self.remaps = 0;
-        self.remaps_plan = 0;
+        self.learn_cost(used);
         self.used = used;
         self.charged = 0;
         self.charged_plan = 0;

@@ -48,6 +48,8 @@ pub(crate) struct CommitOut {
     pub cpu_ns: u64,
     /// Pool slot fills that failed.
     pub pool_errors: u64,
+    /// Remaps made.
+    pub remaps: u64,
     /// New slots filled.
     pub filled: HashSet<u32>,
     /// Failures by kind, with the first error of each.
@@ -278,6 +280,7 @@ pub(crate) fn commit_plan(
             out.cpu_ns += cpu;
             out.fill_ns += rep.fill_ns;
             out.pool_errors += rep.pool_errors;
+            out.remaps += rep.remaps;
             if rep.reset_guard && !out.resets.contains(&u.guard.hva) {
                 out.resets.push(u.guard.hva);
             }

@@ -52,6 +52,9 @@ pub struct Demand {
     refused_last: Option<ByClass>,
     /// VMAs one remap adds.
     cost: f64,
+    /// The pass going on plans only pages new to the planner: the runs the last pass
+    /// refused are not asked for again.
+    quiet: bool,
 }
 
 impl Demand {
@@ -62,6 +65,7 @@ impl Demand {
             refused: [0; CLASSES],
             refused_last: None,
             cost: cost.clamp(COST_MIN, COST_MAX),
+            quiet: false,
         }
     }
 
@@ -80,7 +84,7 @@ impl Demand {
         let mut need = 0.0;
         for k in (0..CLASSES).rev() {
             let asked = self.asked[k] + step[k];
-            let rest = if let Some(last) = &self.refused_last {
+            let rest = if let Some(last) = self.refused_last.as_ref().filter(|_| !self.quiet) {
                 last[k].saturating_sub(asked) as f64
             } else if p > 0.0 && seen >= MIN_SAMPLE {
                 asked as f64 * (1.0 - p) / p
@@ -106,12 +110,20 @@ impl Demand {
         }
     }
 
+    /// A pass begins; `quiet`: it plans only pages new to the planner, so it expects only
+    /// what its own figures tell, and leaves the last full pass's refusals for the next one.
+    pub fn begin_pass(&mut self, quiet: bool) {
+        self.quiet = quiet;
+    }
+
     /// A pass completed: its refusals are what the next one starts from, if it asked for
-    /// anything (a first look at pages, or a pass over unchanged memory, tells nothing).
+    /// anything (a first look at pages tells nothing) and was not quiet.
     pub fn pass_done(&mut self) {
         let refused = std::mem::take(&mut self.refused);
         let asked = std::mem::take(&mut self.asked);
-        self.refused_last = asked.iter().any(|&n| n > 0).then_some(refused);
+        if !self.quiet {
+            self.refused_last = asked.iter().any(|&n| n > 0).then_some(refused);
+        }
     }
 
     /// A count found `added` more VMAs than the one before, with `remaps` remaps done in
@@ -204,6 +216,30 @@ mod tests {
         // One that asked nothing tells nothing: the pass scales its own figures.
         d.pass_done();
         assert_eq!(d.min_class(&by(&[(0, 100), (5, 1)]), 0.1, 150), 1);
+    }
+
+    #[test]
+    fn a_quiet_pass_expects_only_its_own_and_keeps_the_last_refusals() {
+        let mut d = Demand::new(1.0);
+        d.step_done(&by(&[(0, 900), (4, 100)]), &by(&[(0, 800), (4, 90)]));
+        d.pass_done();
+        let step = by(&[(0, 10)]);
+        assert_eq!(
+            d.min_class(&step, 0.1, 500),
+            1,
+            "a full pass expects the refusals"
+        );
+        // A quiet pass plans only fresh pages: the refused ones do not come back in it.
+        d.begin_pass(true);
+        assert_eq!(d.min_class(&step, 0.1, 500), 0);
+        d.step_done(&step, &by(&[]));
+        d.pass_done();
+        d.begin_pass(false);
+        assert_eq!(
+            d.min_class(&step, 0.1, 500),
+            1,
+            "kept for the next full pass"
+        );
     }
 
     #[test]

@@ -62,6 +62,9 @@ impl State {
         }
         self.cursor = Cursor::default();
         self.in_pass = true;
+        if let Ok(mut b) = self.budget.lock() {
+            b.begin_pass(self.quiet);
+        }
     }
 
     /// Picks up to `max_pages` pages from the cursor on; returns the chunks and whether the pass
@@ -313,6 +316,9 @@ impl State {
         };
         worker_cpu += out.cpu_ns;
         self.totals.pool_errors += out.pool_errors;
+        if let Ok(mut b) = self.budget.lock() {
+            b.remapped(out.remaps);
+        }
         let filled = std::mem::take(&mut out.filled);
         tally.absorb(std::mem::take(&mut out.tally));
         let (outcomes, written, repairs) = (out.outcomes, out.written, out.repairs);

@@ -165,6 +165,47 @@ fn a_short_vma_budget_goes_to_the_longest_runs_first() {
 }
 
 #[test]
+fn a_merge_too_big_for_the_budget_does_not_hold_back_one_that_fits() {
+    let _serial = serial();
+    // Eight guests hold the same 32-page block: its slots' eight runs need 16 VMAs together.
+    // Guests 0 and 1 also share 4 pages: two remaps. The budget leaves room for 10.
+    let mems: Vec<Arc<Mem>> = (0..8).map(|_| memory(64)).collect();
+    let seeds: Vec<Vec<u64>> = (0..8u64)
+        .map(|g| {
+            (0..64u64)
+                .map(|i| match i {
+                    0..32 => 500 + i,
+                    40..44 if g < 2 => 900 + i,
+                    _ => 10_000 * (g + 1) + i,
+                })
+                .collect()
+        })
+        .collect();
+    for (m, s) in mems.iter().zip(&seeds) {
+        fill_all(m, s);
+    }
+    let mut cfg = fast_config();
+    cfg.set("vma_budget", "18").unwrap();
+    let names: Vec<String> = (0..8).map(|g| format!("g{g}")).collect();
+    let guests: Vec<(&str, &str, Arc<Mem>)> = names
+        .iter()
+        .zip(&mems)
+        .map(|(n, m)| (n.as_str(), "d", m.clone()))
+        .collect();
+    let (engine, _) = engine_with(cfg, &guests);
+    for _ in 0..3 {
+        engine.scan_pass().unwrap();
+    }
+    let s = engine.stats();
+    assert_eq!(s.pages_sharing, 4, "{s:?}");
+    let all: Vec<&Mem> = mems.iter().map(|m| &**m).collect();
+    assert!(s.vmas_used <= 18 && guest_vmas(&all) <= 18, "{s:?}");
+    for (m, s) in mems.iter().zip(&seeds) {
+        assert_contents(m, s);
+    }
+}
+
+#[test]
 fn merge_across_nodes_off_keeps_nodes_apart() {
     let pages = 64;
     let a = memory(pages);
