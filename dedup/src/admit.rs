@@ -95,14 +95,11 @@ pub fn admit(
         let k = class(pages / need.len());
         let fits = VMAS_PER_REMAP * need.len() as u64 <= room;
         for &r in &need {
+            claimed[r as usize] = true;
             class_of[r as usize] = fits.then_some(k);
         }
         if fits {
             asked[k] += need.len() as u64;
-        }
-        // Claimed by this ask even when it does not fit.
-        for &r in &need {
-            claimed[r as usize] = true;
         }
     }
     budget.begin_plan(&asked);
