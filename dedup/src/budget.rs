@@ -155,10 +155,11 @@ impl VmaBudget {
         }
     }
 
-    /// Whether planned runs of `run_pages` pages wait for longer ones.
+    /// Whether planned runs of `run_pages` pages wait for longer ones (asking for none never
+    /// waits).
     fn waits(&self, run_pages: &[usize]) -> bool {
         let pages: usize = run_pages.iter().sum();
-        demand::class(pages / run_pages.len().max(1)) < self.min_class
+        !run_pages.is_empty() && demand::class(pages / run_pages.len()) < self.min_class
     }
 
     /// Asks to remap a run of `run_pages` pages that was not planned as such (part of a
@@ -422,6 +423,7 @@ mod tests {
             "8.5 pages a remap"
         );
         assert_eq!(b.admit_all(&[16, 16]), Admission::Admitted);
+        assert_eq!(b.admit_all(&[]), Admission::Admitted, "nothing to wait for");
         b.pass_done();
         assert!(b.left_waiting());
         // Past seven eighths, single pages outside a plan are refused, planned ones are not.
