@@ -116,6 +116,60 @@ impl PackageInfo {
     }
 }
 
+/// The `.deb` of `package` in `cache` (`NAME_VERSION_ARCH.deb`, as `apt-get download` names
+/// it), described from the file itself: for composing where the package lists cannot be read
+/// (no apt, or no network). `None` when the cache holds none; with several, the newest.
+pub fn cached(package: &str, cache: &Path) -> Result<Option<PackageInfo>, Error> {
+    let cache_err = |source| Error::Cache {
+        path: cache.to_owned(),
+        source,
+    };
+    let entries = match fs::read_dir(cache) {
+        Ok(entries) => entries,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(cache_err(e)),
+    };
+    let mut best: Option<(std::time::SystemTime, PathBuf, String)> = None;
+    for entry in entries {
+        let path = entry.map_err(cache_err)?.path();
+        let Some(file) = path.file_name().and_then(|n| n.to_str()) else {
+            continue;
+        };
+        let Some(stem) = file.strip_suffix(".deb") else {
+            continue;
+        };
+        let mut parts = stem.split('_');
+        let (Some(name), Some(version), Some(_arch), None) =
+            (parts.next(), parts.next(), parts.next(), parts.next())
+        else {
+            continue;
+        };
+        if name != package {
+            continue;
+        }
+        let modified = fs::metadata(&path)
+            .and_then(|m| m.modified())
+            .map_err(cache_err)?;
+        if best.as_ref().is_none_or(|(t, _, _)| modified > *t) {
+            best = Some((modified, path.clone(), version.replace("%3a", ":")));
+        }
+    }
+    let Some((_, path, version)) = best else {
+        return Ok(None);
+    };
+    let size = fs::metadata(&path).map_err(cache_err)?.len();
+    Ok(Some(PackageInfo {
+        name: package.to_owned(),
+        version,
+        filename: path
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default(),
+        sha256: manifest::sha256_file(&path).map_err(Error::Hash)?,
+        size,
+    }))
+}
+
 /// The first `Depends:` of `apt-cache depends` output whose package starts with `prefix`.
 pub fn parse_depends(output: &str, prefix: &str) -> Option<String> {
     output.lines().find_map(|line| {
@@ -382,6 +436,30 @@ Filename: pool/old.deb
 Size: 1
 SHA256: 00
 ";
+
+    #[test]
+    fn cached_debs_are_described_from_the_file() {
+        let dir = std::env::temp_dir().join(format!("guest-images-cached-{}", std::process::id()));
+        fs::create_dir_all(&dir).unwrap();
+        assert_eq!(cached("perl-base", &dir.join("none")).unwrap(), None);
+        fs::write(dir.join("perl-base_5.36.0-7+deb12u3_amd64.deb"), b"perl").unwrap();
+        fs::write(dir.join("perl_5.36.0-7_amd64.deb"), b"other").unwrap();
+        fs::write(dir.join("perl-base.txt"), b"").unwrap();
+        fs::write(dir.join("busybox-static_1%3a1.35.0-4_amd64.deb"), b"bb").unwrap();
+        let info = cached("perl-base", &dir).unwrap().unwrap();
+        assert_eq!(info.name, "perl-base");
+        assert_eq!(info.version, "5.36.0-7+deb12u3");
+        assert_eq!(info.deb_name(), "perl-base_5.36.0-7+deb12u3_amd64.deb");
+        assert_eq!(info.sha256, manifest::sha256_hex(b"perl"));
+        assert_eq!(info.size, 4);
+        assert_eq!(
+            cached("busybox-static", &dir).unwrap().unwrap().version,
+            "1:1.35.0-4",
+            "the epoch's colon, as apt-get download escapes it"
+        );
+        assert_eq!(cached("coreutils", &dir).unwrap(), None);
+        fs::remove_dir_all(dir).unwrap();
+    }
 
     #[test]
     fn depends_picks_the_kernel_image() {

@@ -65,6 +65,11 @@ pub enum Error {
     /// The initramfs could not be written.
     #[error("cannot build the initramfs")]
     Initramfs(#[source] cpio::Error),
+    /// An output derived again from another does not have its recorded sum.
+    #[error(
+        "{0} extracted again differs from the one the manifest records: run `guest-images build`"
+    )]
+    Restored(&'static str),
 }
 
 /// What to build and where.
@@ -138,6 +143,32 @@ fn still_valid(
     Ok(sources && prev.outputs_match(out)?)
 }
 
+/// Writes `vmlinux` again from `vmlinuz` when the manifest in `out` records both, `vmlinuz` is
+/// there as recorded and `vmlinux` is not (it is derived from `vmlinuz`: 50 MiB that a copy of
+/// the outputs need not carry). The result must have the recorded sum. Returns whether it
+/// wrote `vmlinux`.
+pub fn restore_vmlinux(out: &Path) -> Result<bool, Error> {
+    let Some(manifest) = Manifest::load(&out.join(MANIFEST))? else {
+        return Ok(false);
+    };
+    let record = |name: &str| manifest.outputs.iter().find(|o| o.name == name);
+    let (Some(zrec), Some(xrec)) = (record(VMLINUZ), record(VMLINUX)) else {
+        return Ok(false);
+    };
+    if xrec.matches_in(out)? || !zrec.matches_in(out)? {
+        return Ok(false);
+    }
+    let vmlinuz = read(&out.join(VMLINUZ))?;
+    let vmlinux =
+        bzimage::extract_vmlinux(&vmlinuz).map_err(|e| Error::Vmlinux(VMLINUZ.to_owned(), e))?;
+    if FileRecord::of_bytes(VMLINUX, &vmlinux) != *xrec {
+        return Err(Error::Restored(VMLINUX));
+    }
+    manifest::write_atomic(&out.join(VMLINUX), &vmlinux)?;
+    info!("wrote {VMLINUX} again from {VMLINUZ}");
+    Ok(true)
+}
+
 /// Runs the build.
 pub fn build(config: &BuildConfig) -> Result<BuildReport, Error> {
     let out = &config.out;
@@ -155,6 +186,9 @@ pub fn build(config: &BuildConfig) -> Result<BuildReport, Error> {
         FileRecord::of_bytes("init", INIT_SCRIPT.as_bytes()),
     ];
     let manifest_path = out.join(MANIFEST);
+    if let Err(e) = restore_vmlinux(out) {
+        warn!("{e}");
+    }
     let previous = Manifest::load(&manifest_path).unwrap_or_else(|e| {
         warn!("ignoring the old manifest: {e}");
         None
@@ -255,6 +289,47 @@ mod tests {
         assert_eq!(path, boot.join("vmlinuz-6.1.0-9-cloud-amd64"));
         fs::write(boot.join("vmlinuz-6.1.0-10-cloud-amd64"), b"bz").unwrap();
         assert!(matches!(find_vmlinuz(&dir, "k"), Err(Error::NoKernel(_))));
+        fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
+    fn vmlinux_is_written_again_from_vmlinuz() {
+        use crate::bzimage::tests::{fake_bzimage, kernel_like, legacy_frame};
+        let dir = std::env::temp_dir().join(format!("guest-images-restore-{}", std::process::id()));
+        fs::create_dir_all(&dir).unwrap();
+        let (elf, content) = kernel_like(512);
+        let vmlinuz = fake_bzimage(&legacy_frame(&content, 65536), true);
+        let mut manifest = Manifest {
+            format: FORMAT,
+            kernel_release: "6.1.0-9-cloud-amd64".into(),
+            packages: Vec::new(),
+            inputs: Vec::new(),
+            outputs: vec![
+                FileRecord::of_bytes(VMLINUZ, &vmlinuz),
+                FileRecord::of_bytes(VMLINUX, &elf),
+            ],
+        };
+        manifest.save(&dir.join(MANIFEST)).unwrap();
+        fs::write(dir.join(VMLINUZ), &vmlinuz).unwrap();
+        assert!(!manifest.outputs_match(&dir).unwrap());
+        assert!(restore_vmlinux(&dir).unwrap());
+        assert_eq!(fs::read(dir.join(VMLINUX)).unwrap(), elf);
+        assert!(manifest.outputs_match(&dir).unwrap());
+        assert!(!restore_vmlinux(&dir).unwrap(), "nothing to do");
+        // Not from a vmlinuz other than the recorded one.
+        fs::remove_file(dir.join(VMLINUX)).unwrap();
+        fs::write(dir.join(VMLINUZ), b"bz").unwrap();
+        assert!(!restore_vmlinux(&dir).unwrap());
+        assert!(!dir.join(VMLINUX).exists());
+        // A result without the recorded sum is refused.
+        fs::write(dir.join(VMLINUZ), &vmlinuz).unwrap();
+        manifest.outputs[1] = FileRecord::of_bytes(VMLINUX, b"another kernel");
+        manifest.save(&dir.join(MANIFEST)).unwrap();
+        assert!(matches!(
+            restore_vmlinux(&dir),
+            Err(Error::Restored(VMLINUX))
+        ));
+        assert!(!dir.join(VMLINUX).exists());
         fs::remove_dir_all(dir).unwrap();
     }
 

@@ -163,12 +163,12 @@ pub fn extract_vmlinux(bz: &[u8]) -> Result<Vec<u8>, Error> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use crate::elf::tests::tiny_elf;
 
     /// `lz4 -l` framing of `data` with blocks of `block` bytes, plus the trailing size.
-    fn legacy_frame(data: &[u8], block: usize) -> Vec<u8> {
+    pub(crate) fn legacy_frame(data: &[u8], block: usize) -> Vec<u8> {
         let mut f = LZ4_LEGACY_MAGIC.to_vec();
         for chunk in data.chunks(block) {
             let c = lz4_flex::block::compress(chunk);
@@ -180,7 +180,7 @@ mod tests {
     }
 
     /// A bzImage-shaped file: setup sectors with a 2.15 header, some code, the payload, a tail.
-    fn fake_bzimage(payload: &[u8], with_header: bool) -> Vec<u8> {
+    pub(crate) fn fake_bzimage(payload: &[u8], with_header: bool) -> Vec<u8> {
         let setup_sects = 3u8;
         let code_before = 700usize;
         let mut bz = vec![0u8; (usize::from(setup_sects) + 1) * 512 + code_before];
@@ -198,7 +198,7 @@ mod tests {
         bz
     }
 
-    fn kernel_like(trailing: usize) -> (Vec<u8>, Vec<u8>) {
+    pub(crate) fn kernel_like(trailing: usize) -> (Vec<u8>, Vec<u8>) {
         let elf = tiny_elf(1, 200_000, 0);
         let mut with_relocs = elf.clone();
         with_relocs.extend((0..trailing).map(|i| (i * 7) as u8));

@@ -260,9 +260,21 @@ pub fn compose_images(config: &ComposeConfig) -> Result<ComposeReport, Error> {
     }
 
     let mut apt = Apt::new();
+    let cache = config.out.join("cache").join("debs");
     let mut infos = Vec::new();
     for name in &config.packages {
-        infos.push(apt.show(name)?);
+        let info = match apt.show(name) {
+            Ok(info) => info,
+            // No package lists (no apt, or no network): the cached .deb, as it is.
+            Err(e) => match apt::cached(name, &cache)? {
+                Some(info) => {
+                    warn!("{e}; composing from the cached {}", info.deb_name());
+                    info
+                }
+                None => return Err(e.into()),
+            },
+        };
+        infos.push(info);
     }
     let packages: Vec<PackageRecord> = infos.iter().map(|i| i.record()).collect();
     let key = inputs_key(&config.params, &packages, &build_outputs);
@@ -279,7 +291,6 @@ pub fn compose_images(config: &ComposeConfig) -> Result<ComposeReport, Error> {
         });
     }
 
-    let cache = config.out.join("cache").join("debs");
     let work = config.out.join("cache").join("extract-compose");
     let mut files = Vec::new();
     for info in &infos {

@@ -77,6 +77,18 @@ impl FileRecord {
             sha256: sha256_hex(data),
         }
     }
+
+    /// Whether `dir` holds this file with its recorded size and sum.
+    pub fn matches_in(&self, dir: &Path) -> Result<bool, Error> {
+        let path = dir.join(&self.name);
+        match fs::metadata(&path) {
+            Ok(m) if m.len() == self.size => {}
+            Ok(_) => return Ok(false),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(false),
+            Err(e) => return Err(io_err(&path)(e)),
+        }
+        Ok(sha256_file(&path)? == self.sha256)
+    }
 }
 
 /// What a build used and wrote.
@@ -130,14 +142,7 @@ impl Manifest {
             return Ok(false);
         }
         for out in &self.outputs {
-            let path = dir.join(&out.name);
-            match fs::metadata(&path) {
-                Ok(m) if m.len() == out.size => {}
-                Ok(_) => return Ok(false),
-                Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(false),
-                Err(e) => return Err(io_err(&path)(e)),
-            }
-            if sha256_file(&path)? != out.sha256 {
+            if !out.matches_in(dir)? {
                 return Ok(false);
             }
         }
