@@ -144,9 +144,10 @@ fn still_valid(
 }
 
 /// Writes `vmlinux` again from `vmlinuz` when the manifest in `out` records both, `vmlinuz` is
-/// there as recorded and `vmlinux` is not (it is derived from `vmlinuz`: 50 MiB that a copy of
-/// the outputs need not carry). The result must have the recorded sum. Returns whether it
-/// wrote `vmlinux`.
+/// there as recorded and `vmlinux` is missing or of another size (it is derived from
+/// `vmlinuz`: 50 MiB that a copy of the outputs need not carry; a file of the recorded size is
+/// left for [`Manifest::outputs_match`] to judge). The result must have the recorded sum.
+/// Returns whether it wrote `vmlinux`.
 pub fn restore_vmlinux(out: &Path) -> Result<bool, Error> {
     let Some(manifest) = Manifest::load(&out.join(MANIFEST))? else {
         return Ok(false);
@@ -155,7 +156,8 @@ pub fn restore_vmlinux(out: &Path) -> Result<bool, Error> {
     let (Some(zrec), Some(xrec)) = (record(VMLINUZ), record(VMLINUX)) else {
         return Ok(false);
     };
-    if xrec.matches_in(out)? || !zrec.matches_in(out)? {
+    let present = fs::metadata(out.join(VMLINUX)).is_ok_and(|m| m.len() == xrec.size);
+    if present || !zrec.matches_in(out)? {
         return Ok(false);
     }
     let vmlinuz = read(&out.join(VMLINUZ))?;
