@@ -4,11 +4,11 @@
 //! of the plan, and the new slots nobody is left to map are freed (they were never filled), so
 //! the commit only attempts what it may do.
 
-use hashbrown::HashMap;
+use hashbrown::{HashMap, HashSet};
 
 use crate::budget::{Admission, VMAS_PER_REMAP, VmaBudget};
 use crate::demand::{ByClass, CLASSES, class};
-use crate::index::{ContentIndex, Entry};
+use crate::index::{ContentIndex, Entry, PageLoc};
 use crate::plan::{self, Assign, Plan, PlanView, Rules, Target};
 use crate::slots::{CHUNK_SLOTS, SlotTable};
 
@@ -116,6 +116,7 @@ pub fn admit(
         };
         verdict == Admission::Admitted
     };
+    let donor_runs = donor_runs(plan, &ids);
     let mut state: Vec<Option<bool>> = vec![None; lens.len()];
     // Refused along with a run refused before: waiting for that run, not for the budget.
     let mut followed = vec![false; lens.len()];
@@ -127,20 +128,31 @@ pub fn admit(
         if need.is_empty() {
             continue;
         }
-        let ok = if refused {
+        if refused {
             budget.refuse(need.len() as u64);
             for &r in &need {
                 followed[r as usize] = true;
+                state[r as usize] = Some(false);
             }
-            false
-        } else {
-            // The rest of a slot whose other runs were admitted: the slot must keep its donor
-            // and its sharers, so only the room can refuse them.
-            let rest = group.iter().any(|&r| state[r as usize] == Some(true));
-            need_lens.clear();
-            need_lens.extend(need.iter().map(|&r| lens[r as usize]));
-            ask(budget, &need_lens, rest)
-        };
+            continue;
+        }
+        // The rest of a slot whose other runs were admitted: the slot must keep its donor and
+        // its sharers, so only the room can refuse them.
+        let rest = group.iter().any(|&r| state[r as usize] == Some(true));
+        // A new slot's runs that do not fit together: its donor's run and the longest of the
+        // others that fit, at least one (the others stay undecided).
+        if !rest && need.len() > 2 && VMAS_PER_REMAP * need.len() as u64 > budget.room() {
+            let fit = (budget.room() / VMAS_PER_REMAP) as usize;
+            if fit >= 2 {
+                need.sort_by_key(|&r| {
+                    (!donor_runs[r as usize], std::cmp::Reverse(lens[r as usize]))
+                });
+                need.truncate(fit);
+            }
+        }
+        need_lens.clear();
+        need_lens.extend(need.iter().map(|&r| lens[r as usize]));
+        let ok = ask(budget, &need_lens, rest);
         for &r in &need {
             state[r as usize] = Some(ok);
         }
@@ -154,9 +166,52 @@ pub fn admit(
         }
     }
     budget.plan_done(&asked, &refused);
-    ids.iter()
+    let mut keep: Vec<bool> = ids
+        .iter()
         .map(|&r| r == u32::MAX || state[r as usize] == Some(true))
-        .collect()
+        .collect();
+    keep_whole_slots(plan, &mut keep);
+    keep
+}
+
+/// Whether each run holds the donor of a new slot.
+fn donor_runs(plan: &Plan, ids: &[u32]) -> Vec<bool> {
+    let runs = ids
+        .iter()
+        .filter(|&&r| r != u32::MAX)
+        .max()
+        .map_or(0, |&r| r as usize + 1);
+    let mut donor = vec![false; runs];
+    let donors: HashSet<PageLoc> = plan.new_slots.iter().map(|n| n.donor).collect();
+    for (a, &r) in plan.assigns.iter().zip(ids) {
+        if r != u32::MAX && donors.contains(&a.loc) {
+            donor[r as usize] = true;
+        }
+    }
+    donor
+}
+
+/// Takes out the merges of every new slot that would be left without its donor or with a
+/// single page: whatever the order the runs were admitted in, a slot is filled from its donor
+/// and shared by two pages at least. (Each merge belongs to one slot, so taking out one slot's
+/// merges leaves the others' counts as they are.)
+fn keep_whole_slots(plan: &Plan, keep: &mut [bool]) {
+    let number = NewSlotNumbers::new(plan);
+    let mut kept = vec![0u32; plan.new_slots.len()];
+    let mut donor_kept = vec![false; plan.new_slots.len()];
+    for (a, _) in plan.assigns.iter().zip(keep.iter()).filter(|(_, k)| **k) {
+        if let Some(k) = number.of(a.target) {
+            kept[k as usize] += 1;
+            donor_kept[k as usize] |= a.loc == plan.new_slots[k as usize].donor;
+        }
+    }
+    for (a, k) in plan.assigns.iter().zip(keep.iter_mut()) {
+        if let Some(n) = number.of(a.target) {
+            if kept[n as usize] < 2 || !donor_kept[n as usize] {
+                *k = false;
+            }
+        }
+    }
 }
 
 /// The runs holding the pages of each new slot of a plan, slot by slot in the plan's order,
@@ -546,11 +601,69 @@ mod tests {
             .collect();
         pairs.extend((0..4u32).map(|i| (900 + i, 1000 + i)));
         let plan = slot_plan(&pairs, &mut slots);
-        let mut budget = VmaBudget::new(10, 0);
+        // Room for one remap: not even the donor's run and one other (see below).
+        let mut budget = VmaBudget::new(3, 0);
         let keep = admit(&plan, &slots, &mut budget, &mut || None);
         assert!(keep[..256].iter().all(|&k| !k));
         assert_eq!(keep[256..], [true; 4]);
         assert_eq!(budget.used(), 2);
+    }
+
+    #[test]
+    fn a_new_slot_too_big_for_the_room_is_merged_in_part() {
+        // The same eight runs of 32 pages with room for five remaps: the donor's run and four
+        // others; the slots' other pages stay as they are.
+        let mut slots = SlotTable::new();
+        let pairs: Vec<(u32, u32)> = (0..8u32)
+            .flat_map(|run| (0..32u32).map(move |i| (run * 100 + i, i)))
+            .collect();
+        let plan = slot_plan(&pairs, &mut slots);
+        let mut budget = VmaBudget::new(10, 0);
+        let keep = admit(&plan, &slots, &mut budget, &mut || None);
+        assert_eq!(keep.iter().filter(|&&k| k).count(), 5 * 32);
+        assert!((0..32).all(|i| keep[i]), "the donors' run");
+        assert_eq!(budget.used(), 10);
+    }
+
+    #[test]
+    fn every_kept_new_slot_keeps_its_donor_and_a_sharer() {
+        // Slots 0-63: donors on pages 0-63 (one run), sharers on pages 5000-5063. Slot 64:
+        // donor page 2000, sharers 1001 (run 1000-1001, with slot 63) and 3000 (run 3000-3001,
+        // with slot 65). Slots 65-72: donors on pages 4000-4007, sharers on 6000-6007. Runs of
+        // 8 pages wait for longer ones: slots 65-72 wait, which refuses the run 3000-3001,
+        // which refuses page 2000 after page 1001 was admitted with slot 63. Slot 64 must not
+        // be kept with page 1001 alone.
+        let mut slots = SlotTable::new();
+        let mut pairs: Vec<(u32, u32)> = (0..64).map(|i| (i, i)).collect();
+        pairs.push((2000, 64));
+        pairs.extend((0..8).map(|i| (4000 + i, 65 + i)));
+        pairs.extend((0..64).map(|i| (5000 + i, i)));
+        pairs.extend((0..8).map(|i| (6000 + i, 65 + i)));
+        pairs.extend([(1000, 63), (1001, 64), (3000, 64), (3001, 65)]);
+        let plan = slot_plan(&pairs, &mut slots);
+        let mut budget = VmaBudget::new(2000, 0);
+        let mut last = [0; CLASSES];
+        last[5] = 1000;
+        budget.plan_done(&last, &last);
+        budget.pass_done();
+        budget.set_progress(0.5);
+        let keep = admit(&plan, &slots, &mut budget, &mut || None);
+        assert!(keep.iter().any(|&k| k) && keep.iter().any(|&k| !k));
+        for n in &plan.new_slots {
+            let kept: Vec<PageLoc> = plan
+                .assigns
+                .iter()
+                .zip(&keep)
+                .filter(|(a, k)| **k && a.target == Target::Slot(n.slot))
+                .map(|(a, _)| a.loc)
+                .collect();
+            assert!(
+                kept.is_empty() || (kept.len() >= 2 && kept.contains(&n.donor)),
+                "slot {} kept with {kept:?}, donor {:?}",
+                n.slot,
+                n.donor
+            );
+        }
     }
 
     #[test]

@@ -165,10 +165,11 @@ fn a_short_vma_budget_goes_to_the_longest_runs_first() {
 }
 
 #[test]
-fn a_merge_too_big_for_the_budget_does_not_hold_back_one_that_fits() {
+fn a_merge_too_big_for_the_budget_is_made_in_part() {
     let _serial = serial();
-    // Eight guests hold the same 32-page block: its slots' eight runs need 16 VMAs together.
-    // Guests 0 and 1 also share 4 pages: two remaps. The budget leaves room for 10.
+    // Eight guests hold the same 32-page block: its slots' eight runs need 16 VMAs together,
+    // the budget leaves room for 10. The block is merged in part (its donor's run and the
+    // longest others that fit), not refused whole. (Guests 0 and 1 also share 4 pages.)
     let mems: Vec<Arc<Mem>> = (0..8).map(|_| memory(64)).collect();
     let seeds: Vec<Vec<u64>> = (0..8u64)
         .map(|g| {
@@ -197,7 +198,7 @@ fn a_merge_too_big_for_the_budget_does_not_hold_back_one_that_fits() {
         engine.scan_pass().unwrap();
     }
     let s = engine.stats();
-    assert_eq!(s.pages_sharing, 4, "{s:?}");
+    assert!(s.pages_sharing >= 2 * 32, "{s:?}");
     let all: Vec<&Mem> = mems.iter().map(|m| &**m).collect();
     assert!(s.vmas_used <= 18 && guest_vmas(&all) <= 18, "{s:?}");
     for (m, s) in mems.iter().zip(&seeds) {
