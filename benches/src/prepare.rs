@@ -126,8 +126,11 @@ pub fn images_dir() -> PathBuf {
 /// Builds the guest kernel and initramfs unless a valid build is already in `out`; returns
 /// whether it built.
 pub fn build_images_if_missing(out: &Path) -> Result<bool, Error> {
-    // A copy of the outputs may leave out vmlinux, which vmlinuz holds.
-    build_images::restore_vmlinux(out).map_err(Error::Build)?;
+    // A copy of the outputs may leave out vmlinux, which vmlinuz holds. Failing that, the
+    // check below finds the build invalid and builds again.
+    if let Err(e) = build_images::restore_vmlinux(out) {
+        eprintln!("warning: {e}");
+    }
     let valid = Manifest::load(&out.join(MANIFEST))?
         .map(|m| m.outputs_match(out))
         .transpose()?

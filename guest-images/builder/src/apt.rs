@@ -116,58 +116,114 @@ impl PackageInfo {
     }
 }
 
-/// The `.deb` of `package` in `cache` (`NAME_VERSION_ARCH.deb`, as `apt-get download` names
-/// it), described from the file itself: for composing where the package lists cannot be read
-/// (no apt, or no network). `None` when the cache holds none; with several, the newest.
-pub fn cached(package: &str, cache: &Path) -> Result<Option<PackageInfo>, Error> {
+/// The `.deb` files of `package` in `cache` (named `NAME_VERSION_ARCH.deb`, as `apt-get
+/// download` and [`Apt::fetch`] name them).
+fn cached_files(package: &str, cache: &Path) -> Result<Vec<PathBuf>, Error> {
     let cache_err = |source| Error::Cache {
         path: cache.to_owned(),
         source,
     };
     let entries = match fs::read_dir(cache) {
         Ok(entries) => entries,
-        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Vec::new()),
         Err(e) => return Err(cache_err(e)),
     };
-    let mut best: Option<(std::time::SystemTime, PathBuf, String)> = None;
+    let mut files = Vec::new();
     for entry in entries {
         let path = entry.map_err(cache_err)?.path();
-        let Some(file) = path.file_name().and_then(|n| n.to_str()) else {
-            continue;
-        };
-        let Some(stem) = file.strip_suffix(".deb") else {
-            continue;
-        };
-        let mut parts = stem.split('_');
-        let (Some(name), Some(version), Some(_arch), None) =
-            (parts.next(), parts.next(), parts.next(), parts.next())
-        else {
-            continue;
-        };
-        if name != package {
-            continue;
-        }
-        let modified = fs::metadata(&path)
-            .and_then(|m| m.modified())
-            .map_err(cache_err)?;
-        if best.as_ref().is_none_or(|(t, _, _)| modified > *t) {
-            best = Some((modified, path.clone(), version.replace("%3a", ":")));
+        let named = path
+            .file_name()
+            .and_then(|n| n.to_str())
+            .and_then(|n| n.strip_suffix(".deb"))
+            .is_some_and(|stem| {
+                let mut parts = stem.split('_');
+                parts.next() == Some(package) && parts.count() == 2
+            });
+        if named {
+            files.push(path);
         }
     }
-    let Some((_, path, version)) = best else {
-        return Ok(None);
-    };
-    let size = fs::metadata(&path).map_err(cache_err)?.len();
-    Ok(Some(PackageInfo {
-        name: package.to_owned(),
-        version,
-        filename: path
-            .file_name()
-            .map(|n| n.to_string_lossy().into_owned())
-            .unwrap_or_default(),
-        sha256: manifest::sha256_file(&path).map_err(Error::Hash)?,
-        size,
-    }))
+    files.sort();
+    Ok(files)
+}
+
+/// The value of `field` in `dpkg-deb --field` output.
+pub fn parse_field<'a>(output: &'a str, field: &str) -> Option<&'a str> {
+    output.lines().find_map(|l| {
+        l.strip_prefix(field)
+            .and_then(|rest| rest.strip_prefix(':'))
+            .map(str::trim)
+    })
+}
+
+impl Apt {
+    /// The one `.deb` of `package` in `cache`, described from the file itself (name and
+    /// version from its control fields, the sum from its bytes): for composing where the
+    /// package lists cannot be read. `None` when the cache holds none; an error when it holds
+    /// several (which one the lists would name cannot be told) or the file is of another
+    /// package.
+    pub fn cached(&self, package: &str, cache: &Path) -> Result<Option<PackageInfo>, Error> {
+        let mut files = cached_files(package, cache)?;
+        if files.len() > 1 {
+            return Err(Error::Failed {
+                command: format!("choosing the cached .deb of {package}"),
+                detail: format!(
+                    "{} versions in {}: keep the one to compose from",
+                    files.len(),
+                    cache.display()
+                ),
+            });
+        }
+        let Some(path) = files.pop() else {
+            return Ok(None);
+        };
+        let mut cmd = Command::new("dpkg-deb");
+        cmd.arg("--field").arg(&path).args(["Package", "Version"]);
+        let out = run(&mut cmd)?;
+        if !out.status.success() {
+            return Err(failed(&cmd, &out));
+        }
+        let fields = String::from_utf8_lossy(&out.stdout);
+        let (Some(name), Some(version)) = (
+            parse_field(&fields, "Package"),
+            parse_field(&fields, "Version"),
+        ) else {
+            return Err(Error::Failed {
+                command: command_line(&cmd),
+                detail: "no Package or Version field".into(),
+            });
+        };
+        if name != package {
+            return Err(Error::Failed {
+                command: command_line(&cmd),
+                detail: format!("the file holds {name}, not {package}"),
+            });
+        }
+        let size = fs::metadata(&path)
+            .map_err(|source| Error::Cache {
+                path: path.clone(),
+                source,
+            })?
+            .len();
+        Ok(Some(PackageInfo {
+            name: package.to_owned(),
+            version: version.to_owned(),
+            filename: path
+                .file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_default(),
+            sha256: manifest::sha256_file(&path).map_err(Error::Hash)?,
+            size,
+        }))
+    }
+}
+
+impl Error {
+    /// Whether the package lists could not be read at all (no apt, or an unreachable archive),
+    /// as opposed to a package they do not know.
+    pub fn lists_unreadable(&self) -> bool {
+        matches!(self, Error::MissingTool { .. } | Error::Unreachable { .. })
+    }
 }
 
 /// The first `Depends:` of `apt-cache depends` output whose package starts with `prefix`.
@@ -437,28 +493,84 @@ Size: 1
 SHA256: 00
 ";
 
+    /// Builds a `.deb` of `package` `version` with `dpkg-deb --build` at `path`.
+    fn build_deb(package: &str, version: &str, path: &Path) {
+        let root = path.with_extension("root");
+        fs::create_dir_all(root.join("DEBIAN")).unwrap();
+        fs::write(
+            root.join("DEBIAN/control"),
+            format!(
+                "Package: {package}\nVersion: {version}\nArchitecture: amd64\n\
+                 Maintainer: test <test@example.org>\nDescription: test package\n"
+            ),
+        )
+        .unwrap();
+        let out = Command::new("dpkg-deb")
+            .arg("--build")
+            .arg(&root)
+            .arg(path)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{out:?}");
+        fs::remove_dir_all(root).unwrap();
+    }
+
     #[test]
-    fn cached_debs_are_described_from_the_file() {
+    fn cached_debs_are_described_from_their_control_fields() {
         let dir = std::env::temp_dir().join(format!("guest-images-cached-{}", std::process::id()));
         fs::create_dir_all(&dir).unwrap();
-        assert_eq!(cached("perl-base", &dir.join("none")).unwrap(), None);
-        fs::write(dir.join("perl-base_5.36.0-7+deb12u3_amd64.deb"), b"perl").unwrap();
-        fs::write(dir.join("perl_5.36.0-7_amd64.deb"), b"other").unwrap();
+        let apt = Apt::new();
+        assert_eq!(apt.cached("perl-base", &dir.join("none")).unwrap(), None);
+        // As `apt-get download` names it: the pool's file name, without the epoch.
+        let deb = dir.join("perl-base_5.36.0-7_amd64.deb");
+        build_deb("perl-base", "1:5.36.0-7", &deb);
+        build_deb("perl", "5.36.0-7", &dir.join("perl_5.36.0-7_amd64.deb"));
         fs::write(dir.join("perl-base.txt"), b"").unwrap();
-        fs::write(dir.join("busybox-static_1%3a1.35.0-4_amd64.deb"), b"bb").unwrap();
-        let info = cached("perl-base", &dir).unwrap().unwrap();
+        let info = apt.cached("perl-base", &dir).unwrap().unwrap();
         assert_eq!(info.name, "perl-base");
-        assert_eq!(info.version, "5.36.0-7+deb12u3");
-        assert_eq!(info.deb_name(), "perl-base_5.36.0-7+deb12u3_amd64.deb");
-        assert_eq!(info.sha256, manifest::sha256_hex(b"perl"));
-        assert_eq!(info.size, 4);
         assert_eq!(
-            cached("busybox-static", &dir).unwrap().unwrap().version,
-            "1:1.35.0-4",
-            "the epoch's colon, as apt-get download escapes it"
+            info.version, "1:5.36.0-7",
+            "the epoch, from the control fields"
         );
-        assert_eq!(cached("coreutils", &dir).unwrap(), None);
+        assert_eq!(info.deb_name(), "perl-base_5.36.0-7_amd64.deb");
+        assert_eq!(info.sha256, manifest::sha256_file(&deb).unwrap());
+        assert_eq!(info.size, fs::metadata(&deb).unwrap().len());
+        assert_eq!(apt.cached("coreutils", &dir).unwrap(), None);
+        // Two versions: which one the lists would name cannot be told.
+        build_deb(
+            "perl-base",
+            "5.36.0-8",
+            &dir.join("perl-base_5.36.0-8_amd64.deb"),
+        );
+        assert!(apt.cached("perl-base", &dir).is_err());
+        // A file named for one package that holds another.
+        build_deb("libc6", "2.36", &dir.join("coreutils_9.1-1_amd64.deb"));
+        assert!(apt.cached("coreutils", &dir).is_err());
         fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
+    fn control_fields_are_read_by_name() {
+        let fields = "Package: perl-base\nVersion: 1:5.36.0-7\n";
+        assert_eq!(parse_field(fields, "Package"), Some("perl-base"));
+        assert_eq!(parse_field(fields, "Version"), Some("1:5.36.0-7"));
+        assert_eq!(parse_field(fields, "Vers"), None);
+        assert_eq!(parse_field(fields, "Architecture"), None);
+    }
+
+    #[test]
+    fn only_unreadable_lists_let_the_cache_stand_in() {
+        let missing = Error::MissingTool {
+            tool: "apt-cache".into(),
+            source: io::Error::from(io::ErrorKind::NotFound),
+        };
+        assert!(missing.lists_unreadable());
+        let unreachable = Error::Unreachable {
+            command: "apt-get update".into(),
+            detail: "Could not resolve".into(),
+        };
+        assert!(unreachable.lists_unreadable());
+        assert!(!Error::Unresolved("python3.11-minimal".into()).lists_unreadable());
     }
 
     #[test]

@@ -266,13 +266,14 @@ pub fn compose_images(config: &ComposeConfig) -> Result<ComposeReport, Error> {
         let info = match apt.show(name) {
             Ok(info) => info,
             // No package lists (no apt, or no network): the cached .deb, as it is.
-            Err(e) => match apt::cached(name, &cache)? {
+            Err(e) if e.lists_unreadable() => match apt.cached(name, &cache)? {
                 Some(info) => {
                     warn!("{e}; composing from the cached {}", info.deb_name());
                     info
                 }
                 None => return Err(e.into()),
             },
+            Err(e) => return Err(e.into()),
         };
         infos.push(info);
     }
