@@ -563,6 +563,18 @@ mod tests {
         assert_eq!(counts, 0, "nothing charged since the last count");
     }
 
+    /// A budget of `limit` VMAs halfway through a pass after one that refused `refused`
+    /// runs of class `class`.
+    fn midway_after_refusals(limit: u64, class: usize, refused: u64) -> VmaBudget {
+        let mut budget = VmaBudget::new(limit, 0);
+        let mut last = [0; CLASSES];
+        last[class] = refused;
+        budget.plan_done(&last, &last);
+        budget.pass_done();
+        budget.set_progress(0.5);
+        budget
+    }
+
     #[test]
     fn the_rest_of_a_new_slot_is_not_left_waiting() {
         // Run 0: pages 0-2 open slots 0-2; run 1: pages 10-13 onto slots 0-3; run 2: page 20
@@ -577,13 +589,8 @@ mod tests {
             });
         }
         plan.assigns.sort_by_key(|a| a.loc);
-        let mut budget = VmaBudget::new(1000, 0);
         // The last pass refused 600 runs of 2-3 pages; half of this pass is scanned.
-        let mut last = [0; CLASSES];
-        last[1] = 600;
-        budget.plan_done(&last, &last);
-        budget.pass_done();
-        budget.set_progress(0.5);
+        let mut budget = midway_after_refusals(1000, 1, 600);
         assert_eq!(admit(&plan, &slots, &mut budget, &mut || None), [true; 8]);
         assert!(budget.min_run() > 1, "single pages were waiting");
     }
@@ -641,12 +648,7 @@ mod tests {
         pairs.extend((0..8).map(|i| (6000 + i, 65 + i)));
         pairs.extend([(1000, 63), (1001, 64), (3000, 64), (3001, 65)]);
         let plan = slot_plan(&pairs, &mut slots);
-        let mut budget = VmaBudget::new(2000, 0);
-        let mut last = [0; CLASSES];
-        last[5] = 1000;
-        budget.plan_done(&last, &last);
-        budget.pass_done();
-        budget.set_progress(0.5);
+        let mut budget = midway_after_refusals(2000, 5, 1000);
         let keep = admit(&plan, &slots, &mut budget, &mut || None);
         assert!(keep.iter().any(|&k| k) && keep.iter().any(|&k| !k));
         for n in &plan.new_slots {
