@@ -4,11 +4,11 @@
 //! of the plan, and the new slots nobody is left to map are freed (they were never filled), so
 //! the commit only attempts what it may do.
 
-use hashbrown::{HashMap, HashSet};
+use hashbrown::HashMap;
 
 use crate::budget::{Admission, VMAS_PER_REMAP, VmaBudget};
 use crate::demand::{ByClass, CLASSES, class};
-use crate::index::{ContentIndex, Entry, PageLoc};
+use crate::index::{ContentIndex, Entry};
 use crate::plan::{self, Assign, Plan, PlanView, Rules, Target};
 use crate::slots::{CHUNK_SLOTS, SlotTable};
 
@@ -58,7 +58,8 @@ pub fn admit(
     recount: &mut dyn FnMut() -> Option<u64>,
 ) -> Vec<bool> {
     let (ids, lens) = runs(&plan.assigns, slots);
-    let groups = SlotRuns::new(plan, &ids);
+    let number = NewSlotNumbers::new(plan);
+    let groups = SlotRuns::new(plan, &ids, &number);
     let mut grouped = vec![false; lens.len()];
     for group in groups.iter() {
         for &r in group {
@@ -116,7 +117,7 @@ pub fn admit(
         };
         verdict == Admission::Admitted
     };
-    let donor_runs = donor_runs(plan, &ids);
+    let donor_runs = donor_runs(plan, &ids, &number, lens.len());
     let mut state: Vec<Option<bool>> = vec![None; lens.len()];
     // Refused along with a run refused before: waiting for that run, not for the budget.
     let mut followed = vec![false; lens.len()];
@@ -170,22 +171,16 @@ pub fn admit(
         .iter()
         .map(|&r| r == u32::MAX || state[r as usize] == Some(true))
         .collect();
-    keep_whole_slots(plan, &mut keep);
+    keep_whole_slots(plan, &number, &mut keep);
     keep
 }
 
-/// Whether each run holds the donor of a new slot.
-fn donor_runs(plan: &Plan, ids: &[u32]) -> Vec<bool> {
-    let runs = ids
-        .iter()
-        .filter(|&&r| r != u32::MAX)
-        .max()
-        .map_or(0, |&r| r as usize + 1);
+/// Whether each of the `runs` runs holds the donor of a new slot.
+fn donor_runs(plan: &Plan, ids: &[u32], number: &NewSlotNumbers, runs: usize) -> Vec<bool> {
     let mut donor = vec![false; runs];
-    let donors: HashSet<PageLoc> = plan.new_slots.iter().map(|n| n.donor).collect();
     for (a, &r) in plan.assigns.iter().zip(ids) {
-        if r != u32::MAX && donors.contains(&a.loc) {
-            donor[r as usize] = true;
+        if let Some(k) = number.of(a.target) {
+            donor[r as usize] |= a.loc == plan.new_slots[k as usize].donor;
         }
     }
     donor
@@ -195,8 +190,7 @@ fn donor_runs(plan: &Plan, ids: &[u32]) -> Vec<bool> {
 /// single page: whatever the order the runs were admitted in, a slot is filled from its donor
 /// and shared by two pages at least. (Each merge belongs to one slot, so taking out one slot's
 /// merges leaves the others' counts as they are.)
-fn keep_whole_slots(plan: &Plan, keep: &mut [bool]) {
-    let number = NewSlotNumbers::new(plan);
+fn keep_whole_slots(plan: &Plan, number: &NewSlotNumbers, keep: &mut [bool]) {
     let mut kept = vec![0u32; plan.new_slots.len()];
     let mut donor_kept = vec![false; plan.new_slots.len()];
     for (a, _) in plan.assigns.iter().zip(keep.iter()).filter(|(_, k)| **k) {
@@ -224,8 +218,7 @@ struct SlotRuns {
 }
 
 impl SlotRuns {
-    fn new(plan: &Plan, ids: &[u32]) -> Self {
-        let number = NewSlotNumbers::new(plan);
+    fn new(plan: &Plan, ids: &[u32], number: &NewSlotNumbers) -> Self {
         let mut start = vec![0usize; plan.new_slots.len() + 1];
         let mut pairs: Vec<(u32, u32)> = Vec::with_capacity(plan.assigns.len());
         for (a, &r) in plan.assigns.iter().zip(ids) {
@@ -721,7 +714,7 @@ mod tests {
                 target: Target::Zero,
             });
             let (ids, _) = runs(&plan.assigns, &slots);
-            let got: Vec<Vec<u32>> = SlotRuns::new(&plan, &ids)
+            let got: Vec<Vec<u32>> = SlotRuns::new(&plan, &ids, &NewSlotNumbers::new(&plan))
                 .iter()
                 .map(<[u32]>::to_vec)
                 .collect();
