@@ -317,6 +317,18 @@ fn bad_requests_get_a_4xx_with_a_json_error_and_the_vmm_keeps_serving() {
     let mut second = probe.spawn(MEM, &["--api-sock", sock.to_str().unwrap()]);
     assert_eq!(second.exit_code(), 2, "{}", second.transcript());
     assert!(second.transcript().contains("another process is listening"));
+    // A path that is not a socket fails the start before any statistics line, and is kept.
+    let file = dir.as_path().join("not-a-socket");
+    std::fs::write(&file, b"keep").unwrap();
+    let mut refused = probe.spawn(MEM, &["--dedup", "--api-sock", file.to_str().unwrap()]);
+    assert_eq!(refused.exit_code(), 2, "{}", refused.transcript());
+    let said = refused.transcript();
+    assert!(said.contains("is not a socket"), "{said}");
+    assert!(
+        !said.contains("stats"),
+        "statistics before the start failed: {said}"
+    );
+    assert_eq!(std::fs::read(&file).unwrap(), b"keep");
     vmm.probe().exit(0);
     assert_eq!(vmm.exit_code(), 0, "{}", vmm.transcript());
     std::os::unix::net::UnixListener::bind(&sock).unwrap();

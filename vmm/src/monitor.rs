@@ -11,6 +11,7 @@ use std::thread::{self, JoinHandle};
 use std::time::Duration;
 
 use crate::control::Control;
+use crate::report::Report;
 
 /// Where summary lines go.
 pub type LineSink = Box<dyn Fn(&str) + Send>;
@@ -74,17 +75,25 @@ struct Writer {
 impl Writer {
     fn write(&self, last: bool) -> Result<(), Error> {
         let report = self.control.stats();
+        self.print(&report, last);
+        self.write_file(&report)
+    }
+
+    fn print(&self, report: &Report, last: bool) {
         if self.config.summary {
             let tag = if last { " (final)" } else { "" };
             (self.lines)(&format!("stats{tag}: {}", report.summary()));
         }
-        if let Some(path) = &self.config.stats_json {
-            write_atomic(path, &report.to_json()).map_err(|source| Error::Write {
-                path: path.clone(),
-                source,
-            })?;
-        }
-        Ok(())
+    }
+
+    fn write_file(&self, report: &Report) -> Result<(), Error> {
+        let Some(path) = &self.config.stats_json else {
+            return Ok(());
+        };
+        write_atomic(path, &report.to_json()).map_err(|source| Error::Write {
+            path: path.clone(),
+            source,
+        })
     }
 }
 
@@ -113,7 +122,10 @@ impl Monitor {
             config,
             lines,
         };
-        writer.write(false)?;
+        // The file first: a path that cannot be written fails the start before any line.
+        let report = writer.control.stats();
+        writer.write_file(&report)?;
+        writer.print(&report, false);
         let (stop, stopped) = mpsc::channel::<()>();
         let interval = writer.config.interval;
         let thread = thread::Builder::new()
@@ -224,14 +236,22 @@ mod tests {
     }
 
     #[test]
-    fn an_unwritable_file_is_an_error_at_start() {
+    fn an_unwritable_file_is_an_error_at_start_before_any_line() {
         let config = MonitorConfig {
             interval: Duration::ZERO,
-            summary: false,
+            summary: true,
             stats_json: Some("/nonexistent/dir/s.json".into()),
         };
         let control = Arc::new(NoControl { guests: vec![] });
-        let e = Monitor::start(control, config, Box::new(|_| {})).unwrap_err();
+        let lines = Arc::new(Mutex::new(Vec::<String>::new()));
+        let sink = Arc::clone(&lines);
+        let e = Monitor::start(
+            control,
+            config,
+            Box::new(move |l| sink.lock().unwrap().push(l.to_string())),
+        )
+        .unwrap_err();
         assert!(e.to_string().contains("/nonexistent/dir/s.json"), "{e}");
+        assert_eq!(*lines.lock().unwrap(), Vec::<String>::new());
     }
 }

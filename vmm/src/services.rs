@@ -98,12 +98,14 @@ impl Services {
                 control
             }
         };
-        let monitor = Monitor::start(Arc::clone(&control), config.monitor.clone(), lines)?;
+        // The socket first: a path that cannot be served fails the start before any
+        // statistics line is printed or written.
         let api = config
             .api_sock
             .as_deref()
             .map(|path| ApiServer::start(path, Arc::clone(&control)))
             .transpose()?;
+        let monitor = Monitor::start(Arc::clone(&control), config.monitor.clone(), lines)?;
         if let Some(d) = dedup.as_mut() {
             let guests = vmm.stop_handle();
             d.start(Box::new(move |_| guests.stop_all()))?;
