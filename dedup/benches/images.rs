@@ -8,9 +8,10 @@
 //! refusals, full scans, the VMAs inside guest memory and how they are made up, and what the
 //! idle passes cost. Then what any merger that shares pages by remapping them needs for these
 //! images: the fewest file mappings with one pool copy per content (and how few of them hold
-//! 95% of the merged pages), and what one remap costs. The kernel takes the address space's
-//! write lock for each, so their sum is a floor on the time to merge, however many threads
-//! the engine runs.
+//! 95% of the merged pages), and what one remap costs, alone and while a thread of the process
+//! runs on every other CPU (as the engine's workers do: each remap's TLB flush reaches them).
+//! The kernel takes the address space's write lock for each, so their sum is a floor on the
+//! time to merge, however many threads the engine runs.
 //!
 //! Environment: `IMAGES_DIR` (the compose directory, default
 //! `guest-images/out/compose-4x512M` of the workspace), `IMAGES_OPTIONS` (engine knobs,
@@ -307,21 +308,28 @@ fn main() {
 
     // What any merger that remaps pages needs for these images, and what remapping costs.
     let floor = layout_floor(&images);
-    let us = remap_cost(4096);
+    let us = remap_cost(4096, 0);
+    let others = all.saturating_sub(1);
+    let busy_us = remap_cost(4096, others);
     println!(
         "mappings the merged pages need with one pool copy per content: {} with the best slot \
          order found ({} in order of first occurrence; the engine made {} file VMAs), the \
          longest {} of them hold 95% of the pages. One remap: {us:.1} us on one thread: {:.2} \
-         s for all, {:.2} s for 95%, one after the other however many threads run them",
+         s for all, {:.2} s for 95%, one after the other however many threads run them; \
+         {busy_us:.1} us while {others} other thread(s) of the process run (each remap's TLB \
+         flush reaches their CPUs, as with the engine's other workers): {:.2} s and {:.2} s",
         floor.best,
         floor.first_occurrence,
         shape.file,
         floor.best_for_95,
         floor.best as f64 * us / 1e6,
         floor.best_for_95 as f64 * us / 1e6,
+        floor.best as f64 * busy_us / 1e6,
+        floor.best_for_95 as f64 * busy_us / 1e6,
     );
     println!(
-        "RESULT floor_mappings={} floor_mappings_95={} remap_us={us:.2}",
+        "RESULT floor_mappings={} floor_mappings_95={} remap_us={us:.2} remap_busy_us={busy_us:.2} \
+         busy_threads={others}",
         floor.best, floor.best_for_95
     );
 }
@@ -465,9 +473,12 @@ struct LayoutFloor {
 
 /// Microseconds one remap of a page of populated anonymous memory onto a file page takes
 /// (`mmap` with `MAP_FIXED`, as the engine merges), over `n` remaps of every other page onto
-/// scattered file offsets, on one thread. The kernel holds the address space's write lock
-/// through each, so remaps of one process never overlap.
-fn remap_cost(n: usize) -> f64 {
+/// scattered file offsets, made by one thread while `others` other threads of the process spin
+/// (0: alone). The kernel holds the address space's write lock through each, so remaps of one
+/// process never overlap; and each flushes the TLB of every CPU that runs a thread of the
+/// process.
+fn remap_cost(n: usize, others: usize) -> f64 {
+    use std::sync::atomic::{AtomicBool, Ordering};
     use vm_dedup::sys::mem;
     let fd = mem::memfd_create(c"remap-cost").unwrap();
     mem::set_len(fd.as_fd(), (n * PAGE) as u64).unwrap();
@@ -476,6 +487,17 @@ fn remap_cost(n: usize) -> f64 {
     }
     let area = mem::Scratch::new(2 * n * PAGE).unwrap();
     mem::populate_write(area.addr(), area.len()).unwrap();
+    let stop = Arc::new(AtomicBool::new(false));
+    let spinners: Vec<_> = (0..others)
+        .map(|_| {
+            let stop = Arc::clone(&stop);
+            std::thread::spawn(move || {
+                while !stop.load(Ordering::Relaxed) {
+                    std::hint::spin_loop();
+                }
+            })
+        })
+        .collect();
     let t = Instant::now();
     for k in 0..n {
         let offset = ((k * 7919) % n * PAGE) as u64;
@@ -484,5 +506,10 @@ fn remap_cost(n: usize) -> f64 {
         unsafe { mem::map_private_fixed(area.addr() + 2 * k * PAGE, PAGE, fd.as_fd(), offset) }
             .unwrap();
     }
-    t.elapsed().as_secs_f64() * 1e6 / n as f64
+    let us = t.elapsed().as_secs_f64() * 1e6 / n as f64;
+    stop.store(true, Ordering::Relaxed);
+    for s in spinners {
+        s.join().unwrap();
+    }
+    us
 }
