@@ -198,7 +198,7 @@ impl GuestRam {
         loop {
             let filled = read_full(&mut file, &mut buf).map_err(read_err)?;
             for (i, page) in buf[..filled].chunks(PAGE_SIZE as usize).enumerate() {
-                if page.iter().any(|&b| b != 0) {
+                if !vm_dedup::hash::is_zero(page) {
                     let at = offset + i as u64 * PAGE_SIZE;
                     self.write(ram_offset_to_gpa(at), page)?;
                 }

@@ -1,7 +1,9 @@
 //! A VMM process: several independent guests sharing one KVM handle and one console, run
 //! until all have stopped.
 
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::mpsc::{self, Receiver, Sender};
+use std::thread;
 
 use crate::config::{self, VmmConfig};
 use crate::devices::console::{self, ConsoleInput, Sink};
@@ -58,6 +60,60 @@ impl Error {
     }
 }
 
+/// Builds the guests of `config`, several at once (up to one per CPU): copying `--mem-image`
+/// files into guest RAM is most of the time a start takes. Once a guest fails, no other is
+/// begun; the first error in configuration order is returned.
+fn build_guests(
+    host: &Host,
+    config: &VmmConfig,
+    sink: &Sink,
+    events: &Sender<Event>,
+) -> Result<Vec<Guest>, vm::Error> {
+    let count = config.guests.len();
+    let prefixed = count > 1;
+    let next = AtomicUsize::new(0);
+    let failed = AtomicBool::new(false);
+    let work = || {
+        let mut built = Vec::new();
+        while !failed.load(Ordering::Relaxed) {
+            let i = next.fetch_add(1, Ordering::Relaxed);
+            let Some(g) = config.guests.get(i) else {
+                break;
+            };
+            let guest = Guest::build(host, g, i, sink.clone(), prefixed, events.clone());
+            if guest.is_err() {
+                failed.store(true, Ordering::Relaxed);
+            }
+            built.push((i, guest));
+        }
+        built
+    };
+    let workers = thread::available_parallelism()
+        .map_or(1, usize::from)
+        .min(count);
+    let mut built = thread::scope(|s| {
+        // A helper that cannot be started leaves its share to the others.
+        let helpers: Vec<_> = (1..workers)
+            .filter_map(|w| {
+                thread::Builder::new()
+                    .name(format!("build{w}"))
+                    .spawn_scoped(s, work)
+                    .ok()
+            })
+            .collect();
+        let mut built = work();
+        for h in helpers {
+            match h.join() {
+                Ok(more) => built.extend(more),
+                Err(panic) => std::panic::resume_unwind(panic),
+            }
+        }
+        built
+    });
+    built.sort_by_key(|&(i, _)| i);
+    built.into_iter().map(|(_, guest)| guest).collect()
+}
+
 /// Asks a running [`Vmm`] to stop every guest.
 #[derive(Debug, Clone)]
 pub struct StopHandle(Sender<Event>);
@@ -106,13 +162,7 @@ impl Vmm {
         }
         vcpu::install_kick_handler()?;
         let (events, receiver) = mpsc::channel();
-        let prefixed = config.guests.len() > 1;
-        let guests = config
-            .guests
-            .iter()
-            .enumerate()
-            .map(|(i, g)| Guest::build(&host, g, i, sink.clone(), prefixed, events.clone()))
-            .collect::<Result<Vec<_>, _>>()?;
+        let guests = build_guests(&host, config, &sink, &events)?;
         Ok(Self {
             guests,
             events,

@@ -136,6 +136,21 @@ fn bad_files_are_usage_errors() {
         big,
     ];
     assert_usage_error(&image_args, "larger than the guest's 2M");
+    // Guests are built several at once; the error is the first failing guest's, in order.
+    let small = file_with(&[1u8; 4096]);
+    let small = small.as_path().to_str().unwrap();
+    let mut several = vec!["--guests", "4", "--flat", probe, "--entry", "0x100000"];
+    several.extend(["--mem", "2M", "--mem-image", small, "--mem-image", big]);
+    several.extend(["--mem-image", "/nonexistent/c", "--mem-image", big]);
+    let out = run(&several);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert_eq!(stderr.lines().count(), 1, "{stderr}");
+    assert!(
+        stderr.starts_with("vmm: error: guest1: --mem-image "),
+        "{stderr}"
+    );
+    assert!(stderr.contains("larger than the guest's 2M"), "{stderr}");
     let probe_args = |flag, value| ["--flat", probe, "--entry", "0x100000", flag, value];
     assert_usage_error(&probe_args("--api-sock", text), "is not a socket");
     assert_usage_error(
