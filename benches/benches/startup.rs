@@ -6,8 +6,11 @@
 //! - start-up: from spawning `vmm` to the `PROBE READY` console line of every guest (the
 //!   guest's first port exits), over [`RUNS`] runs, against spawning `vmm --version` (process
 //!   start and exit without KVM) as the baseline of the same run;
-//! - memory: the VMM process's PSS with idle probe guests, minus the PSS of the guest RAM
-//!   mappings (what the guests and the VMM's boot setup touched), for 1 and 4 guests.
+//! - memory: the VMM process's PSS with idle probe guests, minus the PSS of their RAM (what
+//!   the guests and the VMM's boot setup touched), for 1 and 4 guests. Each guest's RAM is
+//!   found from a marker page its memory image puts at [`MARKER_GPA`]; where the kernel merged
+//!   guest RAM with the anonymous memory next to it (a malloc arena's heap) into one mapping,
+//!   the resident pages of that part, from the pagemap, count as the VMM's.
 //!
 //! Kernel memory for KVM (shadow page tables, vCPU state) is not part of a process's PSS and is
 //! not counted.
@@ -19,7 +22,7 @@ use std::time::{Duration, Instant};
 
 use vmm_benches::smaps::ProcessMemory;
 use vmm_benches::summary::{Summary, millis};
-use vmm_tests::{ProbeGuest, Stream, VmmProcess};
+use vmm_tests::{ProbeGuest, ProcessPages, Stream, VmmProcess, pattern, temp_file_with};
 
 /// Runs per start-up figure.
 const RUNS: usize = 20;
@@ -29,6 +32,11 @@ const MEMORY_RUNS: usize = 5;
 const GUEST_MEM: &str = "64M";
 /// [`GUEST_MEM`] in bytes.
 const GUEST_MEM_BYTES: u64 = 64 << 20;
+/// Bytes in a page.
+const PAGE: u64 = 4096;
+/// Guest address of the page that marks where the memory bench finds each guest's RAM (above
+/// the probe and what it touches).
+const MARKER_GPA: u64 = 0x30_0000;
 /// Guest counts measured.
 const GUEST_COUNTS: [u32; 2] = [1, 4];
 /// Pause after the guests are ready and before reading smaps, so start-up work settles.
@@ -57,10 +65,16 @@ fn release_vmm() -> PathBuf {
 
 /// Starts `guests` probe guests and waits for all of them to print `PROBE READY`; returns
 /// the process and the time from spawn to the last ready line.
-fn start_probes(vmm_bin: &Path, probe: &ProbeGuest, guests: u32) -> (VmmProcess, Duration) {
+fn start_probes(
+    vmm_bin: &Path,
+    probe: &ProbeGuest,
+    guests: u32,
+    extra: &[&str],
+) -> (VmmProcess, Duration) {
     let count = guests.to_string();
     let mut command = Command::new(vmm_bin);
     command.args(probe.args(GUEST_MEM, &["--guests", &count]));
+    command.args(extra);
     let mut vmm = VmmProcess::start(&mut command);
     let mut last = vmm.spawned_at();
     for _ in 0..guests {
@@ -117,23 +131,65 @@ struct Overhead {
 }
 
 fn measure_memory(vmm_bin: &Path, probe: &ProbeGuest, guests: u32) -> Overhead {
-    let (vmm, _) = start_probes(vmm_bin, probe, guests);
+    // A memory image of one marker page tells where each guest's RAM is mapped.
+    let marker = pattern(0x57a7_7a9e, PAGE as usize);
+    let mut image = vec![0u8; (MARKER_GPA + PAGE) as usize];
+    image[MARKER_GPA as usize..].copy_from_slice(&marker);
+    let image = temp_file_with(&image);
+    let image = image.as_path().to_string_lossy().into_owned();
+    let (vmm, _) = start_probes(vmm_bin, probe, guests, &["--mem-image", &image]);
     thread::sleep(SETTLE);
-    let memory = ProcessMemory::of(vmm.pid())
-        .unwrap_or_else(|e| panic!("cannot read smaps of vmm {}: {e}", vmm.pid()));
-    let Some(ram) = memory.guest_ram(u64::from(guests), GUEST_MEM_BYTES) else {
-        panic!(
-            "cannot tell the {guests} x {GUEST_MEM} of guest RAM apart in smaps of vmm {}",
-            vmm.pid()
-        );
-    };
-    let guest_ram = ram.iter().map(|m| m.pss_kib).sum();
+    let pid = vmm.pid();
+    let memory =
+        ProcessMemory::of(pid).unwrap_or_else(|e| panic!("cannot read smaps of vmm {pid}: {e}"));
+    let pages = ProcessPages::open(pid)
+        .unwrap_or_else(|e| panic!("cannot read the pagemap of vmm {pid}: {e}"));
+    let ranges = guest_ram_ranges(&pages, &memory, &marker);
+    assert_eq!(
+        ranges.len(),
+        guests as usize,
+        "found the RAM of {} guests in vmm {pid}, not {guests}: {ranges:x?}",
+        ranges.len()
+    );
+    let guest_ram = memory.pss_within(&ranges, |start, end| {
+        let present = pages
+            .pfns(start, ((end - start) / PAGE) as usize)
+            .unwrap_or_else(|e| panic!("cannot read the pagemap of vmm {pid}: {e}"));
+        present.iter().flatten().count() as u64 * PAGE / 1024
+    });
     stop(vmm);
     Overhead {
         overhead: memory.pss_kib - guest_ram,
         total: memory.pss_kib,
         guest_ram,
     }
+}
+
+/// Where the guests' RAM is mapped: every guest holds `marker` at [`MARKER_GPA`], so each copy
+/// of it inside memory that looks like guest RAM, with a whole [`GUEST_MEM`] of it from
+/// [`MARKER_GPA`] below, places one guest (sorted by address).
+fn guest_ram_ranges(
+    pages: &ProcessPages,
+    memory: &ProcessMemory,
+    marker: &[u8],
+) -> Vec<(u64, u64)> {
+    let found = pages
+        .find_page(marker)
+        .unwrap_or_else(|e| panic!("cannot look for the marker in guest RAM: {e}"));
+    let mut ranges: Vec<(u64, u64)> = found
+        .into_iter()
+        .filter_map(|hva| hva.checked_sub(MARKER_GPA))
+        .map(|start| (start, start + GUEST_MEM_BYTES))
+        .filter(|&(start, end)| {
+            memory
+                .mappings
+                .iter()
+                .any(|m| m.looks_like_guest_ram() && m.start <= start && end <= m.end)
+        })
+        .collect();
+    ranges.sort_unstable();
+    ranges.dedup();
+    ranges
 }
 
 fn main() {
@@ -150,7 +206,7 @@ fn main() {
         .map(|&guests| {
             let what = format!("start-up, {guests} guest(s)");
             let summary = repeat(&what, || {
-                let (vmm, elapsed) = start_probes(&vmm_bin, &probe, guests);
+                let (vmm, elapsed) = start_probes(&vmm_bin, &probe, guests, &[]);
                 stop(vmm);
                 elapsed
             });

@@ -126,17 +126,38 @@ impl ProcessMemory {
         })
     }
 
-    /// The mappings holding the RAM of `guests` guests of `mem` bytes each: those that look
-    /// like guest RAM and are whole multiples of `mem` (the kernel merges adjacent guests'
-    /// RAM into one mapping). `None` unless their sizes add up to exactly `guests * mem`.
-    pub fn guest_ram(&self, guests: u64, mem: u64) -> Option<Vec<&Mapping>> {
-        let ram: Vec<&Mapping> = self
-            .mappings
-            .iter()
-            .filter(|m| m.looks_like_guest_ram() && m.size() % mem == 0)
-            .collect();
-        let total: u64 = ram.iter().map(|m| m.size()).sum();
-        (total == guests * mem).then_some(ram)
+    /// PSS in KiB of the address ranges `ranges` (sorted, not overlapping): the PSS of every
+    /// mapping that overlaps them, less `outside_kib(start, end)` for each part of such a
+    /// mapping outside them. The kernel merges guest RAM with adjacent anonymous memory of the
+    /// same kind (a malloc arena's heap, another guest's RAM) into one mapping, so the ranges
+    /// cannot be told apart by mapping alone; `outside_kib` measures what a part holds (the
+    /// resident pages of private memory, from the pagemap).
+    pub fn pss_within(
+        &self,
+        ranges: &[(u64, u64)],
+        mut outside_kib: impl FnMut(u64, u64) -> u64,
+    ) -> u64 {
+        let mut kib = 0;
+        for m in &self.mappings {
+            let inside: Vec<(u64, u64)> = ranges
+                .iter()
+                .map(|&(s, e)| (s.max(m.start), e.min(m.end)))
+                .filter(|&(s, e)| s < e)
+                .collect();
+            if inside.is_empty() {
+                continue;
+            }
+            let mut outside = 0;
+            let mut at = m.start;
+            for &(s, e) in inside.iter().chain(&[(m.end, m.end)]) {
+                if at < s {
+                    outside += outside_kib(at, s);
+                }
+                at = at.max(e);
+            }
+            kib += m.pss_kib.saturating_sub(outside);
+        }
+        kib
     }
 }
 
@@ -219,22 +240,33 @@ Pss:                   1 kB
     }
 
     #[test]
-    fn guest_ram_is_the_noreserve_read_write_anonymous_memory() {
+    fn pss_within_ranges_leaves_out_what_merged_mappings_hold_outside_them() {
         let memory = ProcessMemory {
             pss_kib: 600,
             mappings: parse_smaps(SMAPS),
         };
-        // One 64M guest alone and two merged into one mapping; not the PROT_NONE reservation
-        // nor the accounted (reserved) anonymous mapping of the same size.
-        let ram = memory.guest_ram(3, 64 << 20).unwrap();
-        let starts: Vec<u64> = ram.iter().map(|m| m.start).collect();
-        assert_eq!(starts, [0x7f00_0000_0000, 0x7f10_0000_0000]);
-        assert_eq!(ram.iter().map(|m| m.pss_kib).sum::<u64>(), 316);
-        // Counts that do not add up are refused rather than guessed.
-        assert!(memory.guest_ram(2, 64 << 20).is_none());
-        assert!(memory.guest_ram(4, 64 << 20).is_none());
-        // 128M guests: only the merged-looking mapping is a multiple, and it is one guest.
-        assert_eq!(memory.guest_ram(1, 128 << 20).map(|r| r.len()), Some(1));
+        let mib = 1u64 << 20;
+        let (a, b) = (0x7f00_0000_0000, 0x7f10_0000_0000);
+        let mut asked = Vec::new();
+        let mut outside = |s: u64, e: u64| {
+            asked.push((s, e));
+            (e - s) / mib
+        };
+        // The first 64M mapping whole; the second (128M) holds 64M of the ranges in two parts,
+        // with 16M and 48M outside them (16 and 48 KiB by this measure).
+        let ranges = [
+            (a, a + 64 * mib),
+            (b + 16 * mib, b + 48 * mib),
+            (b + 48 * mib, b + 80 * mib),
+        ];
+        assert_eq!(
+            memory.pss_within(&ranges, &mut outside),
+            216 + 100 - 16 - 48
+        );
+        assert_eq!(asked, [(b, b + 16 * mib), (b + 80 * mib, b + 128 * mib)]);
+        // Nothing in the ranges, nothing counted; a part larger than the PSS counts as all of it.
+        assert_eq!(memory.pss_within(&[(0x1000, 0x2000)], |_, _| 0), 0);
+        assert_eq!(memory.pss_within(&[(b, b + mib)], |_, _| 1000), 0);
     }
 
     #[test]
