@@ -4,7 +4,8 @@
 //! pages skipped, so they are never present), the background scanner runs with the fastest
 //! settings until it converges, then keeps running on idle guests for a while. Reports the time
 //! and CPU to 95% of the attainable savings (every non-zero page whose content another page
-//! also holds, minus one copy per content), the savings reached, merges, attempts and
+//! also holds, minus one copy per content) with the wall time of each phase by then (where a
+//! many-core host spends it), the savings reached, merges, attempts and
 //! refusals, full scans, the VMAs inside guest memory and how they are made up, and what the
 //! idle passes cost. Then what any merger that shares pages by remapping them needs for these
 //! images: the fewest file mappings with one pool copy per content (and how few of them hold
@@ -236,6 +237,7 @@ fn main() {
             t95 = Some((
                 t0.elapsed().as_secs_f64(),
                 (Engine::process_cpu_ns() - cpu0) as f64 / 1e9,
+                s.clone(),
             ));
         }
         if saved != last.0 {
@@ -255,7 +257,21 @@ fn main() {
     scanner.stop();
 
     match t95 {
-        Some((t, c)) => println!("95% of attainable in {t:.2} s, {c:.2} CPU-s"),
+        Some((t, c, s)) => {
+            let ms = |ns: u64| ns as f64 / 1e6;
+            let p = &s.phases;
+            println!(
+                "95% of attainable in {t:.2} s, {c:.2} CPU-s: {} full scans, {} merges; wall ms \
+                 per phase: scan {:.0}, plan {:.0}, commit {:.0} (fill {:.0} of it), account {:.0}",
+                s.full_scans,
+                s.merges,
+                ms(p.scan_ns),
+                ms(p.plan_ns),
+                ms(p.commit_ns),
+                ms(p.fill_ns),
+                ms(p.account_ns),
+            );
+        }
         None => println!("95% of attainable not reached"),
     }
     line(
