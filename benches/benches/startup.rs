@@ -10,7 +10,8 @@
 //!   the guests and the VMM's boot setup touched), for 1 and 4 guests. Each guest's RAM is
 //!   found from a marker page its memory image puts at [`MARKER_GPA`]; where the kernel merged
 //!   guest RAM with the anonymous memory next to it (a malloc arena's heap) into one mapping,
-//!   the resident pages of that part, from the pagemap, count as the VMM's.
+//!   the resident pages of that part, from the pagemap (not the shared zero page), count as the
+//!   VMM's.
 //!
 //! Kernel memory for KVM (shadow page tables, vCPU state) is not part of a process's PSS and is
 //! not counted.
@@ -22,7 +23,7 @@ use std::time::{Duration, Instant};
 
 use vmm_benches::smaps::ProcessMemory;
 use vmm_benches::summary::{Summary, millis};
-use vmm_tests::{ProbeGuest, ProcessPages, Stream, VmmProcess, pattern, temp_file_with};
+use vmm_tests::{ProbeGuest, ProcessPages, Stream, VmmProcess, pattern, temp_file_with, zero_pfn};
 
 /// Runs per start-up figure.
 const RUNS: usize = 20;
@@ -151,11 +152,14 @@ fn measure_memory(vmm_bin: &Path, probe: &ProbeGuest, guests: u32) -> Overhead {
         "found the RAM of {} guests in vmm {pid}, not {guests}: {ranges:x?}",
         ranges.len()
     );
+    // The shared zero page is present but not in the PSS.
+    let zero = zero_pfn();
     let guest_ram = memory.pss_within(&ranges, |start, end| {
         let present = pages
             .pfns(start, ((end - start) / PAGE) as usize)
             .unwrap_or_else(|e| panic!("cannot read the pagemap of vmm {pid}: {e}"));
-        present.iter().flatten().count() as u64 * PAGE / 1024
+        let resident = present.iter().flatten().filter(|&&pfn| Some(pfn) != zero);
+        resident.count() as u64 * PAGE / 1024
     });
     stop(vmm);
     Overhead {
