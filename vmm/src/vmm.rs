@@ -69,31 +69,46 @@ fn build_guests(
     sink: &Sink,
     events: &Sender<Event>,
 ) -> Result<Vec<Guest>, vm::Error> {
-    let count = config.guests.len();
-    let prefixed = count > 1;
+    let prefixed = config.guests.len() > 1;
+    let workers = thread::available_parallelism().map_or(1, usize::from);
+    in_parallel(&config.guests, workers, |i, g| {
+        Guest::build(host, g, i, sink.clone(), prefixed, events.clone())
+    })
+    .into_iter()
+    .collect()
+}
+
+/// Runs `build` on each of `items` (with its index) on up to `workers` threads, this one
+/// included, each taking the next item as it gets free. Once a build fails or panics, no further one is begun. Returns the
+/// results of the builds that ran, in index order; a panic is raised again once every thread
+/// has stopped.
+fn in_parallel<I: Sync, T: Send, E: Send>(
+    items: &[I],
+    workers: usize,
+    build: impl Fn(usize, &I) -> Result<T, E> + Sync,
+) -> Vec<Result<T, E>> {
     let next = AtomicUsize::new(0);
     let failed = AtomicBool::new(false);
     let work = || {
-        let mut built = Vec::new();
+        let mut done = Vec::new();
         while !failed.load(Ordering::Relaxed) {
             let i = next.fetch_add(1, Ordering::Relaxed);
-            let Some(g) = config.guests.get(i) else {
+            let Some(item) = items.get(i) else {
                 break;
             };
-            let guest = Guest::build(host, g, i, sink.clone(), prefixed, events.clone());
-            if guest.is_err() {
+            let stop = StopOthersOnPanic(&failed);
+            let result = build(i, item);
+            std::mem::forget(stop);
+            if result.is_err() {
                 failed.store(true, Ordering::Relaxed);
             }
-            built.push((i, guest));
+            done.push((i, result));
         }
-        built
+        done
     };
-    let workers = thread::available_parallelism()
-        .map_or(1, usize::from)
-        .min(count);
-    let mut built = thread::scope(|s| {
+    let mut done = thread::scope(|s| {
         // A helper that cannot be started leaves its share to the others.
-        let helpers: Vec<_> = (1..workers)
+        let helpers: Vec<_> = (1..workers.min(items.len()))
             .filter_map(|w| {
                 thread::Builder::new()
                     .name(format!("build{w}"))
@@ -101,17 +116,27 @@ fn build_guests(
                     .ok()
             })
             .collect();
-        let mut built = work();
+        let mut done = work();
         for h in helpers {
             match h.join() {
-                Ok(more) => built.extend(more),
+                Ok(more) => done.extend(more),
                 Err(panic) => std::panic::resume_unwind(panic),
             }
         }
-        built
+        done
     });
-    built.sort_by_key(|&(i, _)| i);
-    built.into_iter().map(|(_, guest)| guest).collect()
+    done.sort_by_key(|&(i, _)| i);
+    done.into_iter().map(|(_, result)| result).collect()
+}
+
+/// Tells the other build threads to stop when dropped, which only happens while a build
+/// unwinds (it is forgotten once the build returns).
+struct StopOthersOnPanic<'a>(&'a AtomicBool);
+
+impl Drop for StopOthersOnPanic<'_> {
+    fn drop(&mut self) {
+        self.0.store(true, Ordering::Relaxed);
+    }
 }
 
 /// Asks a running [`Vmm`] to stop every guest.
@@ -218,5 +243,62 @@ impl Vmm {
                 *stop = Some(guest.stop(Stop::Requested));
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::panic::{self, AssertUnwindSafe};
+    use std::sync::Mutex;
+    use std::time::Duration;
+
+    use super::*;
+
+    #[test]
+    fn every_item_is_built_once_and_results_keep_their_order() {
+        let items: Vec<u32> = (0..23).collect();
+        let calls = AtomicUsize::new(0);
+        let results = in_parallel(&items, 4, |i, &item| {
+            calls.fetch_add(1, Ordering::Relaxed);
+            assert_eq!(i as u32, item);
+            Ok::<_, ()>(item * 10)
+        });
+        assert_eq!(calls.into_inner(), items.len());
+        let values: Vec<u32> = results.into_iter().map(|r| r.unwrap()).collect();
+        assert_eq!(values, items.iter().map(|x| x * 10).collect::<Vec<_>>());
+        assert!(in_parallel(&[] as &[u32], 4, |_, _| Ok::<_, ()>(())).is_empty());
+    }
+
+    #[test]
+    fn no_build_begins_after_one_fails() {
+        let items = [0, 1, 2, 3, 4, 5];
+        let begun = Mutex::new(Vec::new());
+        let results = in_parallel(&items, 1, |i, _| {
+            begun.lock().unwrap().push(i);
+            if i == 2 { Err(i) } else { Ok(i) }
+        });
+        assert_eq!(results, vec![Ok(0), Ok(1), Err(2)]);
+        assert_eq!(*begun.lock().unwrap(), vec![0, 1, 2]);
+    }
+
+    #[test]
+    fn a_panicking_build_stops_the_others_and_is_raised_again() {
+        let items = [(); 50];
+        let begun = AtomicUsize::new(0);
+        let outcome = panic::catch_unwind(AssertUnwindSafe(|| {
+            in_parallel(&items, 2, |i, _| {
+                begun.fetch_add(1, Ordering::Relaxed);
+                if i == 0 {
+                    // Unwinds at once, without the panic hook's message and backtrace.
+                    panic::resume_unwind(Box::new("build 0 panics"));
+                }
+                thread::sleep(Duration::from_millis(20));
+                Ok::<_, ()>(())
+            })
+        }));
+        assert!(outcome.is_err(), "the panic is raised again");
+        // The other thread finishes the build it is in (a build takes 20 ms, the panic
+        // microseconds) and begins no more: without the stop it would build all 49.
+        assert!(begun.into_inner() <= 3);
     }
 }
