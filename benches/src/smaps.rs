@@ -119,10 +119,11 @@ impl ProcessMemory {
         let pss_kib = rollup_pss_kib(&rollup).ok_or_else(|| {
             io::Error::new(io::ErrorKind::InvalidData, "no Pss line in smaps_rollup")
         })?;
-        let smaps = fs::read_to_string(format!("/proc/{pid}/smaps"))?;
+        // A mapped file's path may be any bytes; only the fields before it are read.
+        let smaps = fs::read(format!("/proc/{pid}/smaps"))?;
         Ok(Self {
             pss_kib,
-            mappings: parse_smaps(&smaps),
+            mappings: parse_smaps(&String::from_utf8_lossy(&smaps)),
         })
     }
 

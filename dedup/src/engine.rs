@@ -85,6 +85,9 @@ pub enum EngineError {
          once, and unregister it before registering it again)"
     )]
     Overlap,
+    /// /proc/self/maps could not be read to check that the memory maps no pool page.
+    #[error("reading /proc/self/maps")]
+    Maps(#[source] std::io::Error),
 }
 
 pub(crate) struct Inner {
@@ -286,7 +289,7 @@ impl Engine {
             .iter()
             .map(|r| (r.hva, r.hva + r.pages * PAGE_SIZE))
             .collect();
-        if st.overlaps_guests(&ranges) || st.maps_pool_in(&ranges) {
+        if st.overlaps_guests(&ranges) || st.maps_pool_in(&ranges).map_err(EngineError::Maps)? {
             return Err(EngineError::Overlap);
         }
         let domain = st.domain_id(&guest.domain).ok_or(EngineError::TooMany)?;

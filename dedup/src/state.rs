@@ -230,11 +230,9 @@ impl State {
             .any(|&(s, e)| ranges.iter().any(|&(a, b)| a < e && s < b))
     }
 
-    /// Whether a mapping of this engine's pool overlaps `ranges` (an unreadable
-    /// /proc/self/maps counts as yes).
-    pub fn maps_pool_in(&self, ranges: &[(usize, usize)]) -> bool {
-        self.pool_mappings_in(ranges)
-            .map_or(true, |maps| !maps.is_empty())
+    /// Whether a mapping of this engine's pool overlaps `ranges`.
+    pub fn maps_pool_in(&self, ranges: &[(usize, usize)]) -> std::io::Result<bool> {
+        Ok(!self.pool_mappings_in(ranges)?.is_empty())
     }
 
     /// Recounts every slot's references from page metadata (kept exact by the pagemap checks of

@@ -4,6 +4,7 @@
 
 mod common;
 
+use std::os::unix::ffi::OsStringExt;
 use std::sync::Arc;
 
 use common::*;
@@ -51,6 +52,46 @@ fn file_backed_regions_are_left_alone() {
     for p in 0..128 {
         assert_eq!(read(&mem, p), content(9));
     }
+}
+
+/// A file whose path is not UTF-8, mapped anywhere in the process (say a VMM binary installed
+/// under such a path), is listed in /proc/self/maps and smaps like any other: registering,
+/// merging and the unmerge rebuild, which read both, work as usual.
+#[test]
+fn a_mapped_file_with_a_non_utf8_path_changes_nothing() {
+    let mut name = std::env::temp_dir().into_os_string().into_vec();
+    name.extend_from_slice(format!("/vm-dedup-{}-", std::process::id()).as_bytes());
+    name.extend_from_slice(b"\xff\xfe");
+    let path = std::path::PathBuf::from(std::ffi::OsString::from_vec(name));
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .open(&path)
+        .unwrap();
+    file.set_len(PAGE as u64).unwrap();
+    // Maps the file outside guest memory for the rest of the test.
+    let _mapping = vm_memory::MmapRegion::<()>::from_file(FileOffset::new(file, 0), PAGE).unwrap();
+    assert!(std::fs::read_to_string("/proc/self/maps").is_err());
+    let mem = memory(64);
+    for p in 0..64 {
+        fill(&mem, p, 5);
+    }
+    let engine = Engine::new(fast_config()).unwrap();
+    let id = engine
+        .register(GuestConfig::new("g", "d"), mem.clone())
+        .unwrap();
+    engine.scan_pass().unwrap();
+    let s = engine.scan_pass().unwrap();
+    assert_eq!((s.pages_shared, s.pages_sharing), (1, 63));
+    let s = engine.unmerge_all().unwrap();
+    assert_eq!((s.rebuilt_regions, s.unmerged_in_place), (1, 0));
+    assert!(engine.merged_pages(id).unwrap().is_empty());
+    for p in 0..64 {
+        assert_eq!(read(&mem, p), content(5));
+    }
+    std::fs::remove_file(&path).unwrap();
 }
 
 #[test]

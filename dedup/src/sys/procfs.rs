@@ -71,8 +71,16 @@ pub struct FileMapping {
 /// The file mappings of this process that overlap any of `ranges` (whole, as the kernel lists
 /// them).
 pub fn file_mappings_in(ranges: &[(usize, usize)]) -> io::Result<Vec<FileMapping>> {
-    let maps = std::fs::read_to_string("/proc/self/maps")?;
+    let maps = read_lossy("/proc/self/maps")?;
     Ok(parse_file_mappings(&maps, ranges))
+}
+
+/// The text of a /proc file that names mapped files. A path is any bytes, not always UTF-8;
+/// the parsers only read the fields before it, so an invalid byte in a path is replaced rather
+/// than failing the whole read.
+fn read_lossy(path: &str) -> io::Result<String> {
+    let bytes = std::fs::read(path)?;
+    Ok(String::from_utf8_lossy(&bytes).into_owned())
 }
 
 fn parse_file_mappings(maps: &str, ranges: &[(usize, usize)]) -> Vec<FileMapping> {
@@ -127,7 +135,7 @@ pub struct VmaFlags {
 
 /// The VMAs of this process that overlap `[start, end)`, with their flags.
 pub fn vma_flags(start: usize, end: usize) -> io::Result<Vec<VmaFlags>> {
-    let smaps = std::fs::read_to_string("/proc/self/smaps")?;
+    let smaps = read_lossy("/proc/self/smaps")?;
     Ok(parse_smaps(&smaps, start, end))
 }
 

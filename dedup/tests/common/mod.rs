@@ -178,10 +178,14 @@ pub fn pfns_visible() -> bool {
     ok
 }
 
+/// The text of /proc/self/maps; a mapped file's path that is not UTF-8 is read lossily.
+pub fn self_maps() -> String {
+    String::from_utf8_lossy(&std::fs::read("/proc/self/maps").unwrap()).into_owned()
+}
+
 /// Counts VMAs that start inside `[start, end)`.
 pub fn vmas_in(start: usize, end: usize) -> usize {
-    std::fs::read_to_string("/proc/self/maps")
-        .unwrap()
+    self_maps()
         .lines()
         .filter_map(|l| usize::from_str_radix(l.split('-').next()?, 16).ok())
         .filter(|&a| a >= start && a < end)
@@ -215,8 +219,7 @@ pub fn maps_of(mem: &Mem) -> Vec<String> {
         .iter()
         .map(|r| (r.as_ptr() as usize, r.as_ptr() as usize + r.size()))
         .collect();
-    std::fs::read_to_string("/proc/self/maps")
-        .unwrap()
+    self_maps()
         .lines()
         .filter(|l| {
             let Some((a, b)) = l.split_whitespace().next().and_then(|r| r.split_once('-')) else {
