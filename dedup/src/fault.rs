@@ -15,6 +15,9 @@ pub enum FaultPoint {
     Remap,
     /// Remapping at the VMA limit (`mmap` failing with ENOMEM).
     RemapNoMem,
+    /// Remapping fails (ENOMEM) after the kernel unmapped the range (`mmap` before Linux 6.12
+    /// unmaps first); the slot is mapped into the hole.
+    RemapLate,
     /// Dropping a zero page (`MADV_DONTNEED`).
     ZeroPage,
     /// Removing write protection from pages not merged.
@@ -47,10 +50,11 @@ pub enum FaultPoint {
 }
 
 /// Every fault point.
-pub const FAULT_POINTS: [FaultPoint; 15] = [
+pub const FAULT_POINTS: [FaultPoint; 16] = [
     FaultPoint::Protect,
     FaultPoint::Remap,
     FaultPoint::RemapNoMem,
+    FaultPoint::RemapLate,
     FaultPoint::ZeroPage,
     FaultPoint::Unprotect,
     FaultPoint::Wake,
@@ -74,9 +78,10 @@ impl FaultPoint {
 
     fn errno(self) -> i32 {
         match self {
-            FaultPoint::RemapNoMem | FaultPoint::UnmergeRemapLate | FaultPoint::UnmergeRefill => {
-                libc::ENOMEM
-            }
+            FaultPoint::RemapNoMem
+            | FaultPoint::RemapLate
+            | FaultPoint::UnmergeRemapLate
+            | FaultPoint::UnmergeRefill => libc::ENOMEM,
             FaultPoint::PoolCreate => libc::EMFILE,
             FaultPoint::PoolGrow => libc::ENOSPC,
             _ => libc::EIO,

@@ -529,22 +529,49 @@ impl Committer<'_> {
             }
         }
         let (fd, offset) = self.pools.mapping(node, slot).map_err(|_| Cause::Pool)?;
-        self.faults
+        let mapped = self
+            .faults
             .check(FaultPoint::RemapNoMem)
             .and_then(|()| self.faults.check(FaultPoint::Remap))
+            .and_then(|()| remap_late_fault(self.faults, addr, len))
             // SAFETY: `[addr, addr + len)` is guest memory of a registered region, write-protected,
             // and every page in it was just found equal to the slot it is mapped onto.
-            .and_then(|()| unsafe { mem::map_private_fixed(addr, len, fd, offset) })
-            .map_err(|e| {
-                if e.raw_os_error() == Some(libc::ENOMEM) {
-                    self.vma_limit_hit.store(true, Ordering::Relaxed);
-                    tally.add(Trouble::VmaLimit, &e);
-                    Cause::VmaLimit
-                } else {
-                    tally.add(Trouble::Remap, &e);
-                    Cause::Remap
-                }
-            })
+            .and_then(|()| unsafe { mem::map_private_fixed(addr, len, fd, offset) });
+        let Err(e) = mapped else {
+            return Ok(());
+        };
+        let cause = if e.raw_os_error() == Some(libc::ENOMEM) {
+            self.vma_limit_hit.store(true, Ordering::Relaxed);
+            tally.add(Trouble::VmaLimit, &e);
+            Cause::VmaLimit
+        } else {
+            tally.add(Trouble::Remap, &e);
+            Cause::Remap
+        };
+        if mem::is_mapped(addr, len) {
+            return Err(cause);
+        }
+        // Before Linux 6.12, `mmap` unmaps the range first and can still fail after that (the
+        // new VMA's allocation under memory pressure): the guest's pages are gone, but each
+        // equalled the slot. Mapping the slot into the hole, replacing nothing mapped meanwhile,
+        // completes the merge.
+        // SAFETY: the hole is where the guest's pages were, each equal to the slot.
+        match unsafe { mem::map_private_into_hole(addr, len, fd, offset) } {
+            Ok(()) => {
+                log::warn!(
+                    "vm-dedup: a failed remap unmapped guest memory at {addr:#x} ({e}); mapped \
+                     its pages' content in again"
+                );
+                Ok(())
+            }
+            Err(again) => {
+                log::error!(
+                    "vm-dedup: a failed remap unmapped guest memory at {addr:#x} ({e}), and it \
+                     cannot be mapped again ({again}): {len} bytes of it are lost"
+                );
+                Err(cause)
+            }
+        }
     }
 
     /// Registers `[start, end)` with the region's userfaultfd. Registering part of a mapping
@@ -607,6 +634,19 @@ fn runs_where(i0: usize, i1: usize, keep: impl Fn(usize) -> bool) -> Vec<(usize,
         k = j;
     }
     out
+}
+
+/// Fails a remap where `RemapLate` is armed, as `mmap` does when it fails after unmapping its
+/// range (Linux before 6.12).
+fn remap_late_fault(faults: &Faults, addr: usize, len: usize) -> std::io::Result<()> {
+    faults.check(FaultPoint::RemapLate).inspect_err(|_| {
+        #[cfg(feature = "fault-injection")]
+        // SAFETY: the range is guest memory the engine holds, write-protected (writers wait),
+        // every page equal to the slot it is about to map, as when `mmap` unmaps it first.
+        let _ = unsafe { mem::unmap(addr, len) };
+        #[cfg(not(feature = "fault-injection"))]
+        let _ = (addr, len);
+    })
 }
 
 #[cfg(test)]

@@ -71,7 +71,8 @@ fn cause_count(s: &Stats, point: FaultPoint) -> u64 {
     match point {
         FaultPoint::Protect => s.failures.protect,
         FaultPoint::Remap => s.failures.remap,
-        FaultPoint::RemapNoMem => s.failures.vma_limit,
+        // The repaired remap merged; the step's later remaps are refused as at the VMA limit.
+        FaultPoint::RemapNoMem | FaultPoint::RemapLate => s.failures.vma_limit,
         FaultPoint::ZeroPage => s.failures.zero_page,
         FaultPoint::Unprotect | FaultPoint::Wake | FaultPoint::Reregister => s.guard_repairs,
         FaultPoint::PoolCreate
@@ -101,6 +102,14 @@ fn scenario(point: FaultPoint) {
     let stop = Arc::new(AtomicBool::new(false));
     let mut writers = Some([writer(&a, stop.clone()), writer(&b, stop.clone())]);
     let mut stopped = None;
+    if point == FaultPoint::RemapLate {
+        // The failed remap leaves the range unmapped until the engine maps the slot into it: a
+        // writer arriving in between would fault on nothing (as it would with a real late
+        // failure of the kernel's `mmap`). Writers already waiting on the guard are fine.
+        stop.store(true, Ordering::Relaxed);
+        let [wa, wb] = writers.take().unwrap();
+        stopped = Some((wa.join().unwrap(), wb.join().unwrap()));
+    }
     if matches!(
         point,
         FaultPoint::UnmergeMove | FaultPoint::UnmergeRemap | FaultPoint::UnmergeRemapLate

@@ -22,22 +22,57 @@ pub unsafe fn map_private_fixed(
     fd: BorrowedFd<'_>,
     offset: u64,
 ) -> io::Result<()> {
-    let off =
-        libc::off_t::try_from(offset).map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))?;
     // SAFETY: the caller guarantees the range is ours to replace; MAP_FIXED replaces exactly
     // `[addr, addr + len)` and nothing else.
+    unsafe { map_private(addr, len, fd, offset, libc::MAP_FIXED) }
+}
+
+/// Maps `len` bytes of `fd` at `offset` into the hole `[addr, addr + len)`, private and
+/// copy-on-write; fails with EEXIST if anything is mapped there.
+///
+/// # Safety
+/// The hole must be where the caller's memory was, whose content equalled the file range.
+pub unsafe fn map_private_into_hole(
+    addr: usize,
+    len: usize,
+    fd: BorrowedFd<'_>,
+    offset: u64,
+) -> io::Result<()> {
+    // SAFETY: MAP_FIXED_NOREPLACE replaces nothing: the call maps the hole or fails (a kernel
+    // that ignores the flag maps elsewhere, undone in `map_private`).
+    unsafe { map_private(addr, len, fd, offset, libc::MAP_FIXED_NOREPLACE) }
+}
+
+/// # Safety
+/// As [`map_private_fixed`] for `MAP_FIXED`, or [`map_private_into_hole`] for
+/// `MAP_FIXED_NOREPLACE`.
+unsafe fn map_private(
+    addr: usize,
+    len: usize,
+    fd: BorrowedFd<'_>,
+    offset: u64,
+    fixed: libc::c_int,
+) -> io::Result<()> {
+    let off =
+        libc::off_t::try_from(offset).map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))?;
+    // SAFETY: the caller guarantees the range is its to map over (see the two callers).
     let p = unsafe {
         libc::mmap(
             addr as *mut libc::c_void,
             len,
             libc::PROT_READ | libc::PROT_WRITE,
-            libc::MAP_PRIVATE | libc::MAP_FIXED | libc::MAP_NORESERVE,
+            libc::MAP_PRIVATE | fixed | libc::MAP_NORESERVE,
             fd.as_raw_fd(),
             off,
         )
     };
     if p == libc::MAP_FAILED {
         return Err(last_os_error());
+    }
+    if p as usize != addr {
+        // SAFETY: `p` is the mapping just made elsewhere, which nothing else knows of.
+        unsafe { libc::munmap(p, len) };
+        return Err(io::Error::from_raw_os_error(libc::EEXIST));
     }
     Ok(())
 }
