@@ -583,7 +583,13 @@ impl Engine {
             .regions
             .iter()
             .enumerate()
-            .find(|(_, r)| gpa.0 >= r.gpa && gpa.0 + len <= r.gpa + r.pages as u64 * page)
+            .find(|(_, r)| {
+                gpa.0 >= r.gpa
+                    && gpa
+                        .0
+                        .checked_add(len)
+                        .is_some_and(|end| end <= r.gpa + r.pages as u64 * page)
+            })
             .ok_or(EngineError::NoAddress(gpa.0))?;
         let first = ((gpa.0 - r.gpa) / page) as usize;
         st.discard(gi, ri, first, (len / page) as usize)?;

@@ -151,6 +151,12 @@ fn discard_reads_zero_even_for_merged_pages() {
     engine.scan_pass().unwrap();
     let before = engine.scan_pass().unwrap();
     assert_eq!(before.pages_shared, 6);
+    // A range whose end overflows is not in the guest's memory (and leaves the engine usable).
+    let huge = u64::MAX - page_gpa(&a, 8).0 + 1 + PAGE as u64;
+    assert!(matches!(
+        engine.discard(ids[0], page_gpa(&a, 8), huge),
+        Err(vm_dedup::EngineError::NoAddress(_))
+    ));
     // Discard pages 8..24 of a (merged and zero pages), as a balloon or reset would.
     engine
         .discard(ids[0], page_gpa(&a, 8), (16 * PAGE) as u64)
