@@ -98,21 +98,23 @@ pub struct RegionGuard<'a> {
 /// Disjoint host address ranges, start to end.
 pub type Ranges = std::collections::BTreeMap<usize, usize>;
 
-/// Adds `[start, end)` to `ranges`, joining it to a range that ends where it starts.
+/// Adds `[start, end)` to `ranges`, joined with every range it overlaps or touches, so that the
+/// ranges stay disjoint.
 pub fn add_range(ranges: &mut Ranges, start: usize, end: usize) {
-    let joined = ranges
-        .range(..=start)
-        .next_back()
-        .filter(|&(_, &e)| e == start)
-        .map(|(&s, _)| s);
-    match joined {
-        Some(s) => {
-            ranges.insert(s, end);
-        }
-        None => {
-            ranges.insert(start, end);
-        }
+    // Disjoint ranges end in the order they start: those reaching `start` come last.
+    let joined: Vec<(usize, usize)> = ranges
+        .range(..=end)
+        .rev()
+        .take_while(|&(_, &e)| e >= start)
+        .map(|(&s, &e)| (s, e))
+        .collect();
+    let (mut lo, mut hi) = (start, end);
+    for (s, e) in joined {
+        ranges.remove(&s);
+        lo = lo.min(s);
+        hi = hi.max(e);
     }
+    ranges.insert(lo, hi);
 }
 
 /// Removes `[start, end)` from `ranges`, trimming ranges that overlap it.
@@ -675,8 +677,18 @@ mod tests {
         assert_eq!(range_of(&r, 499), Some((400, 500)));
         remove_range(&mut r, 150, 450);
         assert_eq!(
-            r.into_iter().collect::<Vec<_>>(),
+            r.clone().into_iter().collect::<Vec<_>>(),
             vec![(100, 150), (450, 500)]
         );
+        // A range overlapping or touching others (on either side) is joined with all of them.
+        add_range(&mut r, 600, 700);
+        add_range(&mut r, 120, 460);
+        assert_eq!(
+            r.clone().into_iter().collect::<Vec<_>>(),
+            vec![(100, 500), (600, 700)]
+        );
+        add_range(&mut r, 500, 600);
+        add_range(&mut r, 650, 660);
+        assert_eq!(r.into_iter().collect::<Vec<_>>(), vec![(100, 700)]);
     }
 }
