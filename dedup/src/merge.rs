@@ -101,15 +101,13 @@ pub type Ranges = std::collections::BTreeMap<usize, usize>;
 /// Adds `[start, end)` to `ranges`, joined with every range it overlaps or touches, so that the
 /// ranges stay disjoint.
 pub fn add_range(ranges: &mut Ranges, start: usize, end: usize) {
-    // Disjoint ranges end in the order they start: those reaching `start` come last.
-    let joined: Vec<(usize, usize)> = ranges
-        .range(..=end)
-        .rev()
-        .take_while(|&(_, &e)| e >= start)
-        .map(|(&s, &e)| (s, e))
-        .collect();
     let (mut lo, mut hi) = (start, end);
-    for (s, e) in joined {
+    // The last range starting at or before `hi` is joined if it reaches `lo`; disjoint ranges
+    // end in the order they start, so once one does not, none before it does.
+    while let Some((&s, &e)) = ranges.range(..=hi).next_back() {
+        if e < lo {
+            break;
+        }
         ranges.remove(&s);
         lo = lo.min(s);
         hi = hi.max(e);
