@@ -40,12 +40,14 @@ pub fn reason(status: u16) -> &'static str {
         400 => "Bad Request",
         404 => "Not Found",
         405 => "Method Not Allowed",
+        408 => "Request Timeout",
         409 => "Conflict",
         411 => "Length Required",
         413 => "Payload Too Large",
         417 => "Expectation Failed",
         431 => "Request Header Fields Too Large",
         500 => "Internal Server Error",
+        503 => "Service Unavailable",
         _ => "Unknown",
     }
 }
@@ -145,36 +147,58 @@ pub fn parse_head(buf: &[u8]) -> Result<Option<(Head, usize)>, Reply> {
     Ok(Some((head, len)))
 }
 
+/// The reply to a request that could not be read: 408 when the client took too long
+/// (`TimedOut`), 503 when the server is stopping (`ConnectionAborted`), else 400.
+fn read_failed(what: &str, e: &io::Error) -> Reply {
+    match e.kind() {
+        io::ErrorKind::TimedOut | io::ErrorKind::WouldBlock => Reply::error(408, e.to_string()),
+        io::ErrorKind::ConnectionAborted => Reply::error(503, e.to_string()),
+        _ => Reply::error(400, format!("cannot read the {what}: {e}")),
+    }
+}
+
 /// Reads one request from `stream`: `Ok(None)` when the client sent nothing, `Err` with the
 /// reply for a request that cannot be served.
 pub fn read_request(stream: &mut (impl Read + Write)) -> Result<Option<(Head, Vec<u8>)>, Reply> {
     let mut buf = Vec::with_capacity(1024);
     let mut chunk = [0u8; 4096];
     let (head, len) = loop {
-        if !buf.is_empty()
-            && let Some(parsed) = parse_head(&buf)?
-        {
-            break parsed;
-        }
-        if buf.len() > MAX_HEAD {
-            return Err(Reply::error(
+        let too_large = || {
+            Reply::error(
                 431,
                 format!("request line and headers larger than {MAX_HEAD} bytes"),
-            ));
+            )
+        };
+        if !buf.is_empty()
+            && let Some((head, len)) = parse_head(&buf)?
+        {
+            if len > MAX_HEAD {
+                return Err(too_large());
+            }
+            break (head, len);
         }
-        match stream.read(&mut chunk) {
+        if buf.len() > MAX_HEAD {
+            return Err(too_large());
+        }
+        // Never more than one byte past the limit, so that the limit is exact.
+        let room = (MAX_HEAD + 1 - buf.len()).min(chunk.len());
+        match stream.read(&mut chunk[..room]) {
             Ok(0) if buf.is_empty() => return Ok(None),
             Ok(0) => return Err(Reply::error(400, "the request ended inside its headers")),
             Ok(n) => buf.extend_from_slice(&chunk[..n]),
             Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-            Err(e) => return Err(Reply::error(400, format!("cannot read the request: {e}"))),
+            Err(e) => return Err(read_failed("request", &e)),
         }
     };
     let mut body = buf.split_off(len);
     if body.len() > head.content_length {
         return Err(Reply::error(
             400,
-            "data after the body: send one request per connection",
+            format!(
+                "more bytes than the headers and a body of Content-Length {}: send a body \
+                 with its Content-Length, one request per connection",
+                head.content_length
+            ),
         ));
     }
     if head.expect_continue && body.len() < head.content_length {
@@ -183,7 +207,16 @@ pub fn read_request(stream: &mut (impl Read + Write)) -> Result<Option<(Head, Ve
     let already = body.len();
     body.resize(head.content_length, 0);
     if let Err(e) = stream.read_exact(&mut body[already..]) {
-        return Err(Reply::error(400, format!("cannot read the body: {e}")));
+        if e.kind() == io::ErrorKind::UnexpectedEof {
+            return Err(Reply::error(
+                400,
+                format!(
+                    "the body ended before its Content-Length of {} bytes",
+                    head.content_length
+                ),
+            ));
+        }
+        return Err(read_failed("body", &e));
     }
     Ok(Some((head, body)))
 }
@@ -309,6 +342,27 @@ mod tests {
         );
         assert_eq!(status(b"GET /stats HTTP/1.1\r\nHost"), 400);
         assert_eq!(status(&[b'a'; MAX_HEAD + 8]), 431);
+        // The limit is exact: headers of MAX_HEAD bytes pass, one byte more does not.
+        let sized = |total: usize| {
+            let start = b"GET /stats HTTP/1.1\r\nX: ";
+            let mut r = start.to_vec();
+            r.resize(total - 4, b'a');
+            r.extend_from_slice(b"\r\n\r\n");
+            r
+        };
+        assert_eq!(status(&sized(MAX_HEAD)), 200);
+        assert_eq!(status(&sized(MAX_HEAD + 1)), 431);
+        // A short body says what was missing.
+        let Err(r) = read_request(&mut conn(
+            b"PUT /config HTTP/1.1\r\nContent-Length: 9\r\n\r\n{}",
+        )) else {
+            panic!("a short body was accepted");
+        };
+        assert!(
+            r.body.contains("before its Content-Length of 9 bytes"),
+            "{}",
+            r.body
+        );
         for bytes in [
             &b"GET /stats HTTP/2.0\r\n\r\n"[..],
             b"\x1b[2J / HTTP/1.1\r\n\r\n",
@@ -321,6 +375,53 @@ mod tests {
                 "{}",
                 r.body
             );
+        }
+    }
+
+    /// A connection whose reads fail with `kind` after `bytes`.
+    struct Failing {
+        input: Cursor<Vec<u8>>,
+        kind: io::ErrorKind,
+    }
+
+    impl Read for Failing {
+        fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+            match self.input.read(buf)? {
+                0 => Err(io::Error::new(self.kind, "stopped")),
+                n => Ok(n),
+            }
+        }
+    }
+
+    impl Write for Failing {
+        fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> io::Result<()> {
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn a_late_request_gets_408_and_a_stopping_server_503() {
+        for (kind, want) in [
+            (io::ErrorKind::TimedOut, 408),
+            (io::ErrorKind::ConnectionAborted, 503),
+            (io::ErrorKind::ConnectionReset, 400),
+        ] {
+            for sent in [
+                &b"GET /st"[..],
+                b"PUT /config HTTP/1.1\r\nContent-Length: 9\r\n\r\n{",
+            ] {
+                let mut c = Failing {
+                    input: Cursor::new(sent.to_vec()),
+                    kind,
+                };
+                let Err(r) = read_request(&mut c) else {
+                    panic!("{kind:?}: accepted");
+                };
+                assert_eq!(r.status, want, "{kind:?}: {}", r.body);
+            }
         }
     }
 

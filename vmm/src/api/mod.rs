@@ -1,32 +1,38 @@
 //! The control API: HTTP/1.1 with JSON bodies over a unix socket (`--api-sock PATH`), one
-//! request per connection, served on one thread ([`http`]). The socket is made readable and
-//! writable by its owner only, and is removed when the server stops. Requests and replies are
-//! in [`routes`].
+//! request per connection ([`http`]). One thread accepts connections and serves each on a
+//! thread of its own, at most [`MAX_CLIENTS`] at once (more wait in the socket's backlog), so a
+//! slow or silent client holds up neither the others nor the VMM's stop. The socket is made
+//! readable and writable by its owner only, and is removed when the server stops. Requests and
+//! replies are in [`routes`].
 
+mod client;
 pub mod http;
 pub mod routes;
 
 use std::io;
+use std::os::fd::AsRawFd;
 use std::os::unix::fs::{FileTypeExt, PermissionsExt};
 use std::os::unix::net::{UnixListener, UnixStream};
-use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::thread::{self, JoinHandle};
 use std::time::Duration;
 
+use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
+use vmm_sys_util::eventfd::EventFd;
+
 use crate::control::Control;
-use routes::Reply;
 
-/// How long a client may take to send its request, or to take the reply, per read or write.
-const CLIENT_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long a client may take to send its whole request.
+pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
 
-/// How long a refused request's unread bytes are drained before the connection is closed.
-const LINGER: Duration = Duration::from_millis(500);
+/// Most clients served at once.
+pub const MAX_CLIENTS: usize = 16;
 
-/// Most bytes drained from a refused request.
-const LINGER_BYTES: usize = 1 << 20;
+/// Event data of the listening socket and of the stop event.
+const LISTENER: u64 = 0;
+const STOP: u64 = 1;
 
 /// Errors starting the control API.
 #[derive(Debug, thiserror::Error)]
@@ -51,18 +57,22 @@ pub enum Error {
     /// The server thread could not be started.
     #[error("cannot start the API thread: {0}")]
     Thread(#[source] io::Error),
+    /// The server's event loop could not be set up.
+    #[error("cannot set up the API's event loop: {0}")]
+    Events(#[source] io::Error),
 }
 
 impl Error {
     /// Whether the user can fix it by choosing another path (a usage error).
     pub fn is_usage(&self) -> bool {
-        !matches!(self, Error::Thread(_))
+        !matches!(self, Error::Thread(_) | Error::Events(_))
     }
 }
 
 /// A running control API.
 pub struct ApiServer {
     stopping: Arc<AtomicBool>,
+    wake: EventFd,
     thread: Option<JoinHandle<()>>,
     path: PathBuf,
 }
@@ -96,6 +106,15 @@ fn clear_path(path: &Path) -> Result<(), Error> {
 impl ApiServer {
     /// Listens on `path` and serves `control` until [`ApiServer::stop`].
     pub fn start(path: &Path, control: Arc<dyn Control>) -> Result<Self, Error> {
+        Self::start_with(path, control, REQUEST_TIMEOUT)
+    }
+
+    /// As [`ApiServer::start`], with `timeout` for each whole request.
+    fn start_with(
+        path: &Path,
+        control: Arc<dyn Control>,
+        timeout: Duration,
+    ) -> Result<Self, Error> {
         clear_path(path)?;
         let listen_err = |source| Error::Listen {
             path: path.to_path_buf(),
@@ -104,25 +123,28 @@ impl ApiServer {
         let listener = UnixListener::bind(path).map_err(listen_err)?;
         std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
             .map_err(listen_err)?;
+        listener.set_nonblocking(true).map_err(listen_err)?;
+        let wake = EventFd::new(libc::EFD_NONBLOCK).map_err(Error::Events)?;
+        let epoll = Epoll::new().map_err(Error::Events)?;
+        for (fd, data) in [(listener.as_raw_fd(), LISTENER), (wake.as_raw_fd(), STOP)] {
+            epoll
+                .ctl(
+                    ControlOperation::Add,
+                    fd,
+                    EpollEvent::new(EventSet::IN, data),
+                )
+                .map_err(Error::Events)?;
+        }
         let stopping = Arc::new(AtomicBool::new(false));
         let stop = Arc::clone(&stopping);
         let thread = thread::Builder::new()
             .name("api".into())
-            .spawn(move || {
-                for stream in listener.incoming() {
-                    if stop.load(Ordering::SeqCst) {
-                        break;
-                    }
-                    match stream {
-                        Ok(s) => serve(s, &*control),
-                        Err(e) => log::debug!("api: accept: {e}"),
-                    }
-                }
-            })
+            .spawn(move || accept_loop(&listener, &epoll, &stop, &control, timeout))
             .map_err(Error::Thread)?;
         log::info!("control API on {}", path.display());
         Ok(Self {
             stopping,
+            wake,
             thread: Some(thread),
             path: path.to_path_buf(),
         })
@@ -133,24 +155,99 @@ impl ApiServer {
         &self.path
     }
 
-    /// Stops serving and removes the socket.
+    /// Stops serving and removes the socket. Clients still sending a request are cut off; a
+    /// request being answered is finished first.
     pub fn stop(mut self) {
         self.shutdown();
     }
 
     fn shutdown(&mut self) {
-        // Wake the accept with a connection of our own.
         self.stopping.store(true, Ordering::SeqCst);
-        if let Err(e) = UnixStream::connect(&self.path) {
-            log::debug!("api: waking the server: {e}");
+        if let Err(e) = self.wake.write(1) {
+            log::error!("api: cannot wake the server to stop it: {e}");
         }
         if let Some(t) = self.thread.take()
             && t.join().is_err()
         {
             log::error!("the API thread panicked");
         }
-        if let Err(e) = std::fs::remove_file(&self.path) {
+        // Only our socket: the path may have been removed, or taken by something else.
+        let ours = std::fs::symlink_metadata(&self.path).is_ok_and(|m| m.file_type().is_socket());
+        if ours && let Err(e) = std::fs::remove_file(&self.path) {
             log::debug!("removing {}: {e}", self.path.display());
+        }
+    }
+}
+
+/// Accepts clients until the server stops, each served on a thread of its own; while
+/// [`MAX_CLIENTS`] are being served, new ones wait in the backlog. Returns once every client
+/// thread has ended.
+fn accept_loop(
+    listener: &UnixListener,
+    epoll: &Epoll,
+    stopping: &Arc<AtomicBool>,
+    control: &Arc<dyn Control>,
+    timeout: Duration,
+) {
+    let mut clients: Vec<JoinHandle<()>> = Vec::new();
+    let mut listening = true;
+    let mut events = [EpollEvent::default(); 2];
+    while !stopping.load(Ordering::SeqCst) {
+        clients.retain(|c| !c.is_finished());
+        let full = clients.len() >= MAX_CLIENTS;
+        if full == listening {
+            // While full, waiting connections must not wake this loop over and over.
+            let interest = if full {
+                EventSet::empty()
+            } else {
+                EventSet::IN
+            };
+            let changed = epoll.ctl(
+                ControlOperation::Modify,
+                listener.as_raw_fd(),
+                EpollEvent::new(interest, LISTENER),
+            );
+            if let Err(e) = changed {
+                log::error!("api: waiting for clients: {e}; the API stops");
+                break;
+            }
+            listening = !full;
+        }
+        // While full, look for finished clients every so often.
+        let wait_ms = if full { 20 } else { -1 };
+        match epoll.wait(wait_ms, &mut events) {
+            Ok(_) => {}
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) => {
+                log::error!("api: waiting for clients: {e}; the API stops");
+                break;
+            }
+        }
+        while listening && clients.len() < MAX_CLIENTS && !stopping.load(Ordering::SeqCst) {
+            let stream = match listener.accept() {
+                Ok((stream, _)) => stream,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => {
+                    // Out of file descriptors, say: give the process a moment.
+                    log::warn!("api: accepting a client: {e}");
+                    thread::sleep(Duration::from_millis(10));
+                    break;
+                }
+            };
+            let (control, stop) = (Arc::clone(control), Arc::clone(stopping));
+            let spawned = thread::Builder::new()
+                .name("api-client".into())
+                .spawn(move || client::serve(stream, &*control, timeout, &stop));
+            match spawned {
+                Ok(c) => clients.push(c),
+                Err(e) => log::warn!("api: cannot start a thread for a client: {e}"),
+            }
+        }
+    }
+    for c in clients {
+        if c.join().is_err() {
+            log::error!("an API client thread panicked");
         }
     }
 }
@@ -163,79 +260,151 @@ impl Drop for ApiServer {
     }
 }
 
-/// How a request was answered.
-struct Answer {
-    method: String,
-    target: String,
-    reply: Reply,
-    /// Whether the client may still be sending a request that was refused unread.
-    unread: bool,
-}
+#[cfg(test)]
+mod tests {
+    use std::io::{Read, Write};
+    use std::sync::{Mutex, mpsc};
 
-/// Reads one request from `stream` and answers it.
-fn answer(stream: &mut UnixStream, control: &dyn Control) -> Option<Answer> {
-    let (head, body) = match http::read_request(stream) {
-        Ok(Some(request)) => request,
-        Ok(None) => return None,
-        Err(reply) => {
-            return Some(Answer {
-                method: String::new(),
-                target: String::new(),
-                reply,
-                unread: true,
+    use super::*;
+    use crate::control::NoControl;
+
+    /// These tests count the process's client threads: one at a time.
+    static SERIAL: Mutex<()> = Mutex::new(());
+
+    const GET: &[u8] = b"GET /stats HTTP/1.1\r\n\r\n";
+
+    fn serial() -> std::sync::MutexGuard<'static, ()> {
+        SERIAL
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    fn socket_path(name: &str) -> PathBuf {
+        std::env::temp_dir().join(format!("vmm-api-{}-{name}.sock", std::process::id()))
+    }
+
+    fn control() -> Arc<dyn Control> {
+        Arc::new(NoControl {
+            guests: vec![("guest0".into(), 16)],
+        })
+    }
+
+    fn connect(path: &Path) -> UnixStream {
+        let s = UnixStream::connect(path).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+        s
+    }
+
+    /// Runs `f` on a thread and fails if it has not returned within 20 s: a hang, not a speed
+    /// check.
+    fn within<T: Send + 'static>(what: &str, f: impl FnOnce() -> T + Send + 'static) -> T {
+        let (tx, rx) = mpsc::channel();
+        thread::spawn(move || {
+            let _ = tx.send(f());
+        });
+        rx.recv_timeout(Duration::from_secs(20))
+            .unwrap_or_else(|_| panic!("{what} hung"))
+    }
+
+    /// Sends `request` and returns the reply.
+    fn ask(path: &Path, request: &[u8]) -> String {
+        let mut s = connect(path);
+        s.write_all(request).unwrap();
+        let mut reply = String::new();
+        s.read_to_string(&mut reply).unwrap();
+        reply
+    }
+
+    fn status(reply: &str) -> u16 {
+        reply
+            .split(' ')
+            .nth(1)
+            .and_then(|c| c.parse().ok())
+            .unwrap_or(0)
+    }
+
+    fn client_threads() -> usize {
+        std::fs::read_dir("/proc/self/task")
+            .unwrap()
+            .filter_map(|t| std::fs::read_to_string(t.ok()?.path().join("comm")).ok())
+            .filter(|comm| comm.trim() == "api-client")
+            .count()
+    }
+
+    #[test]
+    fn stop_returns_when_the_socket_file_was_removed() {
+        let _serial = serial();
+        let path = socket_path("removed");
+        let server = ApiServer::start(&path, control()).unwrap();
+        assert_eq!(status(&ask(&path, GET)), 200);
+        std::fs::remove_file(&path).unwrap();
+        within("stopping", move || server.stop());
+    }
+
+    #[test]
+    fn silent_clients_hold_up_neither_others_nor_the_stop() {
+        let _serial = serial();
+        let path = socket_path("silent");
+        let server = ApiServer::start_with(&path, control(), Duration::from_secs(600)).unwrap();
+        let mut idle: Vec<UnixStream> = (0..4).map(|_| connect(&path)).collect();
+        idle[0].write_all(b"GET /st").unwrap();
+        let p = path.clone();
+        let reply = within("a request behind silent clients", move || ask(&p, GET));
+        assert_eq!(status(&reply), 200, "{reply}");
+        within("stopping with silent clients", move || server.stop());
+        for mut c in idle {
+            let mut reply = String::new();
+            let _ = c.read_to_string(&mut reply);
+            assert!(reply.is_empty() || status(&reply) == 503, "{reply}");
+        }
+        assert!(!path.exists(), "the socket is removed");
+    }
+
+    #[test]
+    fn a_request_not_complete_by_its_deadline_gets_408() {
+        let _serial = serial();
+        let path = socket_path("late");
+        let server = ApiServer::start_with(&path, control(), Duration::from_millis(300)).unwrap();
+        let p = path.clone();
+        let reply = within("a client sending a byte at a time", move || {
+            let mut reader = connect(&p);
+            let mut writer = reader.try_clone().unwrap();
+            writer.write_all(b"GET /stats HTTP/1.1\r\nX: ").unwrap();
+            // Each read of the server's is quick; the whole request is never done.
+            let dripping = thread::spawn(move || {
+                while writer.write_all(b"a").is_ok() {
+                    thread::sleep(Duration::from_millis(20));
+                }
             });
-        }
-    };
-    let method = head.method.to_ascii_uppercase();
-    let reply = catch_unwind(AssertUnwindSafe(|| {
-        routes::handle(control, &method, &head.target, &body)
-    }))
-    .unwrap_or_else(|_| Reply::error(500, "internal error while handling the request"));
-    Some(Answer {
-        method,
-        target: head.target,
-        reply,
-        unread: false,
-    })
-}
+            let mut reply = String::new();
+            let _ = reader.read_to_string(&mut reply);
+            let _ = reader.shutdown(std::net::Shutdown::Both);
+            dripping.join().unwrap();
+            reply
+        });
+        assert_eq!(status(&reply), 408, "{reply}");
+        assert!(reply.contains("not complete within 300 ms"), "{reply}");
+        server.stop();
+    }
 
-/// Reads and drops what the client still sends, for a short while: closing a unix socket with
-/// unread data resets the connection, and the client could lose the reply it has not read yet.
-fn drain(stream: &mut UnixStream) {
-    if let Err(e) = stream.set_read_timeout(Some(LINGER)) {
-        log::debug!("api: socket timeout: {e}");
+    #[test]
+    fn at_most_max_clients_are_served_at_once_and_the_rest_wait_their_turn() {
+        let _serial = serial();
+        let path = socket_path("cap");
+        let server = ApiServer::start_with(&path, control(), Duration::from_secs(600)).unwrap();
+        let idle: Vec<UnixStream> = (0..MAX_CLIENTS + 4).map(|_| connect(&path)).collect();
+        within("client threads starting", || {
+            while client_threads() < MAX_CLIENTS {
+                thread::sleep(Duration::from_millis(10));
+            }
+        });
+        thread::sleep(Duration::from_millis(200));
+        assert_eq!(client_threads(), MAX_CLIENTS);
+        let p = path.clone();
+        let waiting = thread::spawn(move || ask(&p, GET));
+        drop(idle);
+        let reply = within("the waiting request", move || waiting.join().unwrap());
+        assert_eq!(status(&reply), 200, "{reply}");
+        server.stop();
     }
-    let mut sink = [0u8; 4096];
-    let mut drained = 0;
-    while drained < LINGER_BYTES {
-        match io::Read::read(stream, &mut sink) {
-            Ok(0) | Err(_) => break,
-            Ok(n) => drained += n,
-        }
-    }
-}
-
-fn serve(mut stream: UnixStream, control: &dyn Control) {
-    for set in [UnixStream::set_read_timeout, UnixStream::set_write_timeout] {
-        if let Err(e) = set(&stream, Some(CLIENT_TIMEOUT)) {
-            log::debug!("api: socket timeout: {e}");
-        }
-    }
-    let Some(answer) = answer(&mut stream, control) else {
-        return;
-    };
-    log::debug!(
-        "api: {} {} -> {}",
-        answer.method,
-        answer.target,
-        answer.reply.status
-    );
-    if let Err(e) = http::write_reply(&mut stream, &answer.reply, answer.method == "HEAD") {
-        log::debug!("api: the client went away: {e}");
-    }
-    if answer.unread {
-        let _ = stream.shutdown(std::net::Shutdown::Write);
-        drain(&mut stream);
-    }
-    let _ = stream.shutdown(std::net::Shutdown::Both);
 }

@@ -110,14 +110,26 @@ pub fn parse_changes(body: &[u8]) -> Result<Vec<(String, String)>, String> {
     map.into_iter()
         .map(|(k, v)| {
             let text = match v {
-                Value::Number(n) => n.to_string(),
+                Value::Number(n) => whole(&n)
+                    .ok_or_else(|| format!("{k}: {n} is not a whole number of 0 or more"))?,
                 Value::String(s) => s,
-                Value::Bool(b) => u8::from(b).to_string(),
+                // Flags take `true`/`false` as text too; other knobs refuse them.
+                Value::Bool(b) => b.to_string(),
                 _ => return Err(format!("{k}: give a number, a string or a boolean")),
             };
             Ok((k, text))
         })
         .collect()
+}
+
+/// A JSON number as a whole number's text: `1000`, `1e3` and `1000.0` all give `1000`.
+fn whole(n: &serde_json::Number) -> Option<String> {
+    if let Some(v) = n.as_u64() {
+        return Some(v.to_string());
+    }
+    // Beyond 2^53 a float no longer holds every whole number.
+    let f = n.as_f64()?;
+    (f >= 0.0 && f.fract() == 0.0 && f <= 9_007_199_254_740_992.0).then(|| (f as u64).to_string())
 }
 
 /// Handles one request.
@@ -314,9 +326,35 @@ mod tests {
     }
 
     #[test]
-    fn booleans_become_ksm_style_numbers() {
+    fn booleans_stay_booleans_and_numbers_must_be_whole() {
+        // Flags take true/false as text (vm_dedup::Config parses them); a number knob does not.
         let c = parse_changes(br#"{"use_zero_pages": false, "merge_across_nodes": true}"#).unwrap();
-        assert!(c.contains(&("use_zero_pages".into(), "0".into())));
-        assert!(c.contains(&("merge_across_nodes".into(), "1".into())));
+        assert!(c.contains(&("use_zero_pages".into(), "false".into())));
+        assert!(c.contains(&("merge_across_nodes".into(), "true".into())));
+        let mut engine = vm_dedup::Config::default();
+        for (k, v) in &c {
+            engine.set(k, v).unwrap();
+        }
+        assert!(!engine.use_zero_pages && engine.merge_across_nodes);
+        let c = parse_changes(br#"{"pages_to_scan": true}"#).unwrap();
+        assert!(engine.set(&c[0].0, &c[0].1).is_err());
+        for (body, want) in [
+            (&br#"{"pages_to_scan": 1e3}"#[..], "1000"),
+            (br#"{"pages_to_scan": 1000.0}"#, "1000"),
+            (
+                br#"{"pages_to_scan": 18446744073709551615}"#,
+                "18446744073709551615",
+            ),
+        ] {
+            assert_eq!(parse_changes(body).unwrap()[0].1, want);
+        }
+        for body in [
+            &br#"{"pages_to_scan": 1.5}"#[..],
+            br#"{"pages_to_scan": -1}"#,
+            br#"{"pages_to_scan": 1e300}"#,
+        ] {
+            let e = parse_changes(body).unwrap_err();
+            assert!(e.contains("not a whole number"), "{e}");
+        }
     }
 }
