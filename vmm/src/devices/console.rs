@@ -195,21 +195,22 @@ impl Write for ConsoleOut {
     }
 }
 
-/// Where an input line goes.
+/// Where an input line goes. Lines are bytes: a guest's console takes any, UTF-8 or not.
 #[derive(Debug, PartialEq, Eq)]
 pub enum Route<'a> {
     /// To guest `index`, with its `NAME: ` prefix stripped.
-    Guest(usize, &'a str),
+    Guest(usize, &'a [u8]),
     /// To every guest, unchanged.
-    All(&'a str),
+    All(&'a [u8]),
 }
 
 /// Routes `line`: `NAME: text` goes to guest NAME as `text`, anything else to every guest.
-pub fn route<'a>(names: &[String], line: &'a str) -> Route<'a> {
-    if let Some((name, rest)) = line.split_once(':')
-        && let Some(index) = names.iter().position(|n| n == name)
+pub fn route<'a>(names: &[String], line: &'a [u8]) -> Route<'a> {
+    if let Some(colon) = line.iter().position(|&b| b == b':')
+        && let Some(index) = names.iter().position(|n| n.as_bytes() == &line[..colon])
     {
-        return Route::Guest(index, rest.strip_prefix(' ').unwrap_or(rest));
+        let rest = &line[colon + 1..];
+        return Route::Guest(index, rest.strip_prefix(b" ").unwrap_or(rest));
     }
     Route::All(line)
 }
@@ -242,14 +243,14 @@ impl ConsoleInput {
     }
 
     /// Sends one input line (without its newline) where [`route`] says, newline-terminated.
-    pub fn send_line(&self, line: &str) {
-        match route(&self.names, line) {
-            Route::Guest(i, text) => send(&self.ports[i], format!("{text}\n").as_bytes()),
-            Route::All(text) => {
-                let bytes = format!("{text}\n");
-                self.ports.iter().for_each(|p| send(p, bytes.as_bytes()));
-            }
-        }
+    pub fn send_line(&self, line: impl AsRef<[u8]>) {
+        let (ports, text) = match route(&self.names, line.as_ref()) {
+            Route::Guest(i, text) => (&self.ports[i..=i], text),
+            Route::All(text) => (&self.ports[..], text),
+        };
+        let mut bytes = text.to_vec();
+        bytes.push(b'\n');
+        ports.iter().for_each(|p| send(p, &bytes));
     }
 
     /// Sends raw bytes to every guest.
@@ -272,13 +273,14 @@ impl ConsoleInput {
                 }
             }
         }
-        let mut line = String::new();
+        let mut line = Vec::new();
         loop {
             line.clear();
-            if reader.read_line(&mut line)? == 0 {
+            if reader.read_until(b'\n', &mut line)? == 0 {
                 return Ok(());
             }
-            self.send_line(line.trim_end_matches(['\n', '\r']));
+            let end = line.strip_suffix(b"\n").unwrap_or(&line);
+            self.send_line(end.strip_suffix(b"\r").unwrap_or(end));
         }
     }
 
@@ -436,10 +438,14 @@ mod tests {
     #[test]
     fn input_lines_route_by_prefix() {
         let names = vec!["guest0".to_string(), "guest1".to_string()];
-        assert_eq!(route(&names, "guest1: R 1000"), Route::Guest(1, "R 1000"));
-        assert_eq!(route(&names, "guest0:X 0"), Route::Guest(0, "X 0"));
-        assert_eq!(route(&names, "guest7: hi"), Route::All("guest7: hi"));
-        assert_eq!(route(&names, "C 2000"), Route::All("C 2000"));
+        assert_eq!(route(&names, b"guest1: R 1000"), Route::Guest(1, b"R 1000"));
+        assert_eq!(route(&names, b"guest0:X 0"), Route::Guest(0, b"X 0"));
+        assert_eq!(route(&names, b"guest7: hi"), Route::All(b"guest7: hi"));
+        assert_eq!(route(&names, b"C 2000"), Route::All(b"C 2000"));
+        assert_eq!(
+            route(&names, b"guest1: \xe9t\xe9"),
+            Route::Guest(1, b"\xe9t\xe9")
+        );
     }
 
     fn drain(port: &SharedSerial) -> Vec<u8> {
@@ -461,8 +467,11 @@ mod tests {
             })
             .collect();
         let input = ConsoleInput::new(vec!["guest0".into(), "guest1".into()], ports.clone());
-        input.forward(&b"guest1: W 10 5\nboth\r\n"[..]).unwrap();
-        assert_eq!(drain(&ports[0]), b"both\n");
-        assert_eq!(drain(&ports[1]), b"W 10 5\nboth\n");
+        input
+            .forward(&b"guest1: W 10 5\nboth\r\nguest0: \xe9\xff\nguest1: R 8\n"[..])
+            .unwrap();
+        // Bytes that are not UTF-8 pass through, and the lines after them too.
+        assert_eq!(drain(&ports[0]), b"both\n\xe9\xff\n");
+        assert_eq!(drain(&ports[1]), b"W 10 5\nboth\nR 8\n");
     }
 }
