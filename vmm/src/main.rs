@@ -49,6 +49,10 @@ fn main() -> ExitCode {
     if let Err(e) = vmm::signals::block_termination() {
         return fail(format!("cannot block SIGINT/SIGTERM: {e}"), RUNTIME);
     }
+    let signals = match vmm::signals::Watcher::spawn() {
+        Ok(w) => w,
+        Err(e) => return fail(format!("cannot start the signal thread: {e}"), RUNTIME),
+    };
     let vmm = match vmm::Vmm::new(&plan.vmm) {
         Ok(vmm) => vmm,
         Err(e) => {
@@ -56,6 +60,9 @@ fn main() -> ExitCode {
             return fail(e, status);
         }
     };
+    // From here a signal stops the guests (at once if they have not started yet), so the
+    // services below are stopped and cleaned up as after any run.
+    signals.arm(vmm.stop_handle());
     let services = match Services::start(&vmm, &plan.services, Box::new(|l| eprintln!("vmm: {l}")))
     {
         Ok(s) => s,
@@ -64,9 +71,6 @@ fn main() -> ExitCode {
             return fail(e, status);
         }
     };
-    if let Err(e) = vmm::signals::spawn_watcher(vmm.stop_handle()) {
-        return fail(format!("cannot start the signal thread: {e}"), RUNTIME);
-    }
     if let Err(e) = vmm.console_input().spawn_stdin_reader() {
         return fail(
             format!("cannot start the console input thread: {e}"),

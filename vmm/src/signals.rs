@@ -1,8 +1,10 @@
-//! SIGINT and SIGTERM: blocked in every thread and taken by one watcher thread, which stops
-//! every guest. For binaries; a library embedding the VMM keeps its own signal policy.
+//! SIGINT and SIGTERM: blocked in every thread and taken by one watcher thread, which ends a
+//! start-up or stops every guest. For binaries; a library embedding the VMM keeps its own
+//! signal policy.
 
 use std::io;
-use std::thread::{self, JoinHandle};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::thread;
 
 use crate::vmm::StopHandle;
 
@@ -30,24 +32,65 @@ pub fn block_termination() -> io::Result<()> {
     Ok(())
 }
 
-/// Starts a thread that waits for SIGINT or SIGTERM (blocked with [`block_termination`]) and
-/// then stops every guest.
-pub fn spawn_watcher(stop: StopHandle) -> io::Result<JoinHandle<()>> {
-    thread::Builder::new()
-        .name("signals".into())
-        .spawn(move || {
-            let set = termination_set();
-            let mut signal = 0;
-            // SAFETY: `set` is initialised and `signal` is a valid place for the result.
-            let rc = unsafe { libc::sigwait(&set, &mut signal) };
-            if rc == 0 {
-                log::info!("signal {signal}: stopping every guest");
-                stop.stop_all();
-            } else {
-                log::error!(
-                    "waiting for signals failed: {}",
-                    io::Error::from_raw_os_error(rc)
-                );
-            }
-        })
+fn name(signal: libc::c_int) -> String {
+    match signal {
+        libc::SIGINT => "SIGINT".into(),
+        libc::SIGTERM => "SIGTERM".into(),
+        n => format!("signal {n}"),
+    }
+}
+
+/// Waits for SIGINT or SIGTERM (blocked with [`block_termination`]) on a thread of its own.
+/// Until [`Watcher::arm`] the guests cannot run yet, and the signal ends the process at once
+/// (status 0, as a stop): start-up may be stuck reading a memory image from a pipe or a slow
+/// file system. Once armed, the signal stops every guest.
+#[derive(Debug)]
+pub struct Watcher {
+    stop: Arc<Mutex<Option<StopHandle>>>,
+}
+
+impl Watcher {
+    /// Starts the watcher thread.
+    pub fn spawn() -> io::Result<Self> {
+        let stop: Arc<Mutex<Option<StopHandle>>> = Arc::default();
+        let armed = Arc::clone(&stop);
+        thread::Builder::new()
+            .name("signals".into())
+            .spawn(move || {
+                let set = termination_set();
+                let mut signal = 0;
+                // SAFETY: `set` is initialised and `signal` is a valid place for the result.
+                let rc = unsafe { libc::sigwait(&set, &mut signal) };
+                if rc != 0 {
+                    log::error!(
+                        "waiting for signals failed: {}",
+                        io::Error::from_raw_os_error(rc)
+                    );
+                    return;
+                }
+                match armed
+                    .lock()
+                    .unwrap_or_else(PoisonError::into_inner)
+                    .as_ref()
+                {
+                    Some(stop) => {
+                        log::info!("{}: stopping every guest", name(signal));
+                        stop.stop_all();
+                    }
+                    None => {
+                        eprintln!(
+                            "vmm: {} while starting: stopped before any guest ran",
+                            name(signal)
+                        );
+                        std::process::exit(0);
+                    }
+                }
+            })?;
+        Ok(Self { stop })
+    }
+
+    /// From now on a signal stops every guest through `stop`.
+    pub fn arm(&self, stop: StopHandle) {
+        *self.stop.lock().unwrap_or_else(PoisonError::into_inner) = Some(stop);
+    }
 }

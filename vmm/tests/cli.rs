@@ -269,3 +269,63 @@ fn sigterm_stops_every_guest_with_status_0() {
     assert_eq!(status.code(), Some(0));
     reader.join().unwrap();
 }
+
+/// Whether process `pid` has a thread named `name`.
+fn has_thread(pid: u32, name: &str) -> bool {
+    std::fs::read_dir(format!("/proc/{pid}/task"))
+        .map(|tasks| {
+            tasks
+                .filter_map(|t| std::fs::read_to_string(t.ok()?.path().join("comm")).ok())
+                .any(|comm| comm.trim() == name)
+        })
+        .unwrap_or(false)
+}
+
+#[test]
+fn a_signal_ends_a_start_stuck_reading_a_memory_image() {
+    if !vmm_tests::require_kvm() {
+        return;
+    }
+    // A pipe nobody writes to: opening it to read the image blocks for good.
+    let dir = std::env::temp_dir().join(format!("vmm-cli-fifo-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let fifo = dir.join("image");
+    let c_path = std::ffi::CString::new(fifo.to_str().unwrap()).unwrap();
+    // SAFETY: mkfifo(3) with a valid NUL-terminated path and mode.
+    assert_eq!(unsafe { libc::mkfifo(c_path.as_ptr(), 0o600) }, 0);
+    let f = file_with(PROBE);
+    let entry = format!("{LOAD_ADDRESS:#x}");
+    for signal in [libc::SIGTERM, libc::SIGINT] {
+        let mut child = vmm()
+            .args(["--flat", f.as_path().to_str().unwrap(), "--entry", &entry])
+            .args(["--mem", "16M", "--mem-image", fifo.to_str().unwrap()])
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let start = Instant::now();
+        while !has_thread(child.id(), "signals") {
+            assert!(start.elapsed() < TIMEOUT, "no signal thread");
+            thread::sleep(Duration::from_millis(10));
+        }
+        // SAFETY: kill(2) on our own child's pid with a valid signal number.
+        assert_eq!(unsafe { libc::kill(child.id() as i32, signal) }, 0);
+        let status = loop {
+            if let Some(status) = child.try_wait().unwrap() {
+                break status;
+            }
+            if start.elapsed() > TIMEOUT {
+                let _ = child.kill();
+                panic!("vmm ignored signal {signal} while starting");
+            }
+            thread::sleep(Duration::from_millis(10));
+        };
+        let mut stderr = String::new();
+        std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut stderr).unwrap();
+        assert_eq!(status.code(), Some(0), "{stderr}");
+        assert!(
+            stderr.contains("while starting: stopped before any guest ran"),
+            "{stderr}"
+        );
+    }
+    std::fs::remove_dir_all(&dir).unwrap();
+}
