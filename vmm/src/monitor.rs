@@ -44,8 +44,19 @@ pub struct MonitorConfig {
     pub stats_json: Option<PathBuf>,
 }
 
-/// Writes `text` to `path` atomically: a temporary file beside it, synced, then renamed.
+/// Writes `text` to `path` atomically: a temporary file beside it, synced, then renamed. Only
+/// a regular file is replaced: anything else at `path` (a device such as `/dev/null`, a socket,
+/// a pipe, a symbolic link, a folder) is an error and stays as it is.
 pub fn write_atomic(path: &Path, text: &str) -> io::Result<()> {
+    if let Ok(meta) = std::fs::symlink_metadata(path)
+        && !meta.file_type().is_file()
+    {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            "the path exists and is not a regular file (a device, socket, pipe, link or \
+             folder); remove it or choose another path",
+        ));
+    }
     let name = path
         .file_name()
         .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "not a file name"))?;
@@ -199,6 +210,28 @@ mod tests {
         let names: Vec<_> = std::fs::read_dir(dir.as_path()).unwrap().collect();
         assert_eq!(names.len(), 1);
         assert!(write_atomic(&dir.as_path().join("no/such/dir/f"), "x").is_err());
+    }
+
+    #[test]
+    fn only_a_regular_file_is_replaced() {
+        let dir = vmm_sys_util::tempdir::TempDir::new().unwrap();
+        let socket = dir.as_path().join("api.sock");
+        let _listener = std::os::unix::net::UnixListener::bind(&socket).unwrap();
+        let link = dir.as_path().join("link");
+        std::os::unix::fs::symlink("/dev/null", &link).unwrap();
+        let folder = dir.as_path().join("folder");
+        std::fs::create_dir(&folder).unwrap();
+        for path in [&socket, &link, &folder] {
+            let before = std::fs::symlink_metadata(path).unwrap().file_type();
+            let e = write_atomic(path, "{}").unwrap_err();
+            assert!(e.to_string().contains("not a regular file"), "{e}");
+            assert_eq!(std::fs::symlink_metadata(path).unwrap().file_type(), before);
+        }
+        assert_eq!(
+            std::fs::read_dir(dir.as_path()).unwrap().count(),
+            3,
+            "no file left behind"
+        );
     }
 
     #[test]
