@@ -33,7 +33,7 @@ pub enum Error {
     #[error(
         "--mem {} is larger than this host's {} of RAM: give less --mem",
         config::format_size(*.mem),
-        config::format_size(*.host)
+        crate::report::human_bytes(i128::from(*.host))
     )]
     HostMem {
         /// Requested bytes.

@@ -161,6 +161,35 @@ fn bad_files_are_usage_errors() {
         &["--flat", big, "--entry", "0x100000", "--mem", "2M"],
         "does not fit",
     );
+    // A guest larger than the host's RAM: one line, without the overcommit warning first.
+    let meminfo = std::fs::read_to_string("/proc/meminfo").unwrap();
+    let host_kib: u64 = meminfo
+        .lines()
+        .find_map(|l| l.strip_prefix("MemTotal:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap();
+    if host_kib < 100 << 20 {
+        assert_usage_error(
+            &[
+                "--flat", probe, "--entry", "0x100000", "--mem", "100G", "--guests", "4",
+            ],
+            "--mem 100G is larger than this host's",
+        );
+    }
+    // A socket, device, link or folder at the --stats-json path is refused and left alone.
+    let dir = vmm_sys_util::tempdir::TempDir::new().unwrap();
+    let link = dir.as_path().join("stats.json");
+    std::os::unix::fs::symlink("/dev/null", &link).unwrap();
+    assert_usage_error(
+        &probe_args("--stats-json", link.to_str().unwrap()),
+        "is not a regular file",
+    );
+    assert!(
+        std::fs::symlink_metadata(&link)
+            .unwrap()
+            .file_type()
+            .is_symlink()
+    );
 }
 
 #[test]
