@@ -184,12 +184,12 @@ fn a_mem_image_per_guest_gives_each_guest_its_own_content() {
 }
 
 #[test]
-fn sigterm_and_sigint_stop_a_running_guest_with_status_0() {
+fn sigterm_sigint_and_sighup_stop_a_running_guest_with_status_0() {
     if !vmm_tests::require_kvm() {
         return;
     }
     let probe = ProbeGuest::new();
-    for signal in [libc::SIGTERM, libc::SIGINT] {
+    for signal in [libc::SIGTERM, libc::SIGINT, libc::SIGHUP] {
         let mut vmm = probe.spawn(MEM, &[]);
         let mut guest = vmm.probe();
         guest.wait_ready();

@@ -82,7 +82,7 @@ Control API (--api-sock PATH, HTTP/1.1 + JSON over a unix socket, mode 0600):
   GET /metrics         Prometheus text format
   e.g. curl --unix-socket PATH http://localhost/stats   (docs/api.md has the reference)
 
-Exit status: the highest guest status (0 when stopped cleanly or by SIGINT/SIGTERM),
+Exit status: the highest guest status (0 when stopped cleanly or by SIGINT/SIGTERM/SIGHUP),
   2 for usage errors, 1 for runtime errors.";
 
 /// Runs Linux kernels or flat binaries as KVM guests; the serial console is stdin/stdout.
@@ -172,6 +172,14 @@ pub enum UsageError {
     /// Bad `--dedup-domain`s.
     #[error(transparent)]
     Dedup(#[from] dedup::Error),
+    /// `--dedup-tune` and a `tune=` in `--dedup-opt` disagree.
+    #[error("--dedup-tune {flag} and --dedup-opt tune={opt} disagree: give the mode once")]
+    TuneTwice {
+        /// The flag's mode.
+        flag: &'static str,
+        /// The knob's mode.
+        opt: &'static str,
+    },
 }
 
 /// Everything the command line asks for.
@@ -223,6 +231,17 @@ impl Cli {
                 settings.apply_options(opts).map_err(UsageError::DedupOpt)?;
             }
             if let Some(mode) = self.dedup_tune {
+                let tune_opt = self
+                    .dedup_opts
+                    .iter()
+                    .flat_map(|o| o.split(','))
+                    .any(|kv| kv.split('=').next().map(str::trim) == Some("tune"));
+                if tune_opt && settings.tune.mode != mode {
+                    return Err(UsageError::TuneTwice {
+                        flag: mode.name(),
+                        opt: settings.tune.mode.name(),
+                    });
+                }
                 settings.tune.mode = mode;
             }
             let dedup = DedupConfig {

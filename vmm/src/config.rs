@@ -59,7 +59,8 @@ pub enum Error {
     EntryTooLow(u64),
     /// A duration that does not parse.
     #[error(
-        "invalid duration {0:?}: use seconds or a number with ms or s (e.g. 500ms, 10s, 0 for off)"
+        "invalid duration {0:?}: use seconds or a number with ms, s or m (e.g. 500ms, 10s, 2m, 0 \
+         for off)"
     )]
     Duration(String),
     /// `--mem-image` given neither once nor once per guest.

@@ -49,7 +49,7 @@ fn main() -> ExitCode {
     // Before any thread starts: the engine's per-pass buffers go back to the host when freed.
     vmm::heap::return_large_frees();
     if let Err(e) = vmm::signals::block_termination() {
-        return fail(format!("cannot block SIGINT/SIGTERM: {e}"), RUNTIME);
+        return fail(format!("cannot block SIGINT/SIGTERM/SIGHUP: {e}"), RUNTIME);
     }
     let signals = match vmm::signals::Watcher::spawn() {
         Ok(w) => w,

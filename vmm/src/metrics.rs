@@ -219,6 +219,11 @@ pub fn render(report: &Report) -> String {
     }
     let _ = writeln!(out, "# HELP vmm_guest_pages Guest RAM pages.");
     let _ = writeln!(out, "# TYPE vmm_guest_pages gauge");
+    let _ = writeln!(
+        out,
+        "vmm_guest_pages{{mode=\"{mode}\",guest=\"\",domain=\"\"}} {}",
+        report.pages
+    );
     for g in &report.guests {
         let _ = writeln!(
             out,
@@ -277,6 +282,7 @@ mod tests {
         assert!(text.contains("# TYPE vmm_cow_breaks_total counter\n"));
         assert!(text.contains("vmm_cow_breaks_total{mode=\"dedup\",guest=\"\",domain=\"\"} 2\n"));
         assert!(text.contains("vmm_general_profit{mode=\"dedup\",guest=\"\",domain=\"\"} -5\n"));
+        assert!(text.contains("vmm_guest_pages{mode=\"dedup\",guest=\"\",domain=\"\"} 10\n"));
         assert_well_formed(&text);
         // Without an engine there are no engine or health families.
         assert!(!text.contains("vmm_degraded"), "{text}");

@@ -1,4 +1,4 @@
-//! SIGINT and SIGTERM: blocked in every thread and taken by one watcher thread, which ends a
+//! SIGINT, SIGTERM and SIGHUP: blocked in every thread and taken by one watcher thread, which ends a
 //! start-up or stops every guest. For binaries; a library embedding the VMM keeps its own
 //! signal policy.
 
@@ -16,11 +16,13 @@ fn termination_set() -> libc::sigset_t {
         libc::sigemptyset(&mut set);
         libc::sigaddset(&mut set, libc::SIGINT);
         libc::sigaddset(&mut set, libc::SIGTERM);
+        // A closed terminal: stop cleanly too (under `nohup` it stays ignored, never pending).
+        libc::sigaddset(&mut set, libc::SIGHUP);
     }
     set
 }
 
-/// Blocks SIGINT and SIGTERM in the calling thread and every thread it starts afterwards.
+/// Blocks SIGINT, SIGTERM and SIGHUP in the calling thread and every thread it starts afterwards.
 /// Call before any other thread exists.
 pub fn block_termination() -> io::Result<()> {
     let set = termination_set();
@@ -36,11 +38,12 @@ fn name(signal: libc::c_int) -> String {
     match signal {
         libc::SIGINT => "SIGINT".into(),
         libc::SIGTERM => "SIGTERM".into(),
+        libc::SIGHUP => "SIGHUP".into(),
         n => format!("signal {n}"),
     }
 }
 
-/// Waits for SIGINT or SIGTERM (blocked with [`block_termination`]) on a thread of its own.
+/// Waits for SIGINT, SIGTERM or SIGHUP (blocked with [`block_termination`]) on a thread of its own.
 /// Until [`Watcher::arm`] the guests cannot run yet, and the signal ends the process at once
 /// (status 0, as a stop): start-up may be stuck reading a memory image from a pipe or a slow
 /// file system. Once armed, the signal stops every guest.

@@ -98,7 +98,17 @@ fn usage_errors_are_one_line_and_exit_2() {
         ]),
         "--dedup-domain given 2 times for 3 guests",
     );
-    assert_usage_error(&with(&["--stats-interval", "1h"]), "1h");
+    assert_usage_error(&with(&["--stats-interval", "1h"]), "ms, s or m");
+    assert_usage_error(
+        &with(&[
+            "--dedup",
+            "--dedup-tune",
+            "advisor",
+            "--dedup-opt",
+            "tune=pressure",
+        ]),
+        "--dedup-tune advisor and --dedup-opt tune=pressure disagree",
+    );
     assert_usage_error(&with(&["--overcommit", "maybe"]), "maybe");
     assert_usage_error(&["--flat", "x", "--entry", "0x1000"], "0x100000");
     assert_usage_error(&["--flat", "x", "--entry", "zz"], "zz");
@@ -324,7 +334,7 @@ fn a_signal_ends_a_start_stuck_reading_a_memory_image() {
     assert_eq!(unsafe { libc::mkfifo(c_path.as_ptr(), 0o600) }, 0);
     let f = file_with(PROBE);
     let entry = format!("{LOAD_ADDRESS:#x}");
-    for signal in [libc::SIGTERM, libc::SIGINT] {
+    for signal in [libc::SIGTERM, libc::SIGINT, libc::SIGHUP] {
         let mut child = vmm()
             .args(["--flat", f.as_path().to_str().unwrap(), "--entry", &entry])
             .args(["--mem", "16M", "--mem-image", fifo.to_str().unwrap()])
