@@ -11,16 +11,25 @@ use common::*;
 use vm_dedup::{Engine, GuestConfig, PageState};
 use vm_memory::{FileOffset, GuestAddress, GuestMemoryMmap};
 
-#[test]
-fn file_backed_regions_are_left_alone() {
+/// A new file of `len` bytes at `path`, open for reading and writing.
+fn sized_file(path: &std::path::Path, len: usize) -> std::fs::File {
     let file = std::fs::OpenOptions::new()
         .read(true)
         .write(true)
         .create(true)
         .truncate(true)
-        .open(std::env::temp_dir().join(format!("vm-dedup-file-{}", std::process::id())))
+        .open(path)
         .unwrap();
-    file.set_len((64 * PAGE) as u64).unwrap();
+    file.set_len(len as u64).unwrap();
+    file
+}
+
+#[test]
+fn file_backed_regions_are_left_alone() {
+    let file = sized_file(
+        &std::env::temp_dir().join(format!("vm-dedup-file-{}", std::process::id())),
+        64 * PAGE,
+    );
     let mem: Arc<Mem> = Arc::new(
         GuestMemoryMmap::from_ranges_with_files(&[
             (GuestAddress(0), 64 * PAGE, None),
@@ -36,10 +45,8 @@ fn file_backed_regions_are_left_alone() {
     for p in 0..128 {
         fill(&mem, p, 9);
     }
-    let engine = Engine::new(fast_config()).unwrap();
-    let id = engine
-        .register(GuestConfig::new("g", "d"), mem.clone())
-        .unwrap();
+    let (engine, ids) = engine_with(fast_config(), &[("g", "d", mem.clone())]);
+    let id = ids[0];
     engine.scan_pass().unwrap();
     let s = engine.scan_pass().unwrap();
     assert_eq!(s.pages, 64);
@@ -63,14 +70,7 @@ fn a_mapped_file_with_a_non_utf8_path_changes_nothing() {
     name.extend_from_slice(format!("/vm-dedup-{}-", std::process::id()).as_bytes());
     name.extend_from_slice(b"\xff\xfe");
     let path = std::path::PathBuf::from(std::ffi::OsString::from_vec(name));
-    let file = std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .open(&path)
-        .unwrap();
-    file.set_len(PAGE as u64).unwrap();
+    let file = sized_file(&path, PAGE);
     // Maps the file outside guest memory for the rest of the test.
     let _mapping = vm_memory::MmapRegion::<()>::from_file(FileOffset::new(file, 0), PAGE).unwrap();
     assert!(std::fs::read_to_string("/proc/self/maps").is_err());
@@ -78,10 +78,8 @@ fn a_mapped_file_with_a_non_utf8_path_changes_nothing() {
     for p in 0..64 {
         fill(&mem, p, 5);
     }
-    let engine = Engine::new(fast_config()).unwrap();
-    let id = engine
-        .register(GuestConfig::new("g", "d"), mem.clone())
-        .unwrap();
+    let (engine, ids) = engine_with(fast_config(), &[("g", "d", mem.clone())]);
+    let id = ids[0];
     engine.scan_pass().unwrap();
     let s = engine.scan_pass().unwrap();
     assert_eq!((s.pages_shared, s.pages_sharing), (1, 63));
