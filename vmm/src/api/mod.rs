@@ -1,33 +1,36 @@
 //! The control API: HTTP/1.1 with JSON bodies over a unix socket (`--api-sock PATH`), one
-//! request per connection ([`http`]). One thread accepts connections and serves each on a
-//! thread of its own, at most [`MAX_CLIENTS`] at once (more wait in the socket's backlog), so a
-//! slow or silent client holds up neither the others nor the VMM's stop. The socket is made
+//! request per connection ([`http`]). One thread accepts connections and hands each to one of
+//! [`MAX_CLIENTS`] client threads started with the server (more clients wait in the socket's
+//! backlog), so a slow or silent client holds up neither the others nor the VMM's stop, and
+//! serving never needs a new thread ([`workers`]). The socket is made
 //! readable and writable by its owner only, and is removed when the server stops. Requests and
 //! replies are in [`routes`].
 
 mod client;
 pub mod http;
 pub mod routes;
+mod workers;
 
 use std::io;
 use std::os::fd::AsRawFd;
-use std::os::unix::fs::{FileTypeExt, PermissionsExt};
+use std::os::unix::fs::{FileTypeExt, MetadataExt, PermissionsExt};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::thread::{self, JoinHandle};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::control::Control;
+use workers::Workers;
 
 /// How long a client may take to send its whole request.
 pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
 
-/// Most clients served at once.
+/// Most clients served at once: the client threads started with the server.
 pub const MAX_CLIENTS: usize = 16;
 
 /// Event data of the listening socket and of the stop event.
@@ -75,6 +78,8 @@ pub struct ApiServer {
     wake: EventFd,
     thread: Option<JoinHandle<()>>,
     path: PathBuf,
+    /// Device and inode of the socket file this server bound.
+    socket: (u64, u64),
 }
 
 impl std::fmt::Debug for ApiServer {
@@ -121,32 +126,44 @@ impl ApiServer {
             source,
         };
         let listener = UnixListener::bind(path).map_err(listen_err)?;
-        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
-            .map_err(listen_err)?;
-        listener.set_nonblocking(true).map_err(listen_err)?;
-        let wake = EventFd::new(libc::EFD_NONBLOCK).map_err(Error::Events)?;
-        let epoll = Epoll::new().map_err(Error::Events)?;
-        for (fd, data) in [(listener.as_raw_fd(), LISTENER), (wake.as_raw_fd(), STOP)] {
-            epoll
-                .ctl(
-                    ControlOperation::Add,
-                    fd,
-                    EpollEvent::new(EventSet::IN, data),
-                )
-                .map_err(Error::Events)?;
-        }
-        let stopping = Arc::new(AtomicBool::new(false));
-        let stop = Arc::clone(&stopping);
-        let thread = thread::Builder::new()
-            .name("api".into())
-            .spawn(move || accept_loop(&listener, &epoll, &stop, &control, timeout))
-            .map_err(Error::Thread)?;
+        // What was bound, to remove only this socket at the stop.
+        let bound = std::fs::symlink_metadata(path).map_err(listen_err)?;
+        let started = (|| {
+            std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
+                .map_err(listen_err)?;
+            listener.set_nonblocking(true).map_err(listen_err)?;
+            let wake =
+                EventFd::new(libc::EFD_NONBLOCK | libc::EFD_CLOEXEC).map_err(Error::Events)?;
+            let epoll = Epoll::new().map_err(Error::Events)?;
+            for (fd, data) in [(listener.as_raw_fd(), LISTENER), (wake.as_raw_fd(), STOP)] {
+                epoll
+                    .ctl(
+                        ControlOperation::Add,
+                        fd,
+                        EpollEvent::new(EventSet::IN, data),
+                    )
+                    .map_err(Error::Events)?;
+            }
+            let stopping = Arc::new(AtomicBool::new(false));
+            let workers =
+                Workers::start(MAX_CLIENTS, &control, timeout, &stopping).map_err(Error::Thread)?;
+            let stop = Arc::clone(&stopping);
+            let thread = thread::Builder::new()
+                .name("api".into())
+                .spawn(move || accept_loop(&listener, &epoll, &stop, workers))
+                .map_err(Error::Thread)?;
+            Ok((stopping, wake, thread))
+        })();
+        let (stopping, wake, thread) = started.inspect_err(|_| {
+            let _ = std::fs::remove_file(path);
+        })?;
         log::info!("control API on {}", path.display());
         Ok(Self {
             stopping,
             wake,
             thread: Some(thread),
             path: path.to_path_buf(),
+            socket: (bound.dev(), bound.ino()),
         })
     }
 
@@ -172,32 +189,36 @@ impl ApiServer {
             log::error!("the API thread panicked");
         }
         // Only our socket: the path may have been removed, or taken by something else.
-        let ours = std::fs::symlink_metadata(&self.path).is_ok_and(|m| m.file_type().is_socket());
+        let ours =
+            std::fs::symlink_metadata(&self.path).is_ok_and(|m| (m.dev(), m.ino()) == self.socket);
         if ours && let Err(e) = std::fs::remove_file(&self.path) {
             log::debug!("removing {}: {e}", self.path.display());
         }
     }
 }
 
-/// Accepts clients until the server stops, each served on a thread of its own; while
-/// [`MAX_CLIENTS`] are being served, new ones wait in the backlog. Returns once every client
-/// thread has ended.
+/// How long accepting pauses after it failed.
+const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
+
+/// Accepts clients until the server stops and hands each to a free client thread; while all
+/// [`MAX_CLIENTS`] are busy, new clients wait in the backlog. Returns once every client thread
+/// has ended.
 fn accept_loop(
     listener: &UnixListener,
     epoll: &Epoll,
-    stopping: &Arc<AtomicBool>,
-    control: &Arc<dyn Control>,
-    timeout: Duration,
+    stopping: &AtomicBool,
+    mut workers: Workers,
 ) {
-    let mut clients: Vec<JoinHandle<()>> = Vec::new();
     let mut listening = true;
+    // Accepting failed (out of file descriptors, say): wait until then before trying again.
+    let mut backoff: Option<Instant> = None;
     let mut events = [EpollEvent::default(); 2];
     while !stopping.load(Ordering::SeqCst) {
-        clients.retain(|c| !c.is_finished());
-        let full = clients.len() >= MAX_CLIENTS;
-        if full == listening {
-            // While full, waiting connections must not wake this loop over and over.
-            let interest = if full {
+        backoff = backoff.filter(|&until| Instant::now() < until);
+        let pause = workers.all_busy() || backoff.is_some();
+        if pause == listening {
+            // While paused, waiting connections must not wake this loop over and over.
+            let interest = if pause {
                 EventSet::empty()
             } else {
                 EventSet::IN
@@ -211,10 +232,10 @@ fn accept_loop(
                 log::error!("api: waiting for clients: {e}; the API stops");
                 break;
             }
-            listening = !full;
+            listening = !pause;
         }
-        // While full, look for finished clients every so often.
-        let wait_ms = if full { 20 } else { -1 };
+        // While paused, look again every so often.
+        let wait_ms = if pause { 20 } else { -1 };
         match epoll.wait(wait_ms, &mut events) {
             Ok(_) => {}
             Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
@@ -223,41 +244,20 @@ fn accept_loop(
                 break;
             }
         }
-        while listening && clients.len() < MAX_CLIENTS && !stopping.load(Ordering::SeqCst) {
-            let stream = match listener.accept() {
-                Ok((stream, _)) => stream,
+        while listening && !workers.all_busy() && !stopping.load(Ordering::SeqCst) {
+            match listener.accept() {
+                Ok((stream, _)) => workers.serve(stream),
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
                 Err(e) => {
-                    // Out of file descriptors, say: give the process a moment.
-                    log::warn!("api: accepting a client: {e}");
-                    thread::sleep(Duration::from_millis(10));
+                    log::warn!("api: accepting a client: {e}; trying again in 100 ms");
+                    backoff = Some(Instant::now() + ACCEPT_BACKOFF);
                     break;
                 }
-            };
-            let (control, stop) = (Arc::clone(control), Arc::clone(stopping));
-            let spawned = thread::Builder::new()
-                .name("api-client".into())
-                .spawn(move || client::serve(stream, &*control, timeout, &stop));
-            match spawned {
-                Ok(c) => clients.push(c),
-                Err(e) => log::warn!("api: cannot start a thread for a client: {e}"),
             }
         }
     }
-    for c in clients {
-        if c.join().is_err() {
-            log::error!("an API client thread panicked");
-        }
-    }
-}
-
-impl Drop for ApiServer {
-    fn drop(&mut self) {
-        if self.thread.is_some() {
-            self.shutdown();
-        }
-    }
+    workers.stop();
 }
 
 #[cfg(test)]
@@ -392,19 +392,36 @@ mod tests {
         let _serial = serial();
         let path = socket_path("cap");
         let server = ApiServer::start_with(&path, control(), Duration::from_secs(600)).unwrap();
-        let idle: Vec<UnixStream> = (0..MAX_CLIENTS + 4).map(|_| connect(&path)).collect();
-        within("client threads starting", || {
+        // The client threads exist from the start: serving never starts a thread.
+        within("the client threads starting", || {
             while client_threads() < MAX_CLIENTS {
                 thread::sleep(Duration::from_millis(10));
             }
         });
-        thread::sleep(Duration::from_millis(200));
+        let idle: Vec<UnixStream> = (0..MAX_CLIENTS).map(|_| connect(&path)).collect();
+        let mut waiting = connect(&path);
+        waiting.write_all(GET).unwrap();
+        // Every client thread waits on a silent client: the request waits its turn.
+        waiting
+            .set_read_timeout(Some(Duration::from_millis(300)))
+            .unwrap();
+        let mut byte = [0u8; 1];
+        let early = waiting.read(&mut byte);
+        assert!(
+            early
+                .as_ref()
+                .is_err_and(|e| e.kind() == io::ErrorKind::WouldBlock),
+            "answered while every client thread was busy: {early:?}"
+        );
         assert_eq!(client_threads(), MAX_CLIENTS);
-        let p = path.clone();
-        let waiting = thread::spawn(move || ask(&p, GET));
         drop(idle);
-        let reply = within("the waiting request", move || waiting.join().unwrap());
+        waiting
+            .set_read_timeout(Some(Duration::from_secs(20)))
+            .unwrap();
+        let mut reply = String::new();
+        waiting.read_to_string(&mut reply).unwrap();
         assert_eq!(status(&reply), 200, "{reply}");
         server.stop();
+        assert_eq!(client_threads(), 0);
     }
 }
