@@ -97,6 +97,19 @@ fn guest_and_host_see_each_others_writes() {
     assert_eq!(running.join().unwrap().unwrap(), 0x2a);
 }
 
+#[test]
+fn a_stop_asked_for_before_run_starts_no_guest() {
+    if !vmm_tests::require_kvm() {
+        return;
+    }
+    let probe = ProbeGuest::new();
+    let out = Captured::default();
+    let vmm = Vmm::with_sink(&probe_config(probe.path(), 2, 1, false), out.sink()).unwrap();
+    vmm.stop_handle().stop_all();
+    assert_eq!(vmm.run().unwrap(), 0);
+    assert_eq!(out.text(), "", "a guest ran");
+}
+
 /// Whether page `page` (counted from the slot start) is marked in `bitmap`.
 fn marked(bitmap: &[u64], page: usize) -> bool {
     bitmap[page / 64] & (1 << (page % 64)) != 0

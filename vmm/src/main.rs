@@ -4,6 +4,7 @@
 
 mod cli;
 
+use std::io::Write;
 use std::process::ExitCode;
 
 use vmm::hostmem::HostMemory;
@@ -15,9 +16,15 @@ const USAGE: u8 = 2;
 /// Exit status for runtime errors.
 const RUNTIME: u8 = 1;
 
+/// Writes one line to stderr. A stderr that is gone (a closed terminal, a reader that went
+/// away) loses the line rather than stopping the VMM: `eprintln!` would panic.
+fn say(line: std::fmt::Arguments<'_>) {
+    let _ = writeln!(std::io::stderr(), "vmm: {line}");
+}
+
 /// Prints one error line and returns the exit status.
 fn fail(message: impl std::fmt::Display, status: u8) -> ExitCode {
-    eprintln!("vmm: error: {message}");
+    say(format_args!("error: {message}"));
     ExitCode::from(status)
 }
 
@@ -39,7 +46,7 @@ fn main() -> ExitCode {
         Ok(host) if plan.vmm.guests.iter().any(|g| g.mem > host.mem_total) => {}
         Ok(host) => match (overcommit::check(committed, &host), plan.overcommit) {
             (None, _) => {}
-            (Some(o), overcommit::Policy::Warn) => eprintln!("vmm: warning: {o}"),
+            (Some(o), overcommit::Policy::Warn) => say(format_args!("warning: {o}")),
             (Some(o), overcommit::Policy::Refuse) => {
                 return fail(format!("--overcommit=refuse: {o}"), USAGE);
             }
@@ -65,14 +72,14 @@ fn main() -> ExitCode {
     // From here a signal stops the guests (at once if they have not started yet), so the
     // services below are stopped and cleaned up as after any run.
     signals.arm(vmm.stop_handle());
-    let services = match Services::start(&vmm, &plan.services, Box::new(|l| eprintln!("vmm: {l}")))
-    {
-        Ok(s) => s,
-        Err(e) => {
-            let status = if e.is_usage() { USAGE } else { RUNTIME };
-            return fail(e, status);
-        }
-    };
+    let services =
+        match Services::start(&vmm, &plan.services, Box::new(|l| say(format_args!("{l}")))) {
+            Ok(s) => s,
+            Err(e) => {
+                let status = if e.is_usage() { USAGE } else { RUNTIME };
+                return fail(e, status);
+            }
+        };
     if let Err(e) = vmm.console_input().spawn_stdin_reader() {
         return fail(
             format!("cannot start the console input thread: {e}"),

@@ -86,8 +86,10 @@ struct Writer {
 impl Writer {
     fn write(&self, last: bool) -> Result<(), Error> {
         let report = self.control.stats();
+        // The file first: printing the line may be what fails (a stderr that is gone).
+        let written = self.write_file(&report);
         self.print(&report, last);
-        self.write_file(&report)
+        written
     }
 
     fn print(&self, report: &Report, last: bool) {

@@ -2,22 +2,40 @@
 //! start-up or stops every guest. For binaries; a library embedding the VMM keeps its own
 //! signal policy.
 
-use std::io;
+use std::io::{self, Write};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::thread;
 
 use crate::vmm::StopHandle;
 
+/// Whether `signal` is ignored (`SIG_IGN`), as `nohup` or a shell's background job leaves it.
+fn ignored(signal: libc::c_int) -> bool {
+    // SAFETY: sigaction is plain data; with a null new action, sigaction(2) only writes the
+    // current one into `old`.
+    unsafe {
+        let mut old: libc::sigaction = std::mem::zeroed();
+        libc::sigaction(signal, std::ptr::null(), &mut old) == 0
+            && old.sa_sigaction == libc::SIG_IGN
+    }
+}
+
+/// SIGINT, SIGTERM and SIGHUP (a closed terminal), less those the process was started with
+/// ignored: a blocked signal is never discarded, so taking an ignored one would undo `nohup`.
+fn termination_signals() -> Vec<libc::c_int> {
+    [libc::SIGINT, libc::SIGTERM, libc::SIGHUP]
+        .into_iter()
+        .filter(|&s| !ignored(s))
+        .collect()
+}
+
 fn termination_set() -> libc::sigset_t {
     // SAFETY: sigset_t is plain data; sigemptyset initialises it before use.
     let mut set: libc::sigset_t = unsafe { std::mem::zeroed() };
-    // SAFETY: `set` is a valid, writable sigset_t and the signal numbers are valid.
-    unsafe {
-        libc::sigemptyset(&mut set);
-        libc::sigaddset(&mut set, libc::SIGINT);
-        libc::sigaddset(&mut set, libc::SIGTERM);
-        // A closed terminal: stop cleanly too (under `nohup` it stays ignored, never pending).
-        libc::sigaddset(&mut set, libc::SIGHUP);
+    // SAFETY: `set` is a valid, writable sigset_t.
+    unsafe { libc::sigemptyset(&mut set) };
+    for signal in termination_signals() {
+        // SAFETY: `set` is initialised and `signal` is a valid signal number.
+        unsafe { libc::sigaddset(&mut set, signal) };
     }
     set
 }
@@ -43,10 +61,12 @@ fn name(signal: libc::c_int) -> String {
     }
 }
 
-/// Waits for SIGINT, SIGTERM or SIGHUP (blocked with [`block_termination`]) on a thread of its own.
-/// Until [`Watcher::arm`] the guests cannot run yet, and the signal ends the process at once
-/// (status 0, as a stop): start-up may be stuck reading a memory image from a pipe or a slow
-/// file system. Once armed, the signal stops every guest.
+/// Waits for SIGINT, SIGTERM or SIGHUP (blocked with [`block_termination`]; those the process
+/// was started with ignored stay ignored) on a thread of its own. Until [`Watcher::arm`] the
+/// guests cannot run yet, and a signal ends the process at once (status 0, as a stop): start-up
+/// may be stuck reading a memory image from a pipe or a slow file system. Once armed, the first
+/// signal stops every guest, and a second one ends the process at once (status 1), should the
+/// stop itself hang.
 #[derive(Debug)]
 pub struct Watcher {
     stop: Arc<Mutex<Option<StopHandle>>>,
@@ -56,44 +76,62 @@ impl Watcher {
     /// Starts the watcher thread.
     pub fn spawn() -> io::Result<Self> {
         let stop: Arc<Mutex<Option<StopHandle>>> = Arc::default();
+        if termination_signals().is_empty() {
+            return Ok(Self { stop });
+        }
         let armed = Arc::clone(&stop);
         thread::Builder::new()
             .name("signals".into())
-            .spawn(move || {
-                let set = termination_set();
-                let mut signal = 0;
-                // SAFETY: `set` is initialised and `signal` is a valid place for the result.
-                let rc = unsafe { libc::sigwait(&set, &mut signal) };
-                if rc != 0 {
-                    log::error!(
-                        "waiting for signals failed: {}",
-                        io::Error::from_raw_os_error(rc)
-                    );
-                    return;
-                }
-                match armed
-                    .lock()
-                    .unwrap_or_else(PoisonError::into_inner)
-                    .as_ref()
-                {
-                    Some(stop) => {
-                        log::info!("{}: stopping every guest", name(signal));
-                        stop.stop_all();
-                    }
-                    None => {
-                        eprintln!(
-                            "vmm: {} while starting: stopped before any guest ran",
-                            name(signal)
-                        );
-                        std::process::exit(0);
-                    }
-                }
-            })?;
+            .spawn(move || watch(&armed))?;
         Ok(Self { stop })
     }
 
     /// From now on a signal stops every guest through `stop`.
     pub fn arm(&self, stop: StopHandle) {
         *self.stop.lock().unwrap_or_else(PoisonError::into_inner) = Some(stop);
+    }
+}
+
+/// One line on stderr; a stderr that is gone loses it.
+fn say(line: std::fmt::Arguments<'_>) {
+    let _ = writeln!(io::stderr(), "vmm: {line}");
+}
+
+fn watch(armed: &Mutex<Option<StopHandle>>) {
+    let set = termination_set();
+    let mut stopping = false;
+    loop {
+        let mut signal = 0;
+        // SAFETY: `set` is initialised and `signal` is a valid place for the result.
+        let rc = unsafe { libc::sigwait(&set, &mut signal) };
+        if rc != 0 {
+            log::error!(
+                "waiting for signals failed: {}",
+                io::Error::from_raw_os_error(rc)
+            );
+            return;
+        }
+        let stop = armed.lock().unwrap_or_else(PoisonError::into_inner).clone();
+        match stop {
+            None => {
+                say(format_args!(
+                    "{} while starting: stopped before any guest ran",
+                    name(signal)
+                ));
+                std::process::exit(0);
+            }
+            Some(_) if stopping => {
+                say(format_args!(
+                    "{} again while stopping: exiting at once",
+                    name(signal)
+                ));
+                std::process::exit(1);
+            }
+            Some(stop) => {
+                log::info!("{}: stopping every guest", name(signal));
+                stop.stop_all();
+                stopping = true;
+            }
+        }
     }
 }

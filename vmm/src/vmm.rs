@@ -217,6 +217,12 @@ impl Vmm {
     /// all stopped cleanly or were stopped on request).
     pub fn run(mut self) -> Result<u8, Error> {
         let mut stops: Vec<Option<Stop>> = vec![None; self.guests.len()];
+        // A stop asked for before the guests started (a signal while the VMM was still setting
+        // up): none of them runs.
+        if let Ok(Event::StopAll) = self.receiver.try_recv() {
+            self.stop_remaining(&mut stops);
+            return Ok(0);
+        }
         for i in 0..self.guests.len() {
             if let Err(e) = self.guests[i].start() {
                 self.stop_remaining(&mut stops);

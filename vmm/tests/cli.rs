@@ -368,3 +368,67 @@ fn a_signal_ends_a_start_stuck_reading_a_memory_image() {
     }
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+#[test]
+fn an_ignored_sighup_stays_ignored_and_a_lost_stderr_stops_nothing() {
+    if !vmm_tests::require_kvm() {
+        return;
+    }
+    let f = file_with(PROBE);
+    let entry = format!("{LOAD_ADDRESS:#x}");
+    let dir = vmm_sys_util::tempdir::TempDir::new().unwrap();
+    let stats = dir.as_path().join("stats.json");
+    // As `nohup` starts it: SIGHUP ignored. Its stderr is a pipe nobody reads any more.
+    let mut child = Command::new("sh")
+        .arg("-c")
+        .arg("trap '' HUP; exec \"$@\"")
+        .arg("sh")
+        .arg(env!("CARGO_BIN_EXE_vmm"))
+        .args(["--flat", f.as_path().to_str().unwrap(), "--entry", &entry])
+        .args(["--mem", "16M", "--dedup", "--stats-interval", "0"])
+        .args(["--stats-json", stats.to_str().unwrap()])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    drop(child.stderr.take());
+    let stdout = child.stdout.take().unwrap();
+    let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+    let reader = thread::spawn(move || {
+        for line in BufReader::new(stdout).lines() {
+            if line.unwrap().ends_with("PROBE READY vcpus=1") {
+                let _ = ready_tx.send(());
+            }
+        }
+    });
+    ready_rx.recv_timeout(TIMEOUT).expect("guest did not start");
+    let written = |stats: &std::path::Path| std::fs::read_to_string(stats).unwrap_or_default();
+    let first = written(&stats);
+    assert!(first.contains("\"mode\": \"dedup\""), "{first}");
+    std::fs::remove_file(&stats).unwrap();
+    // SAFETY: kill(2) on our own child's pid with a valid signal number.
+    assert_eq!(unsafe { libc::kill(child.id() as i32, libc::SIGHUP) }, 0);
+    thread::sleep(Duration::from_millis(300));
+    assert!(
+        child.try_wait().unwrap().is_none(),
+        "an ignored SIGHUP stopped the vmm"
+    );
+    // SAFETY: as above.
+    assert_eq!(unsafe { libc::kill(child.id() as i32, libc::SIGTERM) }, 0);
+    let start = Instant::now();
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        if start.elapsed() > TIMEOUT {
+            let _ = child.kill();
+            panic!("vmm did not stop on SIGTERM");
+        }
+        thread::sleep(Duration::from_millis(10));
+    };
+    // The final line could not be printed; the final statistics were written all the same.
+    assert_eq!(status.code(), Some(0));
+    assert!(written(&stats).contains("\"mode\": \"dedup\""));
+    reader.join().unwrap();
+}
