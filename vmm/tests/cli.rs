@@ -3,7 +3,7 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)] // test code: a failed setup is a failed test
 
 use std::io::{BufRead, BufReader, Write};
-use std::process::{Command, Output, Stdio};
+use std::process::{Command, ExitStatus, Output, Stdio};
 use std::thread;
 use std::time::{Duration, Instant};
 
@@ -297,16 +297,24 @@ fn sigterm_stops_every_guest_with_status_0() {
         .expect("guests did not start");
     // SAFETY: kill(2) on our own child's pid with a valid signal number.
     assert_eq!(unsafe { libc::kill(child.id() as i32, libc::SIGTERM) }, 0);
-    let start = Instant::now();
-    let status = loop {
-        if let Some(status) = child.try_wait().unwrap() {
-            break status;
-        }
-        assert!(start.elapsed() < TIMEOUT, "vmm did not stop on SIGTERM");
-        thread::sleep(Duration::from_millis(10));
-    };
+    let status = signalled_exit(&mut child, libc::SIGTERM);
     assert_eq!(status.code(), Some(0));
     reader.join().unwrap();
+}
+
+/// Waits for `child` to exit after `signal`; kills it and fails if it does not.
+fn signalled_exit(child: &mut std::process::Child, signal: libc::c_int) -> ExitStatus {
+    let start = Instant::now();
+    loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            return status;
+        }
+        if start.elapsed() > TIMEOUT {
+            let _ = child.kill();
+            panic!("vmm did not stop on signal {signal}");
+        }
+        thread::sleep(Duration::from_millis(10));
+    }
 }
 
 /// Whether process `pid` has a thread named `name`.
@@ -348,16 +356,7 @@ fn a_signal_ends_a_start_stuck_reading_a_memory_image() {
         }
         // SAFETY: kill(2) on our own child's pid with a valid signal number.
         assert_eq!(unsafe { libc::kill(child.id() as i32, signal) }, 0);
-        let status = loop {
-            if let Some(status) = child.try_wait().unwrap() {
-                break status;
-            }
-            if start.elapsed() > TIMEOUT {
-                let _ = child.kill();
-                panic!("vmm ignored signal {signal} while starting");
-            }
-            thread::sleep(Duration::from_millis(10));
-        };
+        let status = signalled_exit(&mut child, signal);
         let mut stderr = String::new();
         std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut stderr).unwrap();
         assert_eq!(status.code(), Some(0), "{stderr}");
@@ -416,17 +415,7 @@ fn an_ignored_sighup_stays_ignored_and_a_lost_stderr_stops_nothing() {
     );
     // SAFETY: as above.
     assert_eq!(unsafe { libc::kill(child.id() as i32, libc::SIGTERM) }, 0);
-    let start = Instant::now();
-    let status = loop {
-        if let Some(status) = child.try_wait().unwrap() {
-            break status;
-        }
-        if start.elapsed() > TIMEOUT {
-            let _ = child.kill();
-            panic!("vmm did not stop on SIGTERM");
-        }
-        thread::sleep(Duration::from_millis(10));
-    };
+    let status = signalled_exit(&mut child, libc::SIGTERM);
     // The final line could not be printed; the final statistics were written all the same.
     assert_eq!(status.code(), Some(0));
     assert!(written(&stats).contains("\"mode\": \"dedup\""));
