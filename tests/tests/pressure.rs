@@ -232,8 +232,10 @@ fn guests_unsharing_in_a_memory_cgroup_pause_merging_then_stop_cleanly() {
         causes(&paused).contains(&"memory_pressure".into()),
         "{paused}"
     );
+    // Paused at 75%; it stays paused until 5 points below, and the working set it reports now
+    // may have moved since.
     assert!(
-        field(&paused["memory"]["cgroup"], "percent") >= 75,
+        field(&paused["memory"]["cgroup"], "percent") >= 70,
         "{paused}"
     );
     vmm.wait_stderr("memory pressure: memory cgroup");
