@@ -58,7 +58,7 @@ fn main() -> ExitCode {
     if let Err(e) = vmm::signals::block_termination() {
         return fail(format!("cannot block SIGINT/SIGTERM/SIGHUP: {e}"), RUNTIME);
     }
-    let signals = match vmm::signals::Watcher::spawn() {
+    let signals = match vmm::signals::Watcher::spawn(Box::new(|l| say(format_args!("{l}")))) {
         Ok(w) => w,
         Err(e) => return fail(format!("cannot start the signal thread: {e}"), RUNTIME),
     };

@@ -1,11 +1,12 @@
-//! SIGINT, SIGTERM and SIGHUP: blocked in every thread and taken by one watcher thread, which ends a
-//! start-up or stops every guest. For binaries; a library embedding the VMM keeps its own
-//! signal policy.
+//! SIGINT, SIGTERM and SIGHUP: blocked in every thread and taken by one watcher thread, which
+//! ends a start-up or stops every guest. For binaries; a library embedding the VMM keeps its
+//! own signal policy.
 
-use std::io::{self, Write};
+use std::io;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::thread;
 
+use crate::monitor::LineSink;
 use crate::vmm::StopHandle;
 
 /// Whether `signal` is ignored (`SIG_IGN`), as `nohup` or a shell's background job leaves it.
@@ -40,8 +41,8 @@ fn termination_set() -> libc::sigset_t {
     set
 }
 
-/// Blocks SIGINT, SIGTERM and SIGHUP in the calling thread and every thread it starts afterwards.
-/// Call before any other thread exists.
+/// Blocks SIGINT, SIGTERM and SIGHUP (those not ignored) in the calling thread and every
+/// thread it starts afterwards. Call before any other thread exists.
 pub fn block_termination() -> io::Result<()> {
     let set = termination_set();
     // SAFETY: `set` is initialised; a null old-set pointer is allowed.
@@ -73,8 +74,8 @@ pub struct Watcher {
 }
 
 impl Watcher {
-    /// Starts the watcher thread.
-    pub fn spawn() -> io::Result<Self> {
+    /// Starts the watcher thread; what it has to say when it ends the process goes to `lines`.
+    pub fn spawn(lines: LineSink) -> io::Result<Self> {
         let stop: Arc<Mutex<Option<StopHandle>>> = Arc::default();
         if termination_signals().is_empty() {
             return Ok(Self { stop });
@@ -82,7 +83,7 @@ impl Watcher {
         let armed = Arc::clone(&stop);
         thread::Builder::new()
             .name("signals".into())
-            .spawn(move || watch(&armed))?;
+            .spawn(move || watch(&armed, &lines))?;
         Ok(Self { stop })
     }
 
@@ -92,12 +93,7 @@ impl Watcher {
     }
 }
 
-/// One line on stderr; a stderr that is gone loses it.
-fn say(line: std::fmt::Arguments<'_>) {
-    let _ = writeln!(io::stderr(), "vmm: {line}");
-}
-
-fn watch(armed: &Mutex<Option<StopHandle>>) {
+fn watch(armed: &Mutex<Option<StopHandle>>, say: &LineSink) {
     let set = termination_set();
     let mut stopping = false;
     loop {
@@ -114,14 +110,14 @@ fn watch(armed: &Mutex<Option<StopHandle>>) {
         let stop = armed.lock().unwrap_or_else(PoisonError::into_inner).clone();
         match stop {
             None => {
-                say(format_args!(
+                say(&format!(
                     "{} while starting: stopped before any guest ran",
                     name(signal)
                 ));
                 std::process::exit(0);
             }
             Some(_) if stopping => {
-                say(format_args!(
+                say(&format!(
                     "{} again while stopping: exiting at once",
                     name(signal)
                 ));

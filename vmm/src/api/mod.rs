@@ -2,9 +2,9 @@
 //! request per connection ([`http`]). One thread accepts connections and hands each to one of
 //! [`MAX_CLIENTS`] client threads started with the server (more clients wait in the socket's
 //! backlog), so a slow or silent client holds up neither the others nor the VMM's stop, and
-//! serving never needs a new thread ([`workers`]). The socket is made
-//! readable and writable by its owner only, and is removed when the server stops. Requests and
-//! replies are in [`routes`].
+//! serving never needs a new thread ([`workers`]). The socket is made readable and writable by
+//! its owner only, and is removed when the server stops. Requests and replies are in
+//! [`routes`].
 
 mod client;
 pub mod http;
