@@ -443,12 +443,13 @@ fn write_results(config: &Config, set: &ResultSet<'_>) -> Result<Vec<Figures>> {
         );
     }
     md.push_str(notes);
+    let write = |ext: &str, text: &[u8]| {
+        let path = config.out.join(format!("{name}.{ext}"));
+        std::fs::write(&path, text).map_err(|e| format!("writing {}: {e}", path.display()))
+    };
     std::fs::create_dir_all(&config.out)?;
-    std::fs::write(config.out.join(format!("{name}.md")), &md)?;
-    std::fs::write(
-        config.out.join(format!("{name}.csv")),
-        report::csv(runs, base),
-    )?;
+    write("md", md.as_bytes())?;
+    write("csv", report::csv(runs, base).as_bytes())?;
     let series: Vec<Series> = runs
         .iter()
         .map(|r| Series {
@@ -456,8 +457,7 @@ fn write_results(config: &Config, set: &ResultSet<'_>) -> Result<Vec<Figures>> {
             points: r.samples.iter().map(|s| (s.t, s.pss as f64)).collect(),
         })
         .collect();
-    let plot = svg(title, &series, zoom_for(&series));
-    std::fs::write(config.out.join(format!("{name}.svg")), plot)?;
+    write("svg", svg(title, &series, zoom_for(&series)).as_bytes())?;
     println!("\n{md}");
     let bad: Vec<String> = figures
         .iter()
@@ -482,10 +482,22 @@ enum Finished {
     Ran(Option<Ratios>),
 }
 
+/// Creates `dir` and checks that files can be written there: a bad `--out` fails the run
+/// before its minutes of measuring, not after.
+fn check_out(dir: &Path) -> Result<()> {
+    let fail = |e: std::io::Error| format!("--out {}: cannot write there: {e}", dir.display());
+    std::fs::create_dir_all(dir).map_err(fail)?;
+    let probe = dir.join(format!(".density-{}", std::process::id()));
+    std::fs::write(&probe, b"").map_err(fail)?;
+    std::fs::remove_file(&probe).map_err(fail)?;
+    Ok(())
+}
+
 fn run(config: &Config) -> Result<Finished> {
     if !vmm_tests::require_kvm() {
         return Ok(Finished::Skipped);
     }
+    check_out(&config.out)?;
     let vmm_bin = prepare::release_vmm()?;
     eprintln!("vmm: {}", vmm_bin.display());
     let probe_set = match config.linux {
@@ -664,7 +676,29 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    match run(&config) {
+    // The helpers that drive the VMMs panic when one cannot start or stops answering: one
+    // error line, as for any other failure (kernel KSM is restored as the run unwinds).
+    std::panic::set_hook(Box::new(|info| {
+        let payload = info.payload();
+        let message = payload
+            .downcast_ref::<&str>()
+            .map(|s| (*s).to_string())
+            .or_else(|| payload.downcast_ref::<String>().cloned())
+            .unwrap_or_default();
+        if interrupted() {
+            eprintln!("\ndensity: interrupted (SIGINT or SIGTERM): {message}");
+        } else {
+            let at = info
+                .location()
+                .map(|l| format!(" (at {l})"))
+                .unwrap_or_default();
+            eprintln!("\ndensity: error: {message}{at}");
+        }
+    }));
+    let Ok(ran) = std::panic::catch_unwind(|| run(&config)) else {
+        return ExitCode::FAILURE;
+    };
+    match ran {
         Ok(Finished::Ran(Some(ratios))) => {
             println!("{}", ratios.net_line());
             println!("{}", ratios.result_line());

@@ -53,21 +53,41 @@ struct Args {
 
 fn main() -> ExitCode {
     let args = Args::parse();
-    if !(args.duration > 0.0 && args.duration.is_finite()) {
-        eprintln!("soak: --duration must be a positive number of seconds");
-        return ExitCode::from(2);
+    let usage = |message: &str| {
+        eprintln!("soak: {message}");
+        ExitCode::from(2)
+    };
+    let duration = match Duration::try_from_secs_f64(args.duration) {
+        Ok(d) if !d.is_zero() => d,
+        _ => return usage("--duration must be a positive number of seconds"),
+    };
+    for (flag, value) in [
+        ("--guests", args.guests),
+        ("--mem-mib", args.mem_mib),
+        ("--writers", args.writers),
+        ("--templates", args.templates),
+    ] {
+        if value == 0 {
+            return usage(&format!("{flag} must be at least 1"));
+        }
     }
     let config = SoakConfig {
-        guests: args.guests.max(1),
-        pages: (args.mem_mib.max(1) << 20) / 4096,
-        writers: args.writers.max(1),
-        templates: args.templates.max(1),
-        duration: Duration::from_secs_f64(args.duration),
+        guests: args.guests,
+        pages: match args.mem_mib.checked_mul(1 << 20) {
+            Some(bytes) => bytes / 4096,
+            None => return usage("--mem-mib is too large"),
+        },
+        writers: args.writers,
+        templates: args.templates,
+        duration,
         write_interval: Duration::from_millis(args.write_interval_ms.max(1)),
         batch_pages: args.batch_pages,
         threads: args.threads,
         commit_threads: args.commit_threads,
     };
+    if let Err(e) = soak::engine_config(&config) {
+        return usage(&e.to_string());
+    }
     eprintln!(
         "soak: {} guests x {} MiB, {} writer(s) each, {:.0} s",
         config.guests, args.mem_mib, config.writers, args.duration

@@ -473,11 +473,22 @@ pub struct Progress {
     pub stats: Stats,
 }
 
+/// The engine's configuration for `config`: full rate, with its batch and thread knobs (an
+/// error names a knob out of range).
+pub fn engine_config(config: &SoakConfig) -> Result<Config, vm_dedup::ConfigError> {
+    let mut engine_config = Config::default();
+    engine_config.apply_options(&format!(
+        "pages_to_scan=65536,sleep_millisecs=0,batch_pages={},threads={},commit_threads={}",
+        config.batch_pages, config.threads, config.commit_threads
+    ))?;
+    Ok(engine_config)
+}
+
 /// Runs a soak, calling `progress` about every `every`.
 ///
 /// # Panics
-/// When guest memory cannot be mapped, or the engine cannot be created, started or asked to
-/// unmerge.
+/// When guest memory cannot be mapped, the knobs are out of range ([`engine_config`]), or the
+/// engine cannot be created, started or asked to unmerge.
 pub fn run(
     config: &SoakConfig,
     every: Duration,
@@ -499,13 +510,7 @@ pub fn run(
             unsafe { std::ptr::copy_nonoverlapping(t.as_ptr(), guest.page(p) as *mut u8, PAGE) };
         }
     }
-    let mut engine_config = Config::default();
-    engine_config
-        .apply_options(&format!(
-            "pages_to_scan=65536,sleep_millisecs=0,batch_pages={},threads={},commit_threads={}",
-            c.batch_pages, c.threads, c.commit_threads
-        ))
-        .unwrap_or_else(|e| panic!("soak engine knobs: {e}"));
+    let engine_config = engine_config(c).unwrap_or_else(|e| panic!("soak engine knobs: {e}"));
     let engine = Engine::new(engine_config).unwrap_or_else(|e| panic!("soak engine: {e}"));
     let ids: Vec<_> = guests
         .iter()
