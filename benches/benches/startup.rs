@@ -196,9 +196,27 @@ fn guest_ram_ranges(
     ranges
 }
 
-fn main() {
+fn main() -> std::process::ExitCode {
+    // No options: `cargo bench` passes `--bench`, and `--help` says what this measures.
+    for arg in std::env::args().skip(1) {
+        match arg.as_str() {
+            "--bench" => {}
+            "-h" | "--help" => {
+                println!(
+                    "startup: vmm start-up time and memory overhead with probe guests; no \
+                     options (VMM_BIN picks the vmm binary, else it is built). Run with `cargo \
+                     bench -p vmm-benches --bench startup`."
+                );
+                return std::process::ExitCode::SUCCESS;
+            }
+            other => {
+                eprintln!("startup: unknown argument {other:?}: this bench takes no options");
+                return std::process::ExitCode::from(2);
+            }
+        }
+    }
     if !vmm_tests::require_kvm() {
-        return;
+        return std::process::ExitCode::SUCCESS;
     }
     let vmm_bin = release_vmm();
     eprintln!("vmm: {}", vmm_bin.display());
@@ -275,4 +293,5 @@ fn main() {
             per_guest as f64 * 1024.0 * 100.0 / GUEST_MEM_BYTES as f64
         );
     }
+    std::process::ExitCode::SUCCESS
 }

@@ -179,8 +179,10 @@ fn run(cli: &Cli) -> Result<()> {
         t95.map_or_else(|| "-".into(), |c| format!("{:.1} s", c.t)),
         if converged {
             "settled"
-        } else {
+        } else if saved > 0 {
             "still going down"
+        } else {
+            "not merged yet"
         },
         last.t,
         last.cpu
@@ -189,7 +191,8 @@ fn run(cli: &Cli) -> Result<()> {
     if check.bad.is_empty() {
         println!(
             "verified {} pages ({} per guest) through the guests: each matches its image",
-            check.checked, cli.check_pages
+            check.checked,
+            check.checked / images.files.len().max(1)
         );
     } else {
         return Err(format!(
