@@ -235,13 +235,50 @@ fn write_image(
     path: &Path,
     progress: &mut dyn FnMut(u64),
 ) -> Result<(), Error> {
-    let tmp = path.with_extension("img.tmp");
+    // Per process: two composes into one folder must not write the same temporary file.
+    let tmp = path.with_extension(format!("{}{}", &TMP_MARKER[1..], std::process::id()));
     let file = File::create(&tmp).map_err(io_err(&tmp))?;
     let mut out = BufWriter::with_capacity(1 << 20, file);
     c.write_image(guest, &mut out, progress)
         .map_err(io_err(&tmp))?;
     drop(out);
     fs::rename(&tmp, path).map_err(io_err(path))
+}
+
+/// Folders of `cache` where a compose extracts packages: the prefix, then its process id.
+const EXTRACT_PREFIX: &str = "extract-compose-";
+
+/// What an image's temporary file adds to its name, before the composing process's id.
+const TMP_MARKER: &str = ".img.tmp";
+
+/// Removes from `dir` the files and folders that composes no longer running left: named with
+/// `marker` followed by the process id (an extraction folder, a temporary image).
+fn remove_stale(dir: &Path, marker: &str) {
+    let Ok(entries) = fs::read_dir(dir) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let name = entry.file_name();
+        let Some(pid) = name
+            .to_str()
+            .and_then(|n| n.split_once(marker))
+            .and_then(|(_, p)| p.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        if Path::new(&format!("/proc/{pid}")).exists() {
+            continue;
+        }
+        let path = entry.path();
+        let removed = if path.is_dir() {
+            fs::remove_dir_all(&path)
+        } else {
+            fs::remove_file(&path)
+        };
+        if let Err(e) = removed {
+            warn!("cannot remove {}: {e}", path.display());
+        }
+    }
 }
 
 /// Runs the composition.
@@ -292,7 +329,14 @@ pub fn compose_images(config: &ComposeConfig) -> Result<ComposeReport, Error> {
         });
     }
 
-    let work = config.out.join("cache").join("extract-compose");
+    // Per process, so that composes sharing one output folder do not delete each other's
+    // files; what killed runs left behind goes first.
+    remove_stale(&config.out.join("cache"), EXTRACT_PREFIX);
+    remove_stale(&config.dest, TMP_MARKER);
+    let work = config
+        .out
+        .join("cache")
+        .join(format!("{EXTRACT_PREFIX}{}", std::process::id()));
     let mut files = Vec::new();
     for info in &infos {
         let deb = apt.fetch(info, &cache)?;
@@ -485,5 +529,36 @@ mod tests {
         fs::write(dest.join(image_file(1)), b"short").unwrap();
         assert!(up_to_date(&dest, "k", params().image_size).is_none());
         fs::remove_dir_all(dest).unwrap();
+    }
+
+    #[test]
+    fn only_what_finished_composes_left_is_removed() {
+        let dir = std::env::temp_dir().join(format!("gi-stale-{}", std::process::id()));
+        fs::create_dir_all(&dir).unwrap();
+        // No process has an id this high (pid_max is at most 2^22).
+        let gone = 999_999_999u32;
+        let own = std::process::id();
+        let names = [
+            format!("{EXTRACT_PREFIX}{gone}"),
+            format!("{EXTRACT_PREFIX}{own}"),
+            format!("guest-0{TMP_MARKER}{gone}"),
+            format!("guest-1{TMP_MARKER}{own}"),
+            "guest-0.img".to_string(),
+        ];
+        fs::create_dir(dir.join(&names[0])).unwrap();
+        fs::write(dir.join(&names[0]).join("f"), b"x").unwrap();
+        fs::create_dir(dir.join(&names[1])).unwrap();
+        for name in &names[2..] {
+            fs::write(dir.join(name), b"x").unwrap();
+        }
+        remove_stale(&dir, EXTRACT_PREFIX);
+        remove_stale(&dir, TMP_MARKER);
+        let left = |name: &String| dir.join(name).exists();
+        assert!(!left(&names[0]) && !left(&names[2]), "stale ones removed");
+        assert!(
+            left(&names[1]) && left(&names[3]) && left(&names[4]),
+            "the rest kept"
+        );
+        fs::remove_dir_all(&dir).unwrap();
     }
 }
