@@ -44,8 +44,20 @@ pub const SIDECAR_FORMAT: u32 = 1;
 #[derive(Debug, Error)]
 pub enum Error {
     /// `guest-images build` has not run, or its outputs changed since.
-    #[error("no valid {MANIFEST} in {0}: run `guest-images build` first")]
+    #[error(
+        "{0} holds no complete build ({MANIFEST} missing, or an output it lists missing or \
+         changed): run `guest-images build`, which rebuilds what is missing"
+    )]
     NoBuild(PathBuf),
+    /// A name given to `--packages` cannot be a Debian package's.
+    #[error(
+        "--packages: {0:?} is not a Debian package name (lowercase letters, digits, '+', '-' \
+         and '.', starting with a letter or digit)"
+    )]
+    BadPackage(String),
+    /// `--dest` is not a folder.
+    #[error("--dest {0}: exists and is not a folder")]
+    DestNotDir(PathBuf),
     /// A package step failed.
     #[error(transparent)]
     Apt(#[from] apt::Error),
@@ -245,6 +257,17 @@ fn write_image(
     fs::rename(&tmp, path).map_err(io_err(path))
 }
 
+/// Whether `name` can be a Debian package's name (Debian Policy 5.6.7), so that nothing else
+/// reaches `apt`.
+fn is_package_name(name: &str) -> bool {
+    let mut chars = name.chars();
+    chars
+        .next()
+        .is_some_and(|c| c.is_ascii_lowercase() || c.is_ascii_digit())
+        && name.len() >= 2
+        && chars.all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || "+-.".contains(c))
+}
+
 /// Folders of `cache` where a compose extracts packages: the prefix, then its process id.
 const EXTRACT_PREFIX: &str = "extract-compose-";
 
@@ -285,6 +308,12 @@ fn remove_stale(dir: &Path, marker: &str) {
 pub fn compose_images(config: &ComposeConfig) -> Result<ComposeReport, Error> {
     let started = Instant::now();
     config.params.body_pages().map_err(Error::Compose)?;
+    if let Some(bad) = config.packages.iter().find(|p| !is_package_name(p)) {
+        return Err(Error::BadPackage(bad.clone()));
+    }
+    if config.dest.exists() && !config.dest.is_dir() {
+        return Err(Error::DestNotDir(config.dest.clone()));
+    }
     let build = Manifest::load(&config.out.join(MANIFEST))?
         .filter(|m| m.outputs_match(&config.out).unwrap_or(false))
         .ok_or_else(|| Error::NoBuild(config.out.clone()))?;
@@ -560,5 +589,21 @@ mod tests {
             "the rest kept"
         );
         fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn package_names_follow_debian_policy() {
+        for good in [
+            "libc6",
+            "libstdc++6",
+            "python3.11-minimal",
+            "perl-base",
+            "0ad",
+        ] {
+            assert!(is_package_name(good), "{good}");
+        }
+        for bad in ["", "a", "-x", "Libc6", "libc6 ", "lib c", "../x", "x;y"] {
+            assert!(!is_package_name(bad), "{bad:?}");
+        }
     }
 }

@@ -54,7 +54,31 @@ fn compose_without_a_build_says_to_run_build_first() {
     ]);
     assert_eq!(out.status.code(), Some(1), "{out:?}");
     let err = stderr(&out);
-    assert!(err.contains("run `guest-images build` first"), "{err}");
+    assert!(err.contains("run `guest-images build`"), "{err}");
     assert_eq!(err.lines().count(), 1, "{err}");
     assert!(!out_dir.join("compose").exists());
+}
+
+#[test]
+fn compose_refuses_a_bad_package_name_or_dest_before_anything_else() {
+    let file = std::env::temp_dir().join(format!("guest-images-dest-{}", std::process::id()));
+    std::fs::write(&file, b"x").unwrap();
+    for (args, want) in [
+        (&["--packages", ""][..], "is not a Debian package name"),
+        (
+            &["--packages", "libc6,../x"][..],
+            "\"../x\" is not a Debian package name",
+        ),
+        (
+            &["--dest", file.to_str().unwrap()][..],
+            "exists and is not a folder",
+        ),
+    ] {
+        let out = run(&[&["compose", "--size", "4M"][..], args].concat());
+        let err = stderr(&out);
+        assert_eq!(out.status.code(), Some(1), "{args:?}: {err}");
+        assert_eq!(err.lines().count(), 1, "{args:?}: {err}");
+        assert!(err.contains(want), "{args:?}: {err}");
+    }
+    std::fs::remove_file(&file).unwrap();
 }
