@@ -344,7 +344,20 @@ fn run_modes(
             );
             continue;
         }
-        let outcome = run_mode(vmm_bin, guests, mode, cap, config, guard, base)?;
+        let outcome = match run_mode(vmm_bin, guests, mode, cap, config, guard, base) {
+            Ok(outcome) => outcome,
+            // Ctrl-C: the modes that finished are still worth their table.
+            Err(e) if interrupted() && !runs.is_empty() => {
+                eprintln!("[{}] {e}: writing the modes that finished", mode.name());
+                let _ = writeln!(
+                    notes,
+                    "- Interrupted during {}: only the modes before it ran.",
+                    mode.name()
+                );
+                break;
+            }
+            Err(e) => return Err(e),
+        };
         if mode == Mode::None {
             base = outcome.run.samples.last().map(|s| s.pss);
         }
@@ -533,7 +546,7 @@ fn run(config: &Config) -> Result<Finished> {
         Some((images, probe)) => run_probes(config, &vmm_bin, images, probe, guard.as_ref())?,
         None => None,
     };
-    if linux {
+    if linux && !interrupted() {
         run_linux(config, &vmm_bin, guard.as_ref())?;
     } else if config.linux == LinuxGuests::Auto {
         println!(
@@ -555,6 +568,13 @@ fn run(config: &Config) -> Result<Finished> {
             "kernel KSM settings restored as found ({} ...)",
             found.join(" ")
         );
+    }
+    if interrupted() {
+        return Err(format!(
+            "interrupted (SIGINT or SIGTERM); {} holds the modes that finished",
+            config.out.display()
+        )
+        .into());
     }
     Ok(Finished::Ran(ratios))
 }
