@@ -90,12 +90,12 @@ struct Cli {
         default_value = "none,ksm-default,ksm-max,dedup-default,dedup-fastest"
     )]
     modes: Vec<Mode>,
-    /// Time cap of each mode in seconds; a mode still saving memory then is reported as not
-    /// converged.
-    #[arg(long, default_value_t = 300)]
+    /// Time cap of each mode in seconds (at least 1); a mode still saving memory then is
+    /// reported as not converged.
+    #[arg(long, default_value_t = 300, value_parser = clap::value_parser!(u64).range(1..))]
     timeout_secs: u64,
-    /// Milliseconds between samples.
-    #[arg(long, default_value_t = 200)]
+    /// Milliseconds between samples (10 to 10000).
+    #[arg(long, default_value_t = 200, value_parser = clap::value_parser!(u64).range(10..=10_000))]
     sample_ms: u64,
     /// Pages per guest checksummed by the guest and compared with its image after each run.
     #[arg(long, default_value_t = 32)]
@@ -148,8 +148,8 @@ impl TryFrom<Cli> for Config {
             guests: cli.guests,
             size: cli.size,
             modes,
-            cap: Duration::from_secs(cli.timeout_secs.max(1)),
-            sample: Duration::from_millis(cli.sample_ms.clamp(10, 10_000)),
+            cap: Duration::from_secs(cli.timeout_secs),
+            sample: Duration::from_millis(cli.sample_ms),
             check_pages: cli.check_pages,
             out: cli
                 .out
