@@ -22,7 +22,8 @@
 //! checksums a sample of its pages through the probe, compared with the images.
 //!
 //! Writes `bench-results/density/` (`--out`): `density.md` (table), `density.csv` (every
-//! sample), `density.svg` (memory over time). Kernel KSM's settings are restored at the end,
+//! sample), `density.svg` (memory over time); `--out` is checked before anything is measured,
+//! and Ctrl-C writes the modes that finished. Kernel KSM's settings are restored at the end,
 //! on errors and on Ctrl-C. Where KVM has hardware virtualization (not `kvm_pvm`), the modes
 //! run again with Linux guests (`guest-images/out/vmlinuz` + `initramfs.cpio`, the workload
 //! filling memory and verifying it afterwards). The last line is
