@@ -547,8 +547,10 @@ fn run(config: &Config) -> Result<Finished> {
         Some((images, probe)) => run_probes(config, &vmm_bin, images, probe, guard.as_ref())?,
         None => None,
     };
-    if linux && !interrupted() {
-        run_linux(config, &vmm_bin, guard.as_ref())?;
+    if linux {
+        if !interrupted() {
+            run_linux(config, &vmm_bin, guard.as_ref())?;
+        }
     } else if config.linux == LinuxGuests::Auto {
         println!(
             "Linux guests: skipped: this host's KVM is kvm_pvm (/sys/module/kvm_pvm): no \
