@@ -268,6 +268,22 @@ fn is_package_name(name: &str) -> bool {
         && chars.all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || "+-.".contains(c))
 }
 
+/// Removes the images of guests `guests` and up from `dest`: a folder composed before for
+/// more guests keeps no image that `compose.json` does not list.
+fn remove_images_from(dest: &Path, guests: usize) {
+    for guest in guests.. {
+        let path = dest.join(image_file(guest));
+        match fs::remove_file(&path) {
+            Ok(()) => info!("removed {}: not one of the {guests} guests", path.display()),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => break,
+            Err(e) => {
+                warn!("cannot remove {}: {e}", path.display());
+                break;
+            }
+        }
+    }
+}
+
 /// Folders of `cache` where a compose extracts packages: the prefix, then its process id.
 const EXTRACT_PREFIX: &str = "extract-compose-";
 
@@ -414,6 +430,7 @@ pub fn compose_images(config: &ComposeConfig) -> Result<ComposeReport, Error> {
             stats: stats.clone(),
         });
     }
+    remove_images_from(&config.dest, config.params.guests);
     let p = composition.params();
     let sidecar = Sidecar {
         format: SIDECAR_FORMAT,
@@ -605,5 +622,18 @@ mod tests {
         for bad in ["", "a", "-x", "Libc6", "libc6 ", "lib c", "../x", "x;y"] {
             assert!(!is_package_name(bad), "{bad:?}");
         }
+    }
+
+    #[test]
+    fn images_beyond_the_guest_count_are_removed() {
+        let dir = std::env::temp_dir().join(format!("gi-extra-{}", std::process::id()));
+        fs::create_dir_all(&dir).unwrap();
+        for guest in 0..4 {
+            fs::write(dir.join(image_file(guest)), b"x").unwrap();
+        }
+        remove_images_from(&dir, 2);
+        let left: Vec<bool> = (0..4).map(|g| dir.join(image_file(g)).exists()).collect();
+        assert_eq!(left, [true, true, false, false]);
+        fs::remove_dir_all(&dir).unwrap();
     }
 }
