@@ -21,7 +21,7 @@ use std::time::Duration;
 use clap::Parser;
 use guest_images::units::parse_size;
 use vmm_benches::convergence::{Plateau, Sample, savings, time_to_fraction};
-use vmm_benches::interrupt::die_with_parent;
+use vmm_benches::interrupt::{catch_termination, die_with_parent, interrupted};
 use vmm_benches::prepare;
 use vmm_benches::probe_vmm::{self, check_pages, probe_args, wait_all_ready};
 use vmm_benches::sampler::{Merger, Sampler, read_stats_json};
@@ -96,8 +96,10 @@ fn run(cli: &Cli) -> Result<()> {
     let vmm_bin = prepare::release_vmm()?;
     let images = prepare::compose(cli.guests, cli.size)?;
     let probe = ProbeGuest::new();
-    let stats_json =
-        std::env::temp_dir().join(format!("vmm-demo-{}.stats.json", std::process::id()));
+    let stats_file = RemovedOnDrop(
+        std::env::temp_dir().join(format!("vmm-demo-{}.stats.json", std::process::id())),
+    );
+    let stats_json = &stats_file.0;
     let stats_arg = stats_json.display().to_string();
     let args = probe_args(
         &probe,
@@ -119,6 +121,9 @@ fn run(cli: &Cli) -> Result<()> {
     let mut command = Command::new(&vmm_bin);
     command.args(&args);
     die_with_parent(&mut command);
+    // From here Ctrl-C ends the demo through the flag, so that the VMM is stopped and the
+    // temporary files are removed.
+    catch_termination()?;
     let mut vmm = VmmProcess::start(&mut command);
     let ready = wait_all_ready(&mut vmm, cli.guests);
     let mut sampler = Sampler::new(
@@ -129,7 +134,7 @@ fn run(cli: &Cli) -> Result<()> {
             stats_json: stats_json.clone(),
         },
     )?;
-    let engine_saved = || read_stats_json(&stats_json).and_then(|v| v["bytes_saved"].as_u64());
+    let engine_saved = || read_stats_json(stats_json).and_then(|v| v["bytes_saved"].as_u64());
     let first = sampler.sample()?;
     let before = first.pss;
     println!(
@@ -152,6 +157,9 @@ fn run(cli: &Cli) -> Result<()> {
     let converged = loop {
         // Half-second samples for the plateau rule, a line every second.
         thread::sleep(Duration::from_millis(500));
+        if interrupted() {
+            return Err("interrupted (SIGINT or SIGTERM)".into());
+        }
         let s = sampler.sample()?;
         samples.push(s);
         if samples.len() % 2 == 1 {
@@ -204,9 +212,17 @@ fn run(cli: &Cli) -> Result<()> {
         .into());
     }
     probe_vmm::stop(vmm)?;
-    let _ = std::fs::remove_file(&stats_json);
     println!("vmm stopped cleanly");
     Ok(())
+}
+
+/// A temporary file, removed when the demo ends, however it ends.
+struct RemovedOnDrop(std::path::PathBuf);
+
+impl Drop for RemovedOnDrop {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
 }
 
 fn main() -> ExitCode {
