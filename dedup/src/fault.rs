@@ -148,6 +148,22 @@ impl Faults {
         }
     }
 
+    /// As [`Faults::check`], for a step that the kernel can fail after unmapping its range
+    /// (`mmap`'s and `mremap`'s destination): an injected failure unmaps `[addr, addr + len)`
+    /// first, as the kernel's late failure does.
+    ///
+    /// # Safety
+    /// The range must be memory the caller owns that nobody may read or write until the caller
+    /// maps it again (guest memory under the write-protect guard, its content kept elsewhere).
+    #[cfg_attr(not(feature = "fault-injection"), allow(unused_variables))]
+    pub unsafe fn check_late(&self, point: FaultPoint, addr: usize, len: usize) -> io::Result<()> {
+        self.check(point).inspect_err(|_| {
+            #[cfg(feature = "fault-injection")]
+            // SAFETY: the caller owns the range and nothing uses it until it is mapped again.
+            let _ = unsafe { crate::sys::mem::unmap(addr, len) };
+        })
+    }
+
     /// `Err` with the point's errno when a failure is armed there.
     #[cfg_attr(not(feature = "fault-injection"), allow(unused_variables))]
     pub fn check(&self, point: FaultPoint) -> io::Result<()> {

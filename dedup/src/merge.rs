@@ -533,7 +533,9 @@ impl Committer<'_> {
             .faults
             .check(FaultPoint::RemapNoMem)
             .and_then(|()| self.faults.check(FaultPoint::Remap))
-            .and_then(|()| remap_late_fault(self.faults, addr, len))
+            // SAFETY: the range is guest memory the engine holds, write-protected (writers
+            // wait), every page equal to the slot it is about to map, as when `mmap` unmaps it.
+            .and_then(|()| unsafe { self.faults.check_late(FaultPoint::RemapLate, addr, len) })
             // SAFETY: `[addr, addr + len)` is guest memory of a registered region, write-protected,
             // and every page in it was just found equal to the slot it is mapped onto.
             .and_then(|()| unsafe { mem::map_private_fixed(addr, len, fd, offset) });
@@ -634,19 +636,6 @@ fn runs_where(i0: usize, i1: usize, keep: impl Fn(usize) -> bool) -> Vec<(usize,
         k = j;
     }
     out
-}
-
-/// Fails a remap where `RemapLate` is armed, as `mmap` does when it fails after unmapping its
-/// range (Linux before 6.12).
-fn remap_late_fault(faults: &Faults, addr: usize, len: usize) -> std::io::Result<()> {
-    faults.check(FaultPoint::RemapLate).inspect_err(|_| {
-        #[cfg(feature = "fault-injection")]
-        // SAFETY: the range is guest memory the engine holds, write-protected (writers wait),
-        // every page equal to the slot it is about to map, as when `mmap` unmaps it first.
-        let _ = unsafe { mem::unmap(addr, len) };
-        #[cfg(not(feature = "fault-injection"))]
-        let _ = (addr, len);
-    })
 }
 
 #[cfg(test)]

@@ -424,14 +424,9 @@ fn rebuild(r: &mut Region, pagemap: &Pagemap, faults: &Faults) -> Result<Rebuilt
 /// it fails after unmapping its destination.
 fn swap_faults(faults: &Faults, hva: usize, len: usize) -> io::Result<()> {
     faults.check(FaultPoint::UnmergeRemap)?;
-    faults.check(FaultPoint::UnmergeRemapLate).inspect_err(|_| {
-        #[cfg(feature = "fault-injection")]
-        // SAFETY: the region is guest memory the engine holds, guarded (any access waits) and
-        // entirely copied or moved into the scratch, as when `mremap` unmaps it.
-        let _ = unsafe { mem::unmap(hva, len) };
-        #[cfg(not(feature = "fault-injection"))]
-        let _ = (hva, len);
-    })
+    // SAFETY: the region is guest memory the engine holds, guarded (any access waits) and
+    // entirely copied or moved into the scratch, as when `mremap` unmaps it.
+    unsafe { faults.check_late(FaultPoint::UnmergeRemapLate, hva, len) }
 }
 
 /// Moves `scratch` over `hva` again after a move failed late, leaving the range unmapped:
