@@ -55,13 +55,15 @@ fn main() -> ExitCode {
     }
     // Before any thread starts: the engine's per-pass buffers go back to the host when freed.
     vmm::heap::return_large_frees();
-    if let Err(e) = vmm::signals::block_termination() {
-        return fail(format!("cannot block SIGINT/SIGTERM/SIGHUP: {e}"), RUNTIME);
-    }
-    let signals = match vmm::signals::Watcher::spawn(Box::new(|l| say(format_args!("{l}")))) {
-        Ok(w) => w,
-        Err(e) => return fail(format!("cannot start the signal thread: {e}"), RUNTIME),
+    let blocked = match vmm::signals::block_termination() {
+        Ok(b) => b,
+        Err(e) => return fail(format!("cannot block SIGINT/SIGTERM/SIGHUP: {e}"), RUNTIME),
     };
+    let signals =
+        match vmm::signals::Watcher::spawn(blocked, Box::new(|l| say(format_args!("{l}")))) {
+            Ok(w) => w,
+            Err(e) => return fail(format!("cannot start the signal thread: {e}"), RUNTIME),
+        };
     let vmm = match vmm::Vmm::new(&plan.vmm) {
         Ok(vmm) => vmm,
         Err(e) => {

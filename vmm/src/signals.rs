@@ -20,37 +20,42 @@ fn ignored(signal: libc::c_int) -> bool {
     }
 }
 
-/// SIGINT, SIGTERM and SIGHUP (a closed terminal), less those the process was started with
-/// ignored: a blocked signal is never discarded, so taking an ignored one would undo `nohup`.
-fn termination_signals() -> Vec<libc::c_int> {
-    [libc::SIGINT, libc::SIGTERM, libc::SIGHUP]
-        .into_iter()
-        .filter(|&s| !ignored(s))
-        .collect()
+/// The termination signals this process takes, blocked in every thread: SIGINT, SIGTERM and
+/// SIGHUP (a closed terminal), less those it was started with ignored (a blocked signal is
+/// never discarded, so taking an ignored one would undo `nohup`).
+#[derive(Clone, Copy)]
+pub struct Blocked {
+    set: libc::sigset_t,
+    any: bool,
 }
 
-fn termination_set() -> libc::sigset_t {
+impl std::fmt::Debug for Blocked {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Blocked").field("any", &self.any).finish()
+    }
+}
+
+/// Blocks the termination signals (see [`Blocked`]) in the calling thread and every thread it
+/// starts afterwards. Call before any other thread exists.
+pub fn block_termination() -> io::Result<Blocked> {
     // SAFETY: sigset_t is plain data; sigemptyset initialises it before use.
     let mut set: libc::sigset_t = unsafe { std::mem::zeroed() };
     // SAFETY: `set` is a valid, writable sigset_t.
     unsafe { libc::sigemptyset(&mut set) };
-    for signal in termination_signals() {
-        // SAFETY: `set` is initialised and `signal` is a valid signal number.
-        unsafe { libc::sigaddset(&mut set, signal) };
+    let mut any = false;
+    for signal in [libc::SIGINT, libc::SIGTERM, libc::SIGHUP] {
+        if !ignored(signal) {
+            // SAFETY: `set` is initialised and `signal` is a valid signal number.
+            unsafe { libc::sigaddset(&mut set, signal) };
+            any = true;
+        }
     }
-    set
-}
-
-/// Blocks SIGINT, SIGTERM and SIGHUP (those not ignored) in the calling thread and every
-/// thread it starts afterwards. Call before any other thread exists.
-pub fn block_termination() -> io::Result<()> {
-    let set = termination_set();
     // SAFETY: `set` is initialised; a null old-set pointer is allowed.
     let rc = unsafe { libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut()) };
     if rc != 0 {
         return Err(io::Error::from_raw_os_error(rc));
     }
-    Ok(())
+    Ok(Blocked { set, any })
 }
 
 fn name(signal: libc::c_int) -> String {
@@ -62,28 +67,28 @@ fn name(signal: libc::c_int) -> String {
     }
 }
 
-/// Waits for SIGINT, SIGTERM or SIGHUP (blocked with [`block_termination`]; those the process
-/// was started with ignored stay ignored) on a thread of its own. Until [`Watcher::arm`] the
-/// guests cannot run yet, and a signal ends the process at once (status 0, as a stop): start-up
-/// may be stuck reading a memory image from a pipe or a slow file system. Once armed, the first
-/// signal stops every guest, and a second one ends the process at once (status 1), should the
-/// stop itself hang.
+/// Waits for the termination signals [`block_termination`] blocked, on a thread of its own.
+/// Until [`Watcher::arm`] the guests cannot run yet, and a signal ends the process at once
+/// (status 0, as a stop): start-up may be stuck reading a memory image from a pipe or a slow
+/// file system. Once armed, the first signal stops every guest, and a second one ends the
+/// process at once (status 1), should the stop itself hang.
 #[derive(Debug)]
 pub struct Watcher {
     stop: Arc<Mutex<Option<StopHandle>>>,
 }
 
 impl Watcher {
-    /// Starts the watcher thread; what it has to say when it ends the process goes to `lines`.
-    pub fn spawn(lines: LineSink) -> io::Result<Self> {
+    /// Starts the watcher thread for the `blocked` signals; what it has to say when it ends the
+    /// process goes to `lines`.
+    pub fn spawn(blocked: Blocked, lines: LineSink) -> io::Result<Self> {
         let stop: Arc<Mutex<Option<StopHandle>>> = Arc::default();
-        if termination_signals().is_empty() {
+        if !blocked.any {
             return Ok(Self { stop });
         }
         let armed = Arc::clone(&stop);
         thread::Builder::new()
             .name("signals".into())
-            .spawn(move || watch(&armed, &lines))?;
+            .spawn(move || watch(&blocked.set, &armed, &lines))?;
         Ok(Self { stop })
     }
 
@@ -93,13 +98,12 @@ impl Watcher {
     }
 }
 
-fn watch(armed: &Mutex<Option<StopHandle>>, say: &LineSink) {
-    let set = termination_set();
+fn watch(set: &libc::sigset_t, armed: &Mutex<Option<StopHandle>>, say: &LineSink) {
     let mut stopping = false;
     loop {
         let mut signal = 0;
         // SAFETY: `set` is initialised and `signal` is a valid place for the result.
-        let rc = unsafe { libc::sigwait(&set, &mut signal) };
+        let rc = unsafe { libc::sigwait(set, &mut signal) };
         if rc != 0 {
             log::error!(
                 "waiting for signals failed: {}",

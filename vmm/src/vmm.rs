@@ -79,9 +79,9 @@ fn build_guests(
 }
 
 /// Runs `build` on each of `items` (with its index) on up to `workers` threads, this one
-/// included, each taking the next item as it gets free. Once a build fails or panics, no further one is begun. Returns the
-/// results of the builds that ran, in index order; a panic is raised again once every thread
-/// has stopped.
+/// included, each taking the next item as it gets free. Once a build fails or panics, no
+/// further one is begun. Returns the results of the builds that ran, in index order; a panic
+/// is raised again once every thread has stopped.
 fn in_parallel<I: Sync, T: Send, E: Send>(
     items: &[I],
     workers: usize,
