@@ -25,7 +25,7 @@ use vmm_benches::interrupt::{catch_termination, die_with_parent, interrupted};
 use vmm_benches::prepare;
 use vmm_benches::probe_vmm::{self, check_pages, probe_args, wait_all_ready};
 use vmm_benches::sampler::{Merger, Sampler, read_stats_json};
-use vmm_tests::{ProbeGuest, VmmProcess};
+use vmm_tests::{ProbeGuest, VmmProcess, temp_file_with};
 
 type Result<T> = std::result::Result<T, Box<dyn Error>>;
 
@@ -96,10 +96,9 @@ fn run(cli: &Cli) -> Result<()> {
     let vmm_bin = prepare::release_vmm()?;
     let images = prepare::compose(cli.guests, cli.size)?;
     let probe = ProbeGuest::new();
-    let stats_file = RemovedOnDrop(
-        std::env::temp_dir().join(format!("vmm-demo-{}.stats.json", std::process::id())),
-    );
-    let stats_json = &stats_file.0;
+    // Removed when the demo ends, however it ends (the VMM replaces it at each interval).
+    let stats_file = temp_file_with(&[]);
+    let stats_json = stats_file.as_path();
     let stats_arg = stats_json.display().to_string();
     let args = probe_args(
         &probe,
@@ -131,7 +130,7 @@ fn run(cli: &Cli) -> Result<()> {
         ready,
         None,
         Merger::Engine {
-            stats_json: stats_json.clone(),
+            stats_json: stats_json.to_path_buf(),
         },
     )?;
     let engine_saved = || read_stats_json(stats_json).and_then(|v| v["bytes_saved"].as_u64());
@@ -214,15 +213,6 @@ fn run(cli: &Cli) -> Result<()> {
     probe_vmm::stop(vmm)?;
     println!("vmm stopped cleanly");
     Ok(())
-}
-
-/// A temporary file, removed when the demo ends, however it ends.
-struct RemovedOnDrop(std::path::PathBuf);
-
-impl Drop for RemovedOnDrop {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_file(&self.0);
-    }
 }
 
 fn main() -> ExitCode {

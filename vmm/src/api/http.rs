@@ -378,7 +378,7 @@ mod tests {
         }
     }
 
-    /// A connection whose reads fail with `kind` after `bytes`.
+    /// A connection whose reads fail with `kind` once `input` is used up.
     struct Failing {
         input: Cursor<Vec<u8>>,
         kind: io::ErrorKind,
