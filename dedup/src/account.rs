@@ -1,6 +1,7 @@
 //! Statistics from the engine state, and discarding guest memory.
 
 use crate::engine::EngineError;
+use crate::fault::{FaultPoint, Faults};
 use crate::meta::PageState;
 use crate::state::State;
 use crate::stats::{GuestStats, Stats};
@@ -17,6 +18,7 @@ impl State {
         ri: usize,
         first: usize,
         count: usize,
+        faults: &Faults,
     ) -> Result<(), EngineError> {
         let State {
             guests,
@@ -36,10 +38,29 @@ impl State {
         let Some(uffd) = r.uffd.as_ref() else {
             return Err(EngineError::NoAddress(r.gpa + (first * PAGE_SIZE) as u64));
         };
-        let metas = &mut r.metas[first..first + count];
-        if metas.iter().any(|m| m.remapped()) {
-            // SAFETY: the range is registered guest memory whose content the VMM discards.
-            unsafe { mem::map_anonymous_fixed(addr, len) }.map_err(EngineError::Discard)?;
+        if r.metas[first..first + count].iter().any(|m| m.remapped()) {
+            if let Err(e) = fresh_memory(addr, len, faults) {
+                if mem::is_mapped(addr, len) {
+                    return Err(EngineError::Discard(e));
+                }
+                // The hole cannot be filled: the engine lets go of the region (never reads,
+                // scans nor merges it again). Its other merged pages keep their slots, and a
+                // write to them still gets a private copy from the kernel.
+                log::error!(
+                    "vm-dedup: discarding guest memory at {addr:#x} unmapped it and it cannot be \
+                     mapped again ({e}): the region at {:#x} is lost",
+                    r.hva
+                );
+                r.uffd = None;
+                r.unregistered.clear();
+                for m in &mut r.metas[first..first + count] {
+                    if m.state() == PageState::Merged {
+                        slots.dec(m.payload());
+                    }
+                    *m = crate::meta::Meta::NEW;
+                }
+                return Err(EngineError::Discard(e));
+            }
             // Fresh memory inside merged runs splits them.
             if let Ok(b) = budget.get_mut() {
                 b.charge(crate::budget::VMAS_PER_REMAP);
@@ -54,7 +75,7 @@ impl State {
             // SAFETY: anonymous guest memory whose content the VMM discards.
             unsafe { mem::dont_need(addr, len) }.map_err(EngineError::Discard)?;
         }
-        for m in metas.iter_mut() {
+        for m in &mut r.metas[first..first + count] {
             if m.state() == PageState::Merged {
                 slots.dec(m.payload());
             }
@@ -164,5 +185,37 @@ impl State {
             s.vma_budget_reached = b.reached();
         }
         s
+    }
+}
+
+/// Replaces `[addr, addr + len)` (registered guest memory being discarded) with fresh memory.
+/// Before Linux 6.12 `mmap` unmaps the range first and can still fail after that (the new
+/// VMA's allocation under memory pressure): fresh memory is then mapped into the hole, which
+/// is what the discard asked for. An error means the range is still mapped as it was, or,
+/// where [`mem::is_mapped`] says otherwise, that it is a hole.
+fn fresh_memory(addr: usize, len: usize, faults: &Faults) -> std::io::Result<()> {
+    // SAFETY: the range is registered guest memory whose content the VMM discards; nobody
+    // writes it meanwhile (`Engine::discard`'s contract).
+    let replaced = unsafe { faults.check_late(FaultPoint::DiscardLate, addr, len) }
+        // SAFETY: as above.
+        .and_then(|()| unsafe { mem::map_anonymous_fixed(addr, len) });
+    let Err(e) = replaced else {
+        return Ok(());
+    };
+    if mem::is_mapped(addr, len) {
+        return Err(e);
+    }
+    match faults
+        .check(FaultPoint::DiscardRefill)
+        .and_then(|()| mem::fill_hole(addr, len))
+    {
+        Ok(()) => {
+            log::warn!(
+                "vm-dedup: discarding guest memory at {addr:#x} unmapped it ({e}); mapped fresh \
+                 memory in again"
+            );
+            Ok(())
+        }
+        Err(_) => Err(e),
     }
 }

@@ -570,7 +570,12 @@ impl Engine {
 
     /// Discards `[gpa, gpa + len)` of a guest (page aligned, within one region): it reads as
     /// zeros afterwards, merged pages included. Use this instead of `MADV_DONTNEED` for balloon
-    /// and reset; nobody may write the range meanwhile (the guest is paused or gave it up).
+    /// and reset; nobody may access the range meanwhile (the guest is paused or gave it up).
+    ///
+    /// [`EngineError::Discard`] leaves the range as it was, except in one case the log reports:
+    /// the kernel unmapped the range and could map nothing there again (memory exhausted).
+    /// The range then is a hole, and the engine lets go of the region; its merged pages stay
+    /// copy-on-write, and [`Engine::release`] ends the guest.
     pub fn discard(&self, id: GuestId, gpa: GuestAddress, len: u64) -> Result<(), EngineError> {
         let page = PAGE_SIZE as u64;
         if gpa.0 % page != 0 || len % page != 0 {
@@ -592,7 +597,7 @@ impl Engine {
             })
             .ok_or(EngineError::NoAddress(gpa.0))?;
         let first = ((gpa.0 - r.gpa) / page) as usize;
-        st.discard(gi, ri, first, (len / page) as usize)?;
+        st.discard(gi, ri, first, (len / page) as usize, &self.inner.faults)?;
         st.stir();
         let unref = st.slots.unreferenced();
         st.release_slots(unref, &self.inner.faults);

@@ -47,10 +47,17 @@ pub enum FaultPoint {
     /// Unmerging, after `UnmergeRemapLate`: moving the rebuilt copy in again fails too; the
     /// region's memory is lost (see [`FaultPoint::loses_memory`]).
     UnmergeRefill,
+    /// Discarding merged pages: mapping fresh memory over them fails (ENOMEM) after the kernel
+    /// unmapped the range (`mmap` before Linux 6.12 unmaps first); fresh memory is mapped
+    /// into the hole.
+    DiscardLate,
+    /// Discarding, after `DiscardLate`: fresh memory cannot be mapped into the hole either; the
+    /// region's memory is lost (see [`FaultPoint::loses_memory`]).
+    DiscardRefill,
 }
 
 /// Every fault point.
-pub const FAULT_POINTS: [FaultPoint; 16] = [
+pub const FAULT_POINTS: [FaultPoint; 18] = [
     FaultPoint::Protect,
     FaultPoint::Remap,
     FaultPoint::RemapNoMem,
@@ -67,13 +74,15 @@ pub const FAULT_POINTS: [FaultPoint; 16] = [
     FaultPoint::UnmergeRemap,
     FaultPoint::UnmergeRemapLate,
     FaultPoint::UnmergeRefill,
+    FaultPoint::DiscardLate,
+    FaultPoint::DiscardRefill,
 ];
 
 impl FaultPoint {
     /// Whether a failure here loses guest memory for good (the engine keeps going without the
     /// region, but nothing may read it): tests that arm points at random leave it out.
     pub fn loses_memory(self) -> bool {
-        self == FaultPoint::UnmergeRefill
+        matches!(self, FaultPoint::UnmergeRefill | FaultPoint::DiscardRefill)
     }
 
     fn errno(self) -> i32 {
@@ -81,7 +90,9 @@ impl FaultPoint {
             FaultPoint::RemapNoMem
             | FaultPoint::RemapLate
             | FaultPoint::UnmergeRemapLate
-            | FaultPoint::UnmergeRefill => libc::ENOMEM,
+            | FaultPoint::UnmergeRefill
+            | FaultPoint::DiscardLate
+            | FaultPoint::DiscardRefill => libc::ENOMEM,
             FaultPoint::PoolCreate => libc::EMFILE,
             FaultPoint::PoolGrow => libc::ENOSPC,
             _ => libc::EIO,

@@ -84,8 +84,9 @@ fn cause_count(s: &Stats, point: FaultPoint) -> u64 {
         FaultPoint::UnmergeRemap => s.unmerged_in_place,
         // The unmapped region is mapped again from the rebuilt copy: rebuilt all the same.
         FaultPoint::UnmergeRemapLate => s.rebuilt_regions,
-        // Not in the scenarios (see `a_region_lost_by_a_failed_refill_is_let_go`).
-        FaultPoint::UnmergeRefill => 0,
+        // Not in the scenarios (see `a_region_lost_by_a_failed_refill_is_let_go` and the
+        // discard tests below).
+        FaultPoint::UnmergeRefill | FaultPoint::DiscardLate | FaultPoint::DiscardRefill => 0,
     }
 }
 
@@ -215,7 +216,11 @@ fn scenario(point: FaultPoint) {
 fn every_fault_point_rolls_back_and_recovers() {
     // Alone: its scenarios count on the writers' timing against the scan passes.
     let _serial = serial();
-    for point in FAULT_POINTS.into_iter().filter(|p| !p.loses_memory()) {
+    // Discards have tests of their own: nothing in the scenario discards.
+    let scenarios = FAULT_POINTS
+        .into_iter()
+        .filter(|&p| !p.loses_memory() && p != FaultPoint::DiscardLate);
+    for point in scenarios {
         scenario(point);
     }
 }
@@ -322,4 +327,100 @@ fn a_region_left_with_nothing_to_commit_keeps_its_unregistered_ranges() {
     for p in 0..8 {
         assert!(read(&a, p) == content(1 + p as u64), "page {p}");
     }
+}
+
+/// Guests a and b with the same content (merged and zero pages), merged.
+fn merged_pair() -> (Arc<Mem>, Arc<Mem>, Vec<u64>, Engine, Vec<vm_dedup::GuestId>) {
+    let a = memory(64);
+    let b = memory(64);
+    let seeds: Vec<u64> = (0..64)
+        .map(|i| if i % 4 == 0 { 0 } else { 40 + i % 8 })
+        .collect();
+    fill_all(&a, &seeds);
+    fill_all(&b, &seeds);
+    let (engine, ids) = engine_with(
+        fast_config(),
+        &[("a", "d", a.clone()), ("b", "d", b.clone())],
+    );
+    engine.scan_pass().unwrap();
+    assert_eq!(engine.scan_pass().unwrap().pages_shared, 6);
+    (a, b, seeds, engine, ids)
+}
+
+#[test]
+fn a_discard_failing_late_maps_fresh_memory_into_the_hole() {
+    let _serial = serial();
+    let (a, b, seeds, engine, ids) = merged_pair();
+    // Fresh memory over a's merged pages 8..24 fails after the kernel unmapped them: the
+    // engine maps fresh memory into the hole, which is what the discard asked for.
+    engine.faults().arm(FaultPoint::DiscardLate, 0, 1);
+    engine
+        .discard(ids[0], page_gpa(&a, 8), (16 * PAGE) as u64)
+        .unwrap();
+    assert_eq!(engine.faults().injected(FaultPoint::DiscardLate), 1);
+    engine.faults().disarm_all();
+    for (p, &seed) in seeds.iter().enumerate() {
+        let want = if (8..24).contains(&p) { 0 } else { seed };
+        assert!(read(&a, p) == content(want), "page {p}");
+    }
+    assert_contents(&b, &seeds);
+    // The range is guest memory like any other again: written, then merged again.
+    for (p, &seed) in seeds.iter().enumerate().take(24).skip(8) {
+        fill(&a, p, seed);
+    }
+    engine.scan_pass().unwrap();
+    let s = engine.scan_pass().unwrap();
+    assert_eq!(s.pages_sharing + s.pages_shared, 2 * 48, "{s:?}");
+    assert_contents(&a, &seeds);
+    engine.unmerge_all().unwrap();
+    assert_eq!(pool_mappings(&a) + pool_mappings(&b), 0);
+    assert_contents(&a, &seeds);
+    assert_contents(&b, &seeds);
+}
+
+#[test]
+fn a_region_lost_by_a_failed_discard_is_let_go() {
+    let _serial = serial();
+    let (a, b, seeds, engine, ids) = merged_pair();
+    // The hole left by the late failure cannot be filled either: a's memory there is gone.
+    // The engine lets go of a (never scans, merges nor unmerges it again) and keeps serving b.
+    engine.faults().arm(FaultPoint::DiscardLate, 0, 1);
+    engine.faults().arm(FaultPoint::DiscardRefill, 0, 1);
+    let lost = engine.discard(ids[0], page_gpa(&a, 8), (16 * PAGE) as u64);
+    assert!(
+        matches!(lost, Err(vm_dedup::EngineError::Discard(_))),
+        "{lost:?}"
+    );
+    assert_eq!(engine.faults().injected(FaultPoint::DiscardRefill), 1);
+    engine.faults().disarm_all();
+    for _ in 0..3 {
+        engine.scan_pass().unwrap();
+    }
+    let s = engine.stats();
+    assert_eq!(s.guests[0].pages_skipped, 64, "{s:?}");
+    // a's pages outside the hole still read their content; a write to one of its merged pages
+    // gets a private copy, and b never sees it.
+    for (p, &seed) in seeds.iter().enumerate().skip(24) {
+        assert!(read(&a, p) == content(seed), "page {p}");
+    }
+    fill(&a, 25, 999);
+    assert!(read(&a, 25) == content(999));
+    assert_contents(&b, &seeds);
+    engine.unmerge_all().unwrap();
+    assert_contents(&b, &seeds);
+    assert_eq!(pool_mappings(&b), 0);
+    // a still maps the pool where it lost nothing: its memory cannot go on without the engine
+    // (unregister refuses), but it can be released at the end of its life.
+    let kept = engine.unregister(ids[0]);
+    assert!(
+        matches!(kept, Err(vm_dedup::EngineError::StillMapped(n)) if n > 0),
+        "{kept:?}"
+    );
+    for (p, &seed) in seeds.iter().enumerate().skip(26) {
+        assert!(read(&a, p) == content(seed), "page {p}");
+    }
+    drop(a);
+    engine.release(ids[0]).unwrap();
+    assert_eq!(engine.stats().pinned_slots, 0);
+    assert_contents(&b, &seeds);
 }

@@ -103,13 +103,24 @@ pub unsafe fn map_anonymous_fixed(addr: usize, len: usize) -> io::Result<()> {
 /// (`PROT_NONE`, `MAP_FIXED_NOREPLACE`), so that nothing else is mapped there before the caller
 /// moves memory over it; `EEXIST` if anything is mapped there already.
 pub fn claim_hole(addr: usize, len: usize) -> io::Result<()> {
+    anonymous_into_hole(addr, len, libc::PROT_NONE)
+}
+
+/// Maps fresh private anonymous memory (reads as zeros) into the hole `[addr, addr + len)`;
+/// `EEXIST` if anything is mapped there already.
+pub fn fill_hole(addr: usize, len: usize) -> io::Result<()> {
+    anonymous_into_hole(addr, len, libc::PROT_READ | libc::PROT_WRITE)
+}
+
+/// Maps private anonymous memory with `prot` into the hole `[addr, addr + len)`.
+fn anonymous_into_hole(addr: usize, len: usize, prot: libc::c_int) -> io::Result<()> {
     // SAFETY: MAP_FIXED_NOREPLACE never replaces a mapping: the call either maps the hole or
     // fails (a kernel that ignores the flag maps elsewhere, undone below).
     let p = unsafe {
         libc::mmap(
             addr as *mut libc::c_void,
             len,
-            libc::PROT_NONE,
+            prot,
             libc::MAP_PRIVATE
                 | libc::MAP_ANONYMOUS
                 | libc::MAP_FIXED_NOREPLACE
