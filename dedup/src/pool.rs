@@ -140,7 +140,8 @@ struct PoolFile {
     /// The fill mapping and its userfaultfd (`None`: filled with `pwrite`).
     filler: Option<(FillView, Uffd)>,
     size: u64,
-    /// Inode number of the file (how /proc/self/maps names its mappings).
+    /// Device and inode number of the file (how /proc/self/maps names its mappings).
+    dev: u64,
     inode: u64,
 }
 
@@ -345,26 +346,33 @@ impl Pools {
         self.get(node).is_ok()
     }
 
-    /// Whether `inode` is one of the pools' files.
-    pub fn is_pool_file(&self, inode: u64) -> bool {
-        self.file_index(inode).is_some()
+    /// Whether the file `(dev, inode)` is one of the pools' files.
+    pub fn is_pool_file(&self, dev: u64, inode: u64) -> bool {
+        self.file_index(dev, inode).is_some()
     }
 
-    /// The slots of `pages` pages from byte offset `offset` of the pool file `inode` (as
-    /// /proc/self/maps names a mapping of it); none if `inode` is not a pool file.
-    pub fn slots_mapped(&self, inode: u64, offset: u64, pages: u64) -> impl Iterator<Item = u32> {
+    /// The slots of `pages` pages from byte offset `offset` of the pool file `(dev, inode)` (as
+    /// /proc/self/maps names a mapping of it); none if that is not a pool file.
+    pub fn slots_mapped(
+        &self,
+        dev: u64,
+        inode: u64,
+        offset: u64,
+        pages: u64,
+    ) -> impl Iterator<Item = u32> {
         let first = offset / PAGE_SIZE as u64;
-        self.file_index(inode).into_iter().flat_map(move |f| {
+        self.file_index(dev, inode).into_iter().flat_map(move |f| {
             (first..first.saturating_add(pages)).filter_map(move |p| slot_at(f, p))
         })
     }
 
-    /// Which of its node's files `inode` is.
-    fn file_index(&self, inode: u64) -> Option<usize> {
-        self.nodes
-            .iter()
-            .flatten()
-            .find_map(|p| p.files.iter().position(|f| f.inode == inode))
+    /// Which of its node's files `(dev, inode)` is.
+    fn file_index(&self, dev: u64, inode: u64) -> Option<usize> {
+        self.nodes.iter().flatten().find_map(|p| {
+            p.files
+                .iter()
+                .position(|f| f.dev == dev && f.inode == inode)
+        })
     }
 }
 
@@ -396,16 +404,20 @@ fn create_file(node: u8, topology: &dyn Topology, faults: &Faults) -> Result<Poo
         })
         .map_err(|e| log::info!("vm-dedup: pool slots filled with pwrite: {e}"))
         .ok();
-    let inode = fd
+    let (dev, inode) = fd
         .try_clone()
         .and_then(|f| std::fs::File::from(f).metadata())
-        .map(|m| std::os::unix::fs::MetadataExt::ino(&m))
+        .map(|m| {
+            use std::os::unix::fs::MetadataExt;
+            (m.dev(), m.ino())
+        })
         .map_err(|source| PoolError::Create { node, source })?;
     Ok(PoolFile {
         fd,
         view,
         filler,
         size: 0,
+        dev,
         inode,
     })
 }
@@ -525,20 +537,26 @@ mod tests {
         );
         assert_eq!(off0, u64::from(first) * PAGE_SIZE as u64);
         assert_eq!(off1, 0);
-        // Mappings of each file name their slots by inode and offset.
-        let inodes: Vec<u64> = pools
+        // Mappings of each file name their slots by device, inode and offset.
+        let files: Vec<(u64, u64)> = pools
             .get(0)
             .unwrap()
             .files
             .iter()
-            .map(|f| f.inode)
+            .map(|f| (f.dev, f.inode))
             .collect();
-        let slots =
-            |inode, offset, pages| pools.slots_mapped(inode, offset, pages).collect::<Vec<_>>();
-        assert_eq!(slots(inodes[1], 0, 2), [CHUNK_SLOTS, CHUNK_SLOTS + 1]);
-        assert_eq!(slots(inodes[0], off0, 2), [first, first + 1]);
-        assert!(pools.is_pool_file(inodes[FILES_PER_NODE - 1]));
-        assert!(slots(0, 0, 2).is_empty());
+        let slots = |(dev, inode), offset, pages| {
+            pools
+                .slots_mapped(dev, inode, offset, pages)
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(slots(files[1], 0, 2), [CHUNK_SLOTS, CHUNK_SLOTS + 1]);
+        assert_eq!(slots(files[0], off0, 2), [first, first + 1]);
+        let (dev, inode) = files[FILES_PER_NODE - 1];
+        assert!(pools.is_pool_file(dev, inode));
+        // The same inode number on another device is another file.
+        assert!(!pools.is_pool_file(dev ^ 1, inode));
+        assert!(slots((dev, 0), 0, 2).is_empty());
         pools.punch(0, first, 4, &faults).unwrap();
         for i in 0..4 {
             assert!(

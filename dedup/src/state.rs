@@ -189,7 +189,7 @@ impl State {
         ranges: &[(usize, usize)],
     ) -> std::io::Result<Vec<procfs::FileMapping>> {
         let mut maps = procfs::file_mappings_in(ranges)?;
-        maps.retain(|m| self.pools.is_pool_file(m.inode));
+        maps.retain(|m| self.pools.is_pool_file(m.dev, m.inode));
         Ok(maps)
     }
 
@@ -208,7 +208,7 @@ impl State {
         let mut pages = 0;
         for m in &maps {
             let count = ((m.end - m.start) / PAGE_SIZE) as u64;
-            for slot in self.pools.slots_mapped(m.inode, m.offset, count) {
+            for slot in self.pools.slots_mapped(m.dev, m.inode, m.offset, count) {
                 self.pinned.insert(slot);
                 self.slots.reserve(slot);
             }

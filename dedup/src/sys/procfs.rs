@@ -64,6 +64,8 @@ pub struct FileMapping {
     pub end: usize,
     /// Offset in the file of the first byte.
     pub offset: u64,
+    /// Device of the file (as `st_dev`).
+    pub dev: u64,
     /// Inode number of the file.
     pub inode: u64,
 }
@@ -88,7 +90,7 @@ fn parse_file_mappings(maps: &str, ranges: &[(usize, usize)]) -> Vec<FileMapping
     for line in maps.lines() {
         // start-end perms offset dev inode [path]
         let mut fields = line.split_ascii_whitespace();
-        let (Some(span), Some(_), Some(offset), Some(_), Some(inode)) = (
+        let (Some(span), Some(_), Some(offset), Some(dev), Some(inode)) = (
             fields.next(),
             fields.next(),
             fields.next(),
@@ -100,10 +102,11 @@ fn parse_file_mappings(maps: &str, ranges: &[(usize, usize)]) -> Vec<FileMapping
         let Some((start, end)) = span.split_once('-') else {
             continue;
         };
-        let (Ok(start), Ok(end), Ok(offset), Ok(inode)) = (
+        let (Ok(start), Ok(end), Ok(offset), Some(dev), Ok(inode)) = (
             usize::from_str_radix(start, 16),
             usize::from_str_radix(end, 16),
             u64::from_str_radix(offset, 16),
+            parse_dev(dev),
             inode.parse::<u64>(),
         ) else {
             continue;
@@ -113,11 +116,20 @@ fn parse_file_mappings(maps: &str, ranges: &[(usize, usize)]) -> Vec<FileMapping
                 start,
                 end,
                 offset,
+                dev,
                 inode,
             });
         }
     }
     out
+}
+
+/// A device number as /proc/PID/maps writes it (`major:minor` in hex), as `st_dev`.
+fn parse_dev(field: &str) -> Option<u64> {
+    let (major, minor) = field.split_once(':')?;
+    let major = u32::from_str_radix(major, 16).ok()?;
+    let minor = u32::from_str_radix(minor, 16).ok()?;
+    Some(libc::makedev(major, minor))
 }
 
 /// One VMA as /proc/self/smaps shows it.
@@ -227,6 +239,7 @@ garbage\n";
                 start: 0x7f00_0000_2000,
                 end: 0x7f00_0000_3000,
                 offset: 0x5000,
+                dev: libc::makedev(0, 1),
                 inode: 4242,
             }]
         );
