@@ -84,6 +84,7 @@ fn main() -> ExitCode {
         batch_pages: args.batch_pages,
         threads: args.threads,
         commit_threads: args.commit_threads,
+        goal: None,
     };
     if let Err(e) = soak::engine_config(&config) {
         return usage(&e.to_string());

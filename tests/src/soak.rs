@@ -52,7 +52,7 @@ pub struct SoakConfig {
     pub writers: usize,
     /// Distinct page contents (the same in every guest).
     pub templates: usize,
-    /// How long the writers write.
+    /// How long the writers write (at least; see `goal`).
     pub duration: Duration,
     /// Mean time between two writes to one page.
     pub write_interval: Duration,
@@ -62,6 +62,39 @@ pub struct SoakConfig {
     pub threads: usize,
     /// The engine's `commit_threads` (0: half the threads, at least one).
     pub commit_threads: usize,
+    /// What the soak must have seen before it stops: it goes on past `duration` until then,
+    /// for at most [`GOAL_OVERRUN`] times `duration` (`None`: it stops after `duration`).
+    pub goal: Option<Goal>,
+}
+
+/// How many times its `duration` a soak may run to reach its [`Goal`].
+pub const GOAL_OVERRUN: u32 = 20;
+
+/// Counts a soak must reach, whatever the machine's speed, to have soaked: writes, merges,
+/// writes that broke a merge, writes that hit the write-protect guard, and full passes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Goal {
+    /// Writes by the writers.
+    pub writes: u64,
+    /// The engine's merges.
+    pub merges: u64,
+    /// Copy-on-write breaks.
+    pub cow_breaks: u64,
+    /// Writes that found their page guarded.
+    pub guarded_writes: u64,
+    /// Full scans.
+    pub full_scans: u64,
+}
+
+impl Goal {
+    /// Whether `writes` and `stats` reach every count of the goal.
+    pub fn met(&self, writes: u64, stats: &Stats) -> bool {
+        writes >= self.writes
+            && stats.merges >= self.merges
+            && stats.cow_breaks >= self.cow_breaks
+            && stats.guarded_writes >= self.guarded_writes
+            && stats.full_scans >= self.full_scans
+    }
 }
 
 impl Default for SoakConfig {
@@ -76,6 +109,7 @@ impl Default for SoakConfig {
             batch_pages: 64,
             threads: 0,
             commit_threads: 0,
+            goal: None,
         }
     }
 }
@@ -545,8 +579,23 @@ pub fn run(
                 .unwrap_or_else(|e| panic!("starting a writer: {e}"))
         })
         .collect();
-    while start.elapsed() < c.duration {
-        thread::sleep(every.min(c.duration.saturating_sub(start.elapsed())));
+    let cap = c.duration.saturating_mul(GOAL_OVERRUN);
+    loop {
+        let p = Progress {
+            elapsed: start.elapsed(),
+            writes: writes_so_far.load(Ordering::Relaxed),
+            stats: engine.stats(),
+        };
+        let goal_met = c.goal.is_none_or(|g| g.met(p.writes, &p.stats));
+        if (p.elapsed >= c.duration && goal_met) || p.elapsed >= cap {
+            break;
+        }
+        let end = if p.elapsed < c.duration {
+            c.duration
+        } else {
+            cap
+        };
+        thread::sleep(every.min(end.saturating_sub(p.elapsed)));
         progress(&Progress {
             elapsed: start.elapsed(),
             writes: writes_so_far.load(Ordering::Relaxed),
