@@ -337,7 +337,10 @@ impl Committer<'_> {
         for &(i0, i1) in &protected {
             for k in i0..i1 {
                 let gpa = GuestAddress(r.gpa + u64::from(items[k].page) * PAGE_SIZE as u64);
-                if self.exclusion.is_some_and(|x| x.is_excluded(gpa)) {
+                if self
+                    .exclusion
+                    .is_some_and(|x| crate::hooks::is_excluded(x, gpa))
+                {
                     rep.outcomes[base + k] = Outcome::Refused(Cause::Excluded);
                 } else {
                     check[k] = true;

@@ -99,9 +99,7 @@ impl State {
             }
             if c.page == 0 {
                 r.dirty = g.dirty.as_ref().and_then(|src| {
-                    let mut bm = vec![0u64; r.pages.div_ceil(64)];
-                    src.take_dirty(c.region, GuestAddress(r.gpa), r.pages, &mut bm)
-                        .then_some(bm)
+                    crate::hooks::take_dirty(&**src, c.region, GuestAddress(r.gpa), r.pages)
                 });
             }
             let n = CHUNK_PAGES.min(r.pages - c.page).min(max_pages - taken);

@@ -150,3 +150,108 @@ fn unwritten_chunks_skip_pagemap_but_writes_are_seen() {
     want[700] = 998;
     assert_contents(&a, &want);
 }
+
+/// Panics when asked about the pages listed (the first time only, unless `always`).
+struct Panicky {
+    pages: Vec<u64>,
+    always: bool,
+    asked: std::sync::atomic::AtomicBool,
+}
+
+impl Panicky {
+    fn new(pages: Vec<u64>, always: bool) -> Arc<Self> {
+        Arc::new(Self {
+            pages,
+            always,
+            asked: std::sync::atomic::AtomicBool::new(false),
+        })
+    }
+
+    fn panic_now(&self, gpa: GuestAddress) -> bool {
+        self.pages.contains(&gpa.0)
+            && (self.always || !self.asked.swap(true, std::sync::atomic::Ordering::SeqCst))
+    }
+}
+
+impl ExclusionSource for Panicky {
+    fn is_excluded(&self, gpa: GuestAddress) -> bool {
+        assert!(!self.panic_now(gpa), "exclusion source bug at {:#x}", gpa.0);
+        false
+    }
+}
+
+impl DirtySource for Panicky {
+    fn take_dirty(&self, _: usize, gpa: GuestAddress, _: usize, _: &mut [u64]) -> bool {
+        assert!(!self.panic_now(gpa), "dirty source bug at {:#x}", gpa.0);
+        true
+    }
+}
+
+#[test]
+fn a_panicking_exclusion_source_leaves_its_pages_unmerged_and_nothing_blocked() {
+    // Asked while the page is write-protected: a panic that unwound through the engine left
+    // the page protected (a writer hung for good) and poisoned the engine.
+    let a = memory(32);
+    fill_all(&a, &[5; 32]);
+    let hook = Panicky::new(vec![0, 4 * PAGE as u64], true);
+    let engine = Engine::new(fast_config()).unwrap();
+    let id = engine
+        .register(
+            GuestConfig::new("a", "d").with_exclusion_source(hook),
+            a.clone(),
+        )
+        .unwrap();
+    engine.scan_pass().unwrap();
+    let s = engine.scan_pass().unwrap();
+    // Its pages count as excluded; the others merge.
+    assert_eq!(s.pages_sharing + s.pages_shared, 30, "{s:?}");
+    assert_eq!(s.failures.excluded, 2, "{s:?}");
+    // A host write to every page completes (none stayed protected), and reads back.
+    let writer = {
+        let a = a.clone();
+        std::thread::spawn(move || (0..32).for_each(|p| fill(&a, p, 6)))
+    };
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    while !writer.is_finished() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "a write hung on a page left protected"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+    writer.join().unwrap();
+    assert_contents(&a, &[6; 32]);
+    // The engine was not poisoned.
+    engine.unmerge_all().unwrap();
+    engine.unregister(id).unwrap();
+}
+
+#[test]
+fn a_panicking_dirty_source_means_every_page_is_hashed() {
+    let a = memory(32);
+    let b = memory(32);
+    fill_all(&a, &[5; 32]);
+    fill_all(&b, &[5; 32]);
+    // b's source panics once, on its first call.
+    let hook = Panicky::new(vec![0], false);
+    let engine = Engine::new(fast_config()).unwrap();
+    let ia = engine
+        .register(GuestConfig::new("a", "d"), a.clone())
+        .unwrap();
+    let ib = engine
+        .register(
+            GuestConfig::new("b", "d").with_dirty_source(hook),
+            b.clone(),
+        )
+        .unwrap();
+    for _ in 0..3 {
+        engine.scan_pass().unwrap();
+    }
+    let s = engine.stats();
+    assert_eq!(s.pages_sharing + s.pages_shared, 64, "{s:?}");
+    // The engine was not poisoned: both guests unregister.
+    engine.unregister(ib).unwrap();
+    engine.unregister(ia).unwrap();
+    assert_contents(&a, &[5; 32]);
+    assert_contents(&b, &[5; 32]);
+}
