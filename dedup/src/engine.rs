@@ -226,8 +226,10 @@ impl Engine {
         }
     }
 
-    /// Replaces the configuration (takes effect at the next step). `merge_across_nodes` and
-    /// `max_page_sharing` can only change while nothing is merged, like KSM's.
+    /// Replaces the configuration (takes effect at the next step; a background scanner step
+    /// that starts after this returns follows it, its run mode included). While anything is
+    /// merged, `merge_across_nodes` cannot change and `max_page_sharing` can only grow
+    /// ([`EngineError::Busy`]).
     pub fn set_config(&self, config: Config) -> Result<(), EngineError> {
         config.validate()?;
         let mut st = self.state()?;
@@ -249,13 +251,16 @@ impl Engine {
         // Whatever failed may work with the new settings: try everything again now.
         st.troubles.retry_now();
         st.stir();
-        drop(st);
+        // In place before the state lock is let go: a scanner step that takes the lock after
+        // this returns runs with the new configuration (see `Engine::step_cpu`).
         let mut current = self
             .inner
             .config
             .lock()
             .map_err(|_| EngineError::Poisoned)?;
         *current = config;
+        drop(current);
+        drop(st);
         self.inner.wake.notify_all();
         Ok(())
     }
@@ -441,13 +446,23 @@ impl Engine {
     /// true when it completed a full pass. Statistics are refreshed at the end of each pass and
     /// at most every 100 ms in between.
     pub fn step(&self, pages: usize) -> Result<bool, EngineError> {
-        self.step_cpu(pages).map(|(done, _)| done)
+        self.step_cpu(pages, false).map(|(done, _)| done)
     }
 
-    /// [`Engine::step`], also returning the CPU time the step used (all threads), in ns.
-    pub(crate) fn step_cpu(&self, pages: usize) -> Result<(bool, u64), EngineError> {
+    /// [`Engine::step`], also returning the CPU time the step used (all threads), in ns. With
+    /// `only_running` (the background scanner), nothing is done unless the run mode is
+    /// [`RunMode::Run`] once the state lock is held: `set_config` changes the configuration
+    /// under that lock, so no step starts after a stop has returned.
+    pub(crate) fn step_cpu(
+        &self,
+        pages: usize,
+        only_running: bool,
+    ) -> Result<(bool, u64), EngineError> {
         let ctx = self.step_ctx();
         let mut st = self.state()?;
+        if only_running && !self.running() {
+            return Ok((false, 0));
+        }
         let before = st.totals.cpu_ns;
         let done = st.step(&ctx, pages);
         let cpu = st.totals.cpu_ns.saturating_sub(before);
