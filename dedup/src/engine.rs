@@ -103,6 +103,34 @@ pub(crate) struct Inner {
     pub published: Mutex<Option<std::time::Instant>>,
 }
 
+impl Drop for Inner {
+    /// The last handle is gone with guests still registered: memory of theirs that lives on
+    /// (the VMM still holds it) is unmerged as [`Engine::release`] does, so that it does not
+    /// keep pool mappings that a later `MADV_DONTNEED` would read back; memory only the engine
+    /// held is dropped with it.
+    fn drop(&mut self) {
+        let Ok(st) = self.state.get_mut() else {
+            log::error!("vm-dedup: dropping a poisoned engine: registered memory is left as is");
+            return;
+        };
+        for gi in 0..st.guests.len() {
+            let Some(g) = st.guests[gi].as_ref() else {
+                continue;
+            };
+            if Arc::strong_count(&g._keep) == 1 {
+                continue;
+            }
+            let name = g.name.clone();
+            if let Err(e) = st.unmerge_guest(gi, &self.faults) {
+                log::error!(
+                    "vm-dedup: the engine was dropped with guest {name} registered, and \
+                     unmerging its memory failed: {e}"
+                );
+            }
+        }
+    }
+}
+
 /// The dedup engine. Cheap to clone: clones share one engine.
 #[derive(Clone)]
 pub struct Engine {

@@ -52,6 +52,10 @@
 //! # Rules for the VMM
 //! - Never discard registered guest memory with `MADV_DONTNEED` (balloon, reset): a merged
 //!   page would read back the pool's content. Use [`Engine::discard`] instead.
+//! - Never `mprotect`, `munmap` or `mremap` registered guest memory: unregister it first (the
+//!   scan reads every page it is given, and a page it cannot read ends the process).
+//! - Dropping the last handle to the engine with guests registered unmerges those whose memory
+//!   lives on, as [`Engine::release`] does; unregistering them first says how it went.
 //! - Pages pinned for device I/O cannot be seen from userspace: report them through an
 //!   [`ExclusionSource`]. Memory shared with other processes (vhost-user) is not merged.
 //! - Each isolated merged page costs a VMA; the engine keeps within a budget derived from

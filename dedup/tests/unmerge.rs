@@ -241,3 +241,33 @@ fn background_scanner_follows_run_mode() {
     engine.set_knob("merge_across_nodes", "0").unwrap();
     assert_contents(&b, &layout());
 }
+
+#[test]
+fn dropping_the_engine_unmerges_memory_that_lives_on() {
+    let _serial = serial();
+    let a = memory(32);
+    let b = memory(32);
+    fill_all(&a, &[6; 32]);
+    fill_all(&b, &[6; 32]);
+    let (engine, _) = engine_with(
+        fast_config(),
+        &[("a", "d", a.clone()), ("b", "d", b.clone())],
+    );
+    engine.scan_pass().unwrap();
+    let s = engine.scan_pass().unwrap();
+    assert_eq!(s.pages_shared + s.pages_sharing, 64);
+    assert!(pool_mappings(&a) > 0);
+    // The VMM drops the engine (every handle) but keeps the memory: it must be plain
+    // anonymous memory again, which a later MADV_DONTNEED empties.
+    drop(engine);
+    assert_eq!(pool_mappings(&a) + pool_mappings(&b), 0);
+    assert_contents(&a, &[6; 32]);
+    assert_contents(&b, &[6; 32]);
+    // SAFETY: page 0 of a, which nothing else uses now.
+    let dropped = unsafe { libc::madvise(page_ptr(&a, 0).cast(), PAGE, libc::MADV_DONTNEED) };
+    assert_eq!(dropped, 0);
+    assert!(
+        read(&a, 0).iter().all(|&x| x == 0),
+        "a dropped page reads zeros"
+    );
+}
