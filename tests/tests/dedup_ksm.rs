@@ -43,7 +43,7 @@ fn ksm_marks_guest_ram_mergeable_and_reports_the_kernels_figures() {
         return;
     }
     if !ksm::available() {
-        eprintln!("skipped: kernel KSM not available");
+        vmm_tests::skip_for("kernel KSM not available");
         return;
     }
     let dir = TempDir::new().unwrap();
@@ -88,7 +88,7 @@ fn kernel_ksm_merges_the_guests_and_the_stats_show_it() {
         return;
     }
     if !ksm::available() {
-        eprintln!("skipped: kernel KSM not available");
+        vmm_tests::skip_for("kernel KSM not available");
         return;
     }
     let layout = DedupImages::new(

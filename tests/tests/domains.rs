@@ -167,7 +167,7 @@ fn nonzero_pages_are_shared_within_a_domain_and_never_across() {
     }
 
     let Some(zero) = zero_pfn() else {
-        eprintln!("skipped: the pagemap checks need root (host page frame numbers are hidden)");
+        vmm_tests::skip_for("the pagemap checks need root (host page frame numbers are hidden)");
         vmm.send_line("X 0");
         assert_eq!(vmm.exit_code(), 0, "{}", vmm.transcript());
         return;

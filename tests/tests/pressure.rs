@@ -141,7 +141,7 @@ fn guests_unsharing_in_a_memory_cgroup_pause_merging_then_stop_cleanly() {
     let cg = match TestCgroup::create() {
         Ok(cg) => cg,
         Err(why) => {
-            eprintln!("skipped: {why}");
+            vmm_tests::skip_for(&why);
             return;
         }
     };

@@ -168,11 +168,15 @@ pub fn pfn(addr: *const u8) -> Option<u64> {
     (e >> 63 == 1).then_some(e & ((1 << 55) - 1))
 }
 
-/// Whether pagemap shows real PFNs (needs CAP_SYS_ADMIN); prints a skip notice when not.
+/// Whether pagemap shows real PFNs (needs CAP_SYS_ADMIN); prints a skip notice when not, or
+/// panics when `VMM_REQUIRE_KVM` is `1` (CI, whose host shows them: the checks must run).
 pub fn pfns_visible() -> bool {
     let v = vec![1u8; PAGE];
     let ok = pfn(v.as_ptr()).is_some_and(|p| p != 0);
     if !ok {
+        if std::env::var("VMM_REQUIRE_KVM").as_deref() == Ok("1") {
+            panic!("skipped PFN checks (pagemap PFNs need CAP_SYS_ADMIN), and VMM_REQUIRE_KVM=1");
+        }
         eprintln!("skipped PFN checks: pagemap PFNs need CAP_SYS_ADMIN");
     }
     ok
