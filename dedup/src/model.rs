@@ -186,6 +186,16 @@ where
                 domain: g.domain,
                 node: node[0],
             });
+            // Per node, the copy is on the pages' node too (`check` sees only that the sharers
+            // agree with each other).
+            if let Some(&Some((pool, _))) = merged.get(&gpa) {
+                if !rules.merge_across_nodes && pool != node[0] {
+                    return Err(format!(
+                        "guest {gi} page {gpa:#x} on node {} maps a pool page of node {pool}",
+                        node[0]
+                    ));
+                }
+            }
             mapping.push(match merged.get(&gpa) {
                 None => Mapping::Private,
                 Some(None) => Mapping::Zero,
