@@ -52,6 +52,7 @@ pub mod report;
 pub mod services;
 pub mod setup;
 pub mod signals;
+pub mod stderr;
 pub mod vcpu;
 pub mod vm;
 mod vmm;

@@ -6,6 +6,7 @@ mod cli;
 
 use std::io::Write;
 use std::process::ExitCode;
+use std::time::Duration;
 
 use vmm::hostmem::HostMemory;
 use vmm::overcommit;
@@ -16,10 +17,14 @@ const USAGE: u8 = 2;
 /// Exit status for runtime errors.
 const RUNTIME: u8 = 1;
 
+/// How long the VMM waits at exit for its last stderr lines to be taken.
+const EXIT_DRAIN: Duration = Duration::from_secs(1);
+
 /// Writes one line to stderr. A stderr that is gone (a closed terminal, a reader that went
-/// away) loses the line rather than stopping the VMM: `eprintln!` would panic.
+/// away) loses the line rather than stopping the VMM (`eprintln!` would panic), and one that
+/// is not drained never blocks it ([`vmm::stderr`]).
 fn say(line: std::fmt::Arguments<'_>) {
-    let _ = writeln!(std::io::stderr(), "vmm: {line}");
+    let _ = writeln!(vmm::stderr::writer(), "vmm: {line}");
 }
 
 /// Prints one error line and returns the exit status.
@@ -29,8 +34,24 @@ fn fail(message: impl std::fmt::Display, status: u8) -> ExitCode {
 }
 
 fn main() -> ExitCode {
-    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("warn")).init();
+    // Before any thread starts: the engine's per-pass buffers go back to the host when freed.
+    vmm::heap::return_large_frees();
+    // Before any thread starts too (the stderr thread below included), so that every thread
+    // inherits the blocked set and the signal thread alone takes these signals.
+    let blocked = match vmm::signals::block_termination() {
+        Ok(b) => b,
+        Err(e) => return fail(format!("cannot block SIGINT/SIGTERM/SIGHUP: {e}"), RUNTIME),
+    };
+    let log = vmm::stderr::install();
+    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("warn"))
+        .target(env_logger::Target::Pipe(Box::new(log)))
+        .init();
+    let status = run(blocked);
+    vmm::stderr::drain(EXIT_DRAIN);
+    status
+}
 
+fn run(blocked: vmm::signals::Blocked) -> ExitCode {
     let plan = match cli::parse(std::env::args_os()) {
         Ok(cli::Parsed::Run(plan)) => plan,
         Ok(cli::Parsed::Print(e)) => {
@@ -53,12 +74,6 @@ fn main() -> ExitCode {
         },
         Err(e) => log::warn!("overcommit not checked: {e}"),
     }
-    // Before any thread starts: the engine's per-pass buffers go back to the host when freed.
-    vmm::heap::return_large_frees();
-    let blocked = match vmm::signals::block_termination() {
-        Ok(b) => b,
-        Err(e) => return fail(format!("cannot block SIGINT/SIGTERM/SIGHUP: {e}"), RUNTIME),
-    };
     let signals =
         match vmm::signals::Watcher::spawn(blocked, Box::new(|l| say(format_args!("{l}")))) {
             Ok(w) => w,

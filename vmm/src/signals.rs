@@ -98,6 +98,9 @@ impl Watcher {
     }
 }
 
+/// How long an exit on a signal waits for its line to reach stderr.
+const EXIT_DRAIN: std::time::Duration = std::time::Duration::from_millis(500);
+
 fn watch(set: &libc::sigset_t, armed: &Mutex<Option<StopHandle>>, say: &LineSink) {
     let mut stopping = false;
     loop {
@@ -118,6 +121,7 @@ fn watch(set: &libc::sigset_t, armed: &Mutex<Option<StopHandle>>, say: &LineSink
                     "{} while starting: stopped before any guest ran",
                     name(signal)
                 ));
+                crate::stderr::drain(EXIT_DRAIN);
                 std::process::exit(0);
             }
             Some(_) if stopping => {
@@ -125,6 +129,7 @@ fn watch(set: &libc::sigset_t, armed: &Mutex<Option<StopHandle>>, say: &LineSink
                     "{} again while stopping: exiting at once",
                     name(signal)
                 ));
+                crate::stderr::drain(EXIT_DRAIN);
                 std::process::exit(1);
             }
             Some(stop) => {

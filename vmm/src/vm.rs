@@ -325,7 +325,7 @@ impl Guest {
             .lock()
             .unwrap_or_else(PoisonError::into_inner);
         if let Err(e) = serial.output_mut().finish() {
-            log::warn!("{}: cannot flush console output: {e}", self.name);
+            log::warn!("{}: cannot write its last console line: {e}", self.name);
         }
         self.state.stop_reason().unwrap_or(Stop::Requested)
     }

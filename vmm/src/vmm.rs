@@ -1,6 +1,7 @@
 //! A VMM process: several independent guests sharing one KVM handle and one console, run
 //! until all have stopped.
 
+use std::io::Write;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::mpsc::{self, Receiver, Sender};
 use std::thread;
@@ -152,11 +153,20 @@ impl StopHandle {
 }
 
 /// The guests of one process.
-#[derive(Debug)]
 pub struct Vmm {
     guests: Vec<Guest>,
     events: Sender<Event>,
     receiver: Receiver<Event>,
+    /// The guests' console output, flushed once when every guest has stopped.
+    sink: Sink,
+}
+
+impl std::fmt::Debug for Vmm {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Vmm")
+            .field("guests", &self.guests)
+            .finish_non_exhaustive()
+    }
 }
 
 impl Vmm {
@@ -192,6 +202,7 @@ impl Vmm {
             guests,
             events,
             receiver,
+            sink,
         })
     }
 
@@ -216,6 +227,20 @@ impl Vmm {
     /// Runs every guest until all have stopped; returns the highest guest status (0 when
     /// all stopped cleanly or were stopped on request).
     pub fn run(mut self) -> Result<u8, Error> {
+        let ran = self.run_guests();
+        // Once, with no vCPU left to hold up: the flush waits (a bounded time) for stdout.
+        if let Err(e) = self
+            .sink
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .flush()
+        {
+            log::warn!("console: cannot flush guest output: {e}");
+        }
+        ran
+    }
+
+    fn run_guests(&mut self) -> Result<u8, Error> {
         let mut stops: Vec<Option<Stop>> = vec![None; self.guests.len()];
         // A stop asked for before the guests started (a signal while the VMM was still setting
         // up): none of them runs.

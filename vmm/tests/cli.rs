@@ -421,3 +421,72 @@ fn an_ignored_sighup_stays_ignored_and_a_lost_stderr_stops_nothing() {
     assert!(written(&stats).contains("\"mode\": \"dedup\""));
     reader.join().unwrap();
 }
+
+/// A pipe whose buffer is already full, and which nobody reads: its write end, and the read
+/// end to keep open (a write blocks rather than failing with EPIPE).
+fn full_pipe() -> (std::os::fd::OwnedFd, std::os::fd::OwnedFd) {
+    use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+    let mut fds = [0; 2];
+    // SAFETY: `fds` has room for the two descriptors pipe2 returns.
+    let made = unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_NONBLOCK | libc::O_CLOEXEC) };
+    assert_eq!(made, 0);
+    // SAFETY: pipe2 just returned these two descriptors, owned by nobody else.
+    let (read, write) = unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
+    let chunk = [b'#'; 4096];
+    // SAFETY: writes from a valid buffer to our own pipe, non-blocking until it is full.
+    while unsafe { libc::write(write.as_raw_fd(), chunk.as_ptr().cast(), chunk.len()) } > 0 {}
+    // Blocking again, as a terminal paused with Ctrl-S or a pager nobody scrolls.
+    // SAFETY: F_SETFL on our own descriptor.
+    let blocking = unsafe { libc::fcntl(write.as_raw_fd(), libc::F_SETFL, 0) };
+    assert_eq!(blocking, 0);
+    (write, read)
+}
+
+#[test]
+fn a_stdout_and_stderr_nobody_drains_hold_up_neither_the_guests_nor_the_stop() {
+    if !vmm_tests::require_kvm() {
+        return;
+    }
+    let f = file_with(PROBE);
+    let entry = format!("{LOAD_ADDRESS:#x}");
+    let dir = vmm_sys_util::tempdir::TempDir::new().unwrap();
+    let stats = dir.as_path().join("stats.json");
+    let (write, _read) = full_pipe();
+    let mut child = vmm()
+        .env("RUST_LOG", "debug")
+        .args(["--flat", f.as_path().to_str().unwrap(), "--entry", &entry])
+        .args([
+            "--mem",
+            "16M",
+            "--guests",
+            "2",
+            "--dedup",
+            "--stats-interval",
+            "1",
+        ])
+        .args(["--stats-json", stats.to_str().unwrap()])
+        .stdout(write.try_clone().unwrap())
+        .stderr(write)
+        .spawn()
+        .unwrap();
+    // The guests run and the monitor goes on (it writes the file after its stderr line).
+    let passes = |s: &str| -> u64 {
+        s.split("\"full_scans\": ")
+            .nth(1)
+            .and_then(|t| t.split(|c: char| !c.is_ascii_digit()).next())
+            .and_then(|n| n.parse().ok())
+            .unwrap_or(0)
+    };
+    let start = Instant::now();
+    while passes(&std::fs::read_to_string(&stats).unwrap_or_default()) < 2 {
+        assert!(
+            start.elapsed() < TIMEOUT,
+            "the vmm made no progress with its output stuck"
+        );
+        assert!(child.try_wait().unwrap().is_none(), "the vmm exited");
+        thread::sleep(Duration::from_millis(50));
+    }
+    // SAFETY: kill(2) on our own child's pid with a valid signal number.
+    assert_eq!(unsafe { libc::kill(child.id() as i32, libc::SIGTERM) }, 0);
+    assert_eq!(signalled_exit(&mut child, libc::SIGTERM).code(), Some(0));
+}

@@ -9,6 +9,8 @@ use super::serial::SerialPort;
 
 /// Longest output line kept before it is emitted without waiting for its newline.
 const MAX_LINE: usize = 64 << 10;
+/// Longest input line routed to a guest when several run (longer ones are dropped).
+const MAX_INPUT_LINE: usize = 64 << 10;
 
 /// Where guest output goes: one sink for the process, written a whole line at a time.
 pub type Sink = Arc<Mutex<Box<dyn Write + Send>>>;
@@ -146,17 +148,15 @@ impl ConsoleOut {
         written
     }
 
-    /// Emits a last unterminated line, if any, and flushes the sink (when the guest stops). The
-    /// sink is flushed only here: stdout's writes reach it from a thread of their own
-    /// ([`super::stdout::Forwarder`]), and a flush per byte or line would wait for them.
+    /// Emits a last unterminated line, if any (when the guest stops). The sink is not flushed
+    /// here: stdout's writes reach it from a thread of their own
+    /// ([`super::stdout::Forwarder`]), a flush waits for them, and the sink is shared by every
+    /// guest; the VMM flushes it once, when every guest has stopped.
     pub fn finish(&mut self) -> io::Result<()> {
         if self.prefix.is_some() && !self.line.is_empty() {
             self.emit(true)?;
         }
-        self.sink
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .flush()
+        Ok(())
     }
 }
 
@@ -273,11 +273,28 @@ impl ConsoleInput {
                 }
             }
         }
+        // Lines are read MAX_INPUT_LINE bytes at most: a longer one (input that is not lines,
+        // e.g. a file of binary data) is dropped up to its newline, not held in memory.
         let mut line = Vec::new();
+        let mut dropping = false;
         loop {
             line.clear();
-            if reader.read_until(b'\n', &mut line)? == 0 {
+            let read = (&mut reader)
+                .take(MAX_INPUT_LINE as u64)
+                .read_until(b'\n', &mut line)?;
+            if read == 0 {
                 return Ok(());
+            }
+            let whole = line.last() == Some(&b'\n');
+            if dropping || (!whole && line.len() >= MAX_INPUT_LINE) {
+                if !dropping {
+                    log::warn!(
+                        "console: dropped an input line longer than {} KiB",
+                        MAX_INPUT_LINE >> 10
+                    );
+                }
+                dropping = !whole;
+                continue;
             }
             let end = line.strip_suffix(b"\n").unwrap_or(&line);
             self.send_line(end.strip_suffix(b"\r").unwrap_or(end));
@@ -335,7 +352,7 @@ mod tests {
     }
 
     #[test]
-    fn a_guest_writing_byte_by_byte_never_flushes_the_sink() {
+    fn a_guest_never_flushes_the_sink() {
         // The process's sink (`stdout::Forwarder`) waits on a flush for a reader that may be
         // stuck, up to `DRAIN_WAIT`: the UART's flush per byte must never reach it.
         let (sink, out) = sink();
@@ -348,13 +365,14 @@ mod tests {
                 w.flush().unwrap();
             }
         }
-        let flushes = || out.1.load(std::sync::atomic::Ordering::Relaxed);
-        assert_eq!(flushes(), 0);
         let want = "login: ok\n".repeat(20) + &"guest0: login: ok\n".repeat(20);
         assert_eq!(text(&out), want);
-        // Only the end of a guest flushes it.
-        ConsoleOut::prefixed(sink, "guest1").finish().unwrap();
-        assert_eq!(flushes(), 1);
+        // Nor does the end of a guest (the sink is shared: its flush would hold up the others).
+        let mut last = ConsoleOut::prefixed(sink, "guest1");
+        last.write_all(b"bye").unwrap();
+        last.finish().unwrap();
+        assert_eq!(out.1.load(std::sync::atomic::Ordering::Relaxed), 0);
+        assert_eq!(text(&out), want + "guest1: bye\n");
     }
 
     #[test]
@@ -478,5 +496,27 @@ mod tests {
         // Bytes that are not UTF-8 pass through, and the lines after them too.
         assert_eq!(drain(&ports[0]), b"both\n\xe9\xff\n");
         assert_eq!(drain(&ports[1]), b"W 10 5\nboth\nR 8\n");
+    }
+
+    #[test]
+    fn an_input_line_too_long_to_route_is_dropped_not_kept() {
+        let (sink, _) = sink();
+        let ports: Vec<SharedSerial> = (0..2)
+            .map(|i| {
+                let out = ConsoleOut::prefixed(sink.clone(), &format!("guest{i}"));
+                Arc::new(Mutex::new(SerialPort::new(IrqLine::new().unwrap(), out)))
+            })
+            .collect();
+        let input = ConsoleInput::new(vec!["guest0".into(), "guest1".into()], ports.clone());
+        // Three times the limit without a newline, then an ordinary line; and a line of
+        // exactly the limit (with its newline just past it), then another.
+        let mut data = b"guest1: ".to_vec();
+        data.extend(std::iter::repeat_n(b'z', 3 * MAX_INPUT_LINE));
+        data.extend(b"\nguest1: after\n");
+        data.extend(std::iter::repeat_n(b'y', MAX_INPUT_LINE));
+        data.extend(b"\nguest0: last\n");
+        input.forward(&data[..]).unwrap();
+        assert_eq!(drain(&ports[1]), b"after\n");
+        assert_eq!(drain(&ports[0]), b"last\n");
     }
 }

@@ -31,6 +31,9 @@ struct Shared {
     queue: Mutex<Queue>,
     /// Signalled when bytes arrive and when the queue drains.
     changed: Condvar,
+    /// Dropped output is reported in the stream itself, never through the log (the log's own
+    /// forwarder: a warning there would come back to it).
+    quiet: bool,
 }
 
 impl Shared {
@@ -39,25 +42,38 @@ impl Shared {
     }
 }
 
-/// The writing end: cheap, never blocks on the reader.
-#[derive(Debug)]
+/// The writing end: cheap, never blocks on the reader. Clones write to the same queue.
+#[derive(Debug, Clone)]
 pub struct Forwarder {
     shared: Arc<Shared>,
 }
 
 impl Forwarder {
-    /// Starts the thread that writes what is queued to `out`.
+    /// Starts the thread that writes what is queued to `out`; dropped output is logged.
     pub fn spawn<W: Write + Send + 'static>(out: W) -> io::Result<Self> {
-        let shared = Arc::new(Shared::default());
+        Self::start(out, "console-out", false)
+    }
+
+    /// As [`Forwarder::spawn`] for the log's own stream: dropped output is reported by a line
+    /// written to `out` once it takes output again, never through the log.
+    pub fn spawn_quiet<W: Write + Send + 'static>(out: W, name: &str) -> io::Result<Self> {
+        Self::start(out, name, true)
+    }
+
+    fn start<W: Write + Send + 'static>(out: W, name: &str, quiet: bool) -> io::Result<Self> {
+        let shared = Arc::new(Shared {
+            quiet,
+            ..Shared::default()
+        });
         let drain = Arc::clone(&shared);
         thread::Builder::new()
-            .name("console-out".into())
+            .name(name.into())
             .spawn(move || run(&drain, out))?;
         Ok(Self { shared })
     }
 
     /// Waits until what was queued is written, at most `wait`; returns whether it was.
-    fn drain(&self, wait: Duration) -> bool {
+    pub fn drain(&self, wait: Duration) -> bool {
         let until = Instant::now() + wait;
         let mut q = self.shared.lock();
         while !q.chunks.is_empty() || q.writing {
@@ -104,16 +120,25 @@ fn run<W: Write>(shared: &Shared, mut out: W) {
         let mut q = shared.lock();
         q.bytes -= chunk.len();
         if let Err(e) = written {
-            if q.dropped == 0 {
+            if q.dropped == 0 && !shared.quiet {
                 log::warn!("console: writing guest output failed ({e}); output is dropped");
             }
             q.dropped += chunk.len() as u64;
         } else if q.dropped > 0 && q.chunks.is_empty() {
-            log::warn!(
-                "console: {} bytes of guest output were dropped (stdout could not keep up)",
-                q.dropped
-            );
-            q.dropped = 0;
+            let dropped = std::mem::take(&mut q.dropped);
+            if shared.quiet {
+                drop(q);
+                let _ = writeln!(
+                    out,
+                    "vmm: {dropped} bytes of this output were dropped (it could not keep up)"
+                )
+                .and_then(|()| out.flush());
+            } else {
+                log::warn!(
+                    "console: {dropped} bytes of guest output were dropped (stdout could not \
+                     keep up)"
+                );
+            }
         }
     }
 }
@@ -122,7 +147,7 @@ impl Write for Forwarder {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
         let mut q = self.shared.lock();
         if q.bytes + buf.len() > QUEUE_BYTES {
-            if q.dropped == 0 {
+            if q.dropped == 0 && !self.shared.quiet {
                 log::warn!("console: stdout is not keeping up; guest output is dropped");
             }
             q.dropped += buf.len() as u64;
@@ -142,7 +167,7 @@ impl Write for Forwarder {
     /// not hold up a stop). The output thread writes and flushes what is queued as it comes,
     /// so writers flush only when they end (`ConsoleOut::finish`), never per byte or line.
     fn flush(&mut self) -> io::Result<()> {
-        if !self.drain(DRAIN_WAIT) {
+        if !self.drain(DRAIN_WAIT) && !self.shared.quiet {
             log::warn!("console: stdout did not take the queued guest output in time");
         }
         Ok(())
@@ -240,5 +265,30 @@ pub(crate) mod tests {
         f.flush().unwrap();
         let q = f.shared.lock();
         assert!(q.bytes <= QUEUE_BYTES && q.dropped > 0);
+    }
+
+    #[test]
+    fn a_quiet_forwarder_reports_dropped_output_in_its_stream() {
+        let gate = Gate::default();
+        let mut f = Forwarder::spawn_quiet(gate.clone(), "test-quiet").unwrap();
+        let line = vec![b'x'; 4096];
+        for _ in 0..(2 * QUEUE_BYTES / line.len()) {
+            f.write_all(&line).unwrap();
+        }
+        assert!(f.shared.lock().dropped > 0);
+        {
+            let (lock, cv) = &*gate.open;
+            *lock.lock().unwrap() = true;
+            cv.notify_all();
+        }
+        assert!(f.drain(DRAIN_WAIT));
+        f.write_all(b"after\n").unwrap();
+        assert!(f.drain(DRAIN_WAIT));
+        let seen = String::from_utf8_lossy(&gate.seen.lock().unwrap()).into_owned();
+        let tail = &seen[seen.len().saturating_sub(200)..];
+        assert!(
+            tail.ends_with("bytes of this output were dropped (it could not keep up)\nafter\n"),
+            "{tail}"
+        );
     }
 }

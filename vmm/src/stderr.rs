@@ -1,0 +1,66 @@
+//! The process's stderr, for log records and the VMM's own lines, written through a
+//! [`Forwarder`] of its own: a stderr nobody drains (a terminal paused with Ctrl-S, a pager not
+//! scrolled, a stalled log collector) costs dropped lines, never a blocked vCPU, a stop that
+//! does not finish, or a second signal that cannot end the process.
+//!
+//! The binary calls [`install`] first; until then (and if its thread cannot start) lines go to
+//! stderr directly.
+
+use std::io::{self, Write};
+use std::sync::OnceLock;
+use std::time::Duration;
+
+use crate::devices::stdout::Forwarder;
+
+static FORWARDER: OnceLock<Forwarder> = OnceLock::new();
+
+/// Starts the thread that writes stderr; returns a writer for the logger. Later calls return
+/// another writer to the same thread.
+pub fn install() -> Writer {
+    if FORWARDER.get().is_none() {
+        match Forwarder::spawn_quiet(io::stderr(), "stderr-out") {
+            Ok(f) => {
+                let _ = FORWARDER.set(f);
+            }
+            Err(e) => {
+                let _ = writeln!(
+                    io::stderr(),
+                    "vmm: no stderr thread ({e}): writing directly"
+                );
+            }
+        }
+    }
+    writer()
+}
+
+/// A writer to the process's stderr (through the thread once [`install`]ed).
+pub fn writer() -> Writer {
+    Writer(FORWARDER.get().cloned())
+}
+
+/// Waits until what was written is on stderr, at most `wait` (before the process exits);
+/// returns whether it was.
+pub fn drain(wait: Duration) -> bool {
+    FORWARDER.get().is_none_or(|f| f.drain(wait))
+}
+
+/// Writes to stderr without ever blocking on its reader. Its `flush` does not wait either
+/// (the logger flushes after every record): [`drain`] does, with a bound.
+#[derive(Debug, Clone)]
+pub struct Writer(Option<Forwarder>);
+
+impl Write for Writer {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        match &mut self.0 {
+            Some(f) => f.write(buf),
+            None => io::stderr().write(buf),
+        }
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        match &self.0 {
+            Some(_) => Ok(()),
+            None => io::stderr().flush(),
+        }
+    }
+}
