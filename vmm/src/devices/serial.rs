@@ -58,6 +58,8 @@ pub struct SerialPort<W: Write> {
     pending: VecDeque<u8>,
     /// Whether the last register write failed: a run of failures is logged once.
     failing: bool,
+    /// Input bytes dropped since the guest last took its input (logged once per run of drops).
+    dropped_input: u64,
 }
 
 impl<W: Write> SerialPort<W> {
@@ -67,6 +69,7 @@ impl<W: Write> SerialPort<W> {
             uart: Serial::new(irq, out),
             pending: VecDeque::new(),
             failing: false,
+            dropped_input: 0,
         }
     }
 
@@ -113,7 +116,10 @@ impl<W: Write> SerialPort<W> {
         self.pending.extend(bytes);
         let excess = self.pending.len().saturating_sub(MAX_PENDING_INPUT);
         if excess > 0 {
-            log::warn!("serial: guest is not reading its console, dropped {excess} input bytes");
+            if self.dropped_input == 0 {
+                log::warn!("serial: guest is not reading its console; input is dropped");
+            }
+            self.dropped_input += excess as u64;
             self.pending.drain(..excess);
         }
         self.refill();
@@ -129,6 +135,14 @@ impl<W: Write> SerialPort<W> {
         let room = self.uart.fifo_capacity().min(self.pending.len());
         if room == 0 {
             return;
+        }
+        // Caught up (half the queue read since it overflowed): the run of drops is over.
+        if self.dropped_input > 0 && self.pending.len() < MAX_PENDING_INPUT / 2 {
+            log::warn!(
+                "serial: guest reads its console again; {} input bytes were dropped",
+                self.dropped_input
+            );
+            self.dropped_input = 0;
         }
         let chunk: Vec<u8> = self.pending.drain(..room).collect();
         if let Err(e) = self.uart.enqueue_raw_bytes(&chunk) {
@@ -208,5 +222,26 @@ mod tests {
         while p.irq().eventfd().read().is_ok() {}
         p.enqueue_input(b"x");
         assert!(p.irq().eventfd().read().unwrap() >= 1);
+    }
+
+    #[test]
+    fn input_the_guest_does_not_read_is_bounded_and_its_drops_are_one_run() {
+        let mut p = port();
+        let chunk = vec![b'z'; 64 << 10];
+        for _ in 0..(2 * MAX_PENDING_INPUT / chunk.len()) {
+            p.enqueue_input(&chunk);
+        }
+        assert!(p.pending_input() <= MAX_PENDING_INPUT);
+        let dropped = p.dropped_input;
+        assert!(dropped >= (MAX_PENDING_INPUT - 64) as u64, "{dropped}");
+        // Reading a little does not end the run (no log line per byte read)...
+        p.read(DATA);
+        assert_eq!(p.dropped_input, dropped);
+        // ... catching up does.
+        while p.pending_input() >= MAX_PENDING_INPUT / 2 {
+            p.read(DATA);
+        }
+        p.read(DATA);
+        assert_eq!(p.dropped_input, 0);
     }
 }
