@@ -344,10 +344,17 @@ impl ContentIndex {
             .regions
             .iter()
             .filter(|r| r.guest == guest)
-            .map(|r| (r.base | PAGE_TAG, (r.base + r.pages) | PAGE_TAG))
+            .map(|r| (r.base, r.pages))
             .collect();
         for t in self.tables_mut() {
-            t.retain(|&mut v| !ranges.iter().any(|&(lo, hi)| v >= lo && v < hi));
+            // Page numbers without the tag, so that a range ending at `MAX_PAGE_IDS` (whose
+            // end would wrap with the tag) is dropped too.
+            t.retain(|&mut v| {
+                v & PAGE_TAG == 0
+                    || !ranges
+                        .iter()
+                        .any(|&(base, pages)| (v & !PAGE_TAG).wrapping_sub(base) < pages)
+            });
         }
         self.numbering.regions.retain(|r| r.guest != guest);
         self.numbering.rebuild();
@@ -487,5 +494,26 @@ mod tests {
         idx.remove_guest(3);
         assert_eq!(idx.len(), 1);
         assert_eq!(idx.pack(Entry::Page(loc(1))), None);
+    }
+
+    #[test]
+    fn a_removed_guest_leaves_no_entry_even_at_the_last_numbers() {
+        let k = IndexKey { domain: 4, node: 0 };
+        let mut idx = ContentIndex::new();
+        idx.number_region(1, 0, (MAX_PAGE_IDS - 10) as u32, 10);
+        idx.number_region(2, 0, 0, 10);
+        for p in 0..10 {
+            for guest in [1, 2] {
+                let e = Entry::Page(PageLoc {
+                    guest,
+                    region: 0,
+                    page: p,
+                });
+                idx.insert(k, p, e, |_| Some(p));
+            }
+        }
+        idx.insert(k, 3, Entry::Slot(7), |_| Some(3));
+        idx.remove_guest(1);
+        assert_eq!(idx.len(), 11, "guest 2's pages and the slot are left");
     }
 }
