@@ -95,8 +95,8 @@ impl State {
                 name: g.name.clone(),
                 domain: self
                     .domains
-                    .get(usize::from(g.domain))
-                    .cloned()
+                    .name(g.domain)
+                    .map(str::to_string)
                     .unwrap_or_default(),
                 pages_scanned: g.pages_scanned,
                 cow_breaks: g.cow_breaks,

@@ -43,8 +43,11 @@ pub enum EngineError {
     /// userfaultfd could not guard the guest's memory.
     #[error("registering guest memory with userfaultfd")]
     Userfaultfd(#[source] std::io::Error),
-    /// Too many guests or trust domains.
-    #[error("too many guests or trust domains")]
+    /// Too much registered at once: a guest of more than 32,767 regions, 65,535 guests, 65,535
+    /// trust domains in use (by registered guests, or by pool slots still kept for memory that
+    /// left), or more private guest memory than the index can number (2^31 pages, 8 TiB, with
+    /// each region in one range of free numbers). Guests that left count for none of these.
+    #[error("too many regions, guests, trust domains or guest pages registered at once")]
     TooMany,
     /// No guest with that id.
     #[error("no guest {0:?}")]
@@ -197,7 +200,7 @@ impl Engine {
             .map_err(EngineError::Threads)?;
         let state = State {
             guests: Vec::new(),
-            domains: Vec::new(),
+            domains: crate::ids::Domains::default(),
             pools: Pools::new(nodes),
             slots: SlotTable::new(),
             index: ContentIndex::new(),
@@ -211,7 +214,7 @@ impl Engine {
             next_id: 1,
             distrusted: hashbrown::HashSet::new(),
             pinned: hashbrown::HashSet::new(),
-            next_page_id: 0,
+            page_ids: crate::ids::PageIds::new(crate::index::MAX_PAGE_IDS as u32),
             troubles: crate::backoff::Troubles::new(),
             pending: crate::backoff::Tally::default(),
             vma_probe: false,
@@ -325,7 +328,14 @@ impl Engine {
         if st.overlaps_guests(&ranges) || st.maps_pool_in(&ranges).map_err(EngineError::Maps)? {
             return Err(EngineError::Overlap);
         }
-        let domain = st.domain_id(&guest.domain).ok_or(EngineError::TooMany)?;
+        let gi = match st.guests.iter().position(Option::is_none) {
+            Some(i) => i,
+            None if st.guests.len() < usize::from(u16::MAX) => st.guests.len(),
+            None => return Err(EngineError::TooMany),
+        };
+        let domain = st
+            .number_guest(gi, &regions, &guest.domain)
+            .ok_or(EngineError::TooMany)?;
         let id = GuestId(st.next_id);
         st.next_id += 1;
         let g = Guest {
@@ -339,28 +349,8 @@ impl Engine {
             pages_scanned: 0,
             cow_breaks: 0,
         };
-        let gi = match st.guests.iter().position(Option::is_none) {
-            Some(i) => i,
-            None if st.guests.len() < usize::from(u16::MAX) => {
-                st.guests.push(None);
-                st.guests.len() - 1
-            }
-            None => return Err(EngineError::TooMany),
-        };
-        let needed: u64 = g
-            .regions
-            .iter()
-            .filter(|r| r.active())
-            .map(|r| r.pages as u64)
-            .sum();
-        if st.next_page_id + needed > crate::index::MAX_PAGE_IDS {
-            return Err(EngineError::TooMany);
-        }
-        for (ri, r) in g.regions.iter().enumerate().filter(|(_, r)| r.active()) {
-            let base = st.next_page_id as u32;
-            st.index
-                .number_region(gi as u16, ri as u16, base, r.pages as u32);
-            st.next_page_id += r.pages as u64;
+        if gi == st.guests.len() {
+            st.guests.push(None);
         }
         st.guests[gi] = Some(g);
         st.stir();
@@ -434,7 +424,9 @@ impl Engine {
         gi: usize,
     ) -> (MutexGuard<'a, State>, u64) {
         let mut ranges = Vec::new();
+        let mut domain = None;
         if let Some(g) = st.guests[gi].take() {
+            domain = Some(g.domain);
             for r in &g.regions {
                 if let Some(u) = &r.uffd {
                     let _ = u.unregister(r.hva, r.pages * PAGE_SIZE);
@@ -444,7 +436,7 @@ impl Engine {
             // Dropped here: if the engine held the memory last, it is unmapped now.
         }
         let still = st.pin_slots_mapped_in(&ranges);
-        st.index.remove_guest(gi as u16);
+        st.unnumber_guest(gi);
         st.distrusted.retain(|l| usize::from(l.guest) != gi);
         if st.cursor.guest == gi {
             st.cursor = Cursor {
@@ -454,6 +446,10 @@ impl Engine {
         }
         st.stir();
         st.rebuild_refs(&self.inner.faults);
+        // After the slots nobody maps are freed: the domain may have none left.
+        if let Some(d) = domain {
+            st.forget_domain_if_unused(d);
+        }
         st.measure_vmas();
         self.publish(&st);
         (st, still)

@@ -2,7 +2,8 @@
 //! them), a hashbrown table from 28-bit page hash to either a pool slot that holds the content
 //! or a stable page not shared yet (KSM's stable and unstable trees in one table). Entries are
 //! 4 bytes: a slot number, or a page number in one numbering of all registered guest pages
-//! (31 bits: up to 8 TiB of guest memory). The hash of an entry is looked up from the slot
+//! (31 bits: up to 8 TiB of guest memory registered at once; the numbers of guests that left
+//! are reused, see `State::unnumber_guest`). The hash of an entry is looked up from the slot
 //! table or the page's metadata, so it is not stored twice.
 
 use hashbrown::{HashMap, HashTable};
@@ -239,8 +240,9 @@ impl ContentIndex {
         Self::default()
     }
 
-    /// Numbers the pages of region `region` of guest `guest` from `base` on (bases must not
-    /// overlap and, while entries may exist, not be reused).
+    /// Numbers the pages of region `region` of guest `guest` from `base` on (ranges must not
+    /// overlap, and a range may only be reused once [`ContentIndex::remove_guest`] gave it
+    /// back: an entry left with an old number would name another guest's page).
     pub fn number_region(&mut self, guest: u16, region: u16, base: u32, pages: u32) {
         self.numbering
             .regions
@@ -337,8 +339,10 @@ impl ContentIndex {
         }
     }
 
-    /// Drops every entry of guest `guest` and its numbering.
-    pub fn remove_guest(&mut self, guest: u16) {
+    /// Drops every entry of guest `guest` and its numbering. Returns the page numbers it had,
+    /// as `(base, pages)`: once this returns no entry holds any of them, so they may number
+    /// other pages (see [`ContentIndex::number_region`]).
+    pub fn remove_guest(&mut self, guest: u16) -> Vec<(u32, u32)> {
         let ranges: Vec<(u32, u32)> = self
             .numbering
             .regions
@@ -346,18 +350,39 @@ impl ContentIndex {
             .filter(|r| r.guest == guest)
             .map(|r| (r.base, r.pages))
             .collect();
-        for t in self.tables_mut() {
-            // Page numbers without the tag, so that a range ending at `MAX_PAGE_IDS` (whose
-            // end would wrap with the tag) is dropped too.
-            t.retain(|&mut v| {
-                v & PAGE_TAG == 0
-                    || !ranges
-                        .iter()
-                        .any(|&(base, pages)| (v & !PAGE_TAG).wrapping_sub(base) < pages)
-            });
+        if !ranges.is_empty() {
+            for t in self.tables_mut() {
+                // Page numbers without the tag, so that a range ending at `MAX_PAGE_IDS`
+                // (whose end would wrap with the tag) is dropped too.
+                t.retain(|&mut v| {
+                    v & PAGE_TAG == 0
+                        || !ranges
+                            .iter()
+                            .any(|&(base, pages)| (v & !PAGE_TAG).wrapping_sub(base) < pages)
+                });
+            }
         }
         self.numbering.regions.retain(|r| r.guest != guest);
         self.numbering.rebuild();
+        ranges
+    }
+
+    /// Drops the tables of trust domain `domain` (forgotten: its number goes to another
+    /// domain). Returns how many entries they still had, which should be none: entries of a
+    /// domain belong to its guests' pages (dropped with each guest) or to its slots (dropped
+    /// when the slot is freed), and a domain is only forgotten once it has neither.
+    pub fn forget_domain(&mut self, domain: u16) -> usize {
+        let mut left = 0;
+        for s in &mut self.shards {
+            s.tables.retain(|k, t| {
+                if k.domain == domain {
+                    left += t.len();
+                    return false;
+                }
+                true
+            });
+        }
+        left
     }
 
     /// Drops everything.
@@ -491,7 +516,7 @@ mod tests {
             }),
             |_| Some(5),
         );
-        idx.remove_guest(3);
+        assert_eq!(idx.remove_guest(3), vec![(500, 100), (1000, 200)]);
         assert_eq!(idx.len(), 1);
         assert_eq!(idx.pack(Entry::Page(loc(1))), None);
     }
@@ -500,20 +525,25 @@ mod tests {
     fn a_removed_guest_leaves_no_entry_even_at_the_last_numbers() {
         let k = IndexKey { domain: 4, node: 0 };
         let mut idx = ContentIndex::new();
-        idx.number_region(1, 0, (MAX_PAGE_IDS - 10) as u32, 10);
+        let top = (MAX_PAGE_IDS - 10) as u32;
+        idx.number_region(1, 0, top, 10);
         idx.number_region(2, 0, 0, 10);
+        let at = |guest, page| PageLoc {
+            guest,
+            region: 0,
+            page,
+        };
         for p in 0..10 {
-            for guest in [1, 2] {
-                let e = Entry::Page(PageLoc {
-                    guest,
-                    region: 0,
-                    page: p,
-                });
-                idx.insert(k, p, e, |_| Some(p));
-            }
+            idx.insert(k, p, Entry::Page(at(1, p)), |_| Some(p));
+            idx.insert(k, p, Entry::Page(at(2, p)), |_| Some(p));
         }
         idx.insert(k, 3, Entry::Slot(7), |_| Some(3));
-        idx.remove_guest(1);
+        assert_eq!(idx.remove_guest(1), vec![(top, 10)]);
         assert_eq!(idx.len(), 11, "guest 2's pages and the slot are left");
+        // The numbers go to another guest: no entry names its pages.
+        idx.number_region(1, 0, top, 10);
+        assert!(idx.lookup(k, 5, |_| Some(5), |_| true) == vec![Entry::Page(at(2, 5))]);
+        assert_eq!(idx.forget_domain(4), 11);
+        assert!(idx.is_empty());
     }
 }

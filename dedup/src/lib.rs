@@ -92,6 +92,7 @@ mod account;
 mod admit;
 mod commit;
 mod decide;
+mod ids;
 mod state;
 mod step;
 

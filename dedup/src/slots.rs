@@ -14,6 +14,8 @@ pub const CHUNK_SLOTS: u32 = 512;
 pub const MAX_NODES: usize = 16;
 /// Highest number of sharers one slot can count.
 pub const MAX_REFS: u16 = u16::MAX;
+/// The trust domain of a slot that belongs to none (see [`SlotTable::reserve`]).
+pub const NO_DOMAIN: u16 = u16::MAX;
 
 #[derive(Clone, Copy, Debug, Default)]
 struct SlotRec {
@@ -35,6 +37,8 @@ pub struct SlotTable {
     /// Sum of all reference counts.
     total_refs: u64,
     search_from: usize,
+    /// Allocated slots per trust domain (a domain with slots cannot be forgotten).
+    by_domain: Vec<u32>,
 }
 
 impl SlotTable {
@@ -77,6 +81,13 @@ impl SlotTable {
             refs: 0,
             domain,
         };
+        if domain != NO_DOMAIN {
+            let d = usize::from(domain);
+            if d >= self.by_domain.len() {
+                self.by_domain.resize(d + 1, 0);
+            }
+            self.by_domain[d] += 1;
+        }
         self.allocated += 1;
         Some(slot)
     }
@@ -142,7 +153,7 @@ impl SlotTable {
     /// left as it is (the caller never frees it).
     pub fn reserve(&mut self, slot: u32) {
         if slot <= PAYLOAD_MASK && !self.is_used(slot) {
-            let _ = self.alloc(0, 0, u16::MAX, Some(slot));
+            let _ = self.alloc(0, 0, NO_DOMAIN, Some(slot));
         }
     }
 
@@ -156,6 +167,12 @@ impl SlotTable {
         if refs > 0 {
             self.live -= 1;
             self.total_refs -= u64::from(refs);
+        }
+        let domain = self.recs[i].domain;
+        if let Some(n) = self.by_domain.get_mut(usize::from(domain)) {
+            if domain != NO_DOMAIN {
+                *n = n.saturating_sub(1);
+            }
         }
         self.recs[i] = SlotRec::default();
         self.used[i / 64] &= !(1 << (i % 64));
@@ -225,6 +242,15 @@ impl SlotTable {
         self.recs.get(slot as usize).map_or(0, |r| r.domain)
     }
 
+    /// Allocated slots of trust domain `domain`: pinned ones, ones whose punch failed, and any
+    /// other not freed yet.
+    pub fn domain_slots(&self, domain: u16) -> u32 {
+        self.by_domain
+            .get(usize::from(domain))
+            .copied()
+            .unwrap_or(0)
+    }
+
     /// Allocated slots.
     pub fn allocated_count(&self) -> u64 {
         self.allocated
@@ -273,7 +299,9 @@ impl SlotTable {
 
     /// Bytes of memory this table holds.
     pub fn memory_bytes(&self) -> usize {
-        self.recs.capacity() * std::mem::size_of::<SlotRec>() + self.used.capacity() * 8
+        self.recs.capacity() * std::mem::size_of::<SlotRec>()
+            + self.used.capacity() * 8
+            + self.by_domain.capacity() * 4
     }
 }
 
@@ -308,6 +336,24 @@ mod tests {
         assert_eq!(t.node(2), 1);
         assert_eq!(t.domain(2), 5);
         assert_eq!(t.allocated_count(), 5);
+    }
+
+    #[test]
+    fn counts_slots_per_domain() {
+        let mut t = SlotTable::new();
+        let a = t.alloc(1, 0, 3, None).unwrap();
+        let b = t.alloc(2, 0, 3, None).unwrap();
+        t.reserve(40);
+        assert_eq!((t.domain_slots(3), t.domain_slots(0)), (2, 0));
+        assert_eq!(t.domain(40), NO_DOMAIN);
+        assert_eq!(t.domain_slots(NO_DOMAIN), 0);
+        t.free(a);
+        t.free(a);
+        assert_eq!(t.domain_slots(3), 1);
+        t.free(40);
+        t.free(b);
+        assert_eq!(t.domain_slots(3), 0);
+        assert_eq!(t.allocated_count(), 0);
     }
 
     #[test]

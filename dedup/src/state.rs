@@ -4,7 +4,7 @@
 use std::sync::Mutex;
 
 use crate::budget::VmaBudget;
-use crate::guest::{Guest, GuestId};
+use crate::guest::{Guest, GuestId, Region};
 use crate::index::{ContentIndex, PageLoc};
 use crate::meta::PageState;
 use crate::plan::{self, PlanView, Rules};
@@ -44,7 +44,8 @@ pub(crate) struct Totals {
 #[derive(Debug)]
 pub(crate) struct State {
     pub guests: Vec<Option<Guest>>,
-    pub domains: Vec<String>,
+    /// Trust-domain names by number (forgotten once nothing uses them).
+    pub domains: crate::ids::Domains,
     pub pools: Pools,
     pub slots: SlotTable,
     pub index: ContentIndex,
@@ -61,8 +62,8 @@ pub(crate) struct State {
     /// Slots still mapped by memory that left the engine (see `Engine::unregister`): never
     /// punched or reused, whatever their reference count.
     pub pinned: hashbrown::HashSet<u32>,
-    /// Next free number in the index's page numbering (numbers are never reused).
-    pub next_page_id: u64,
+    /// Free numbers of the index's page numbering (those of guests that left are given back).
+    pub page_ids: crate::ids::PageIds,
     /// Kinds of failure going on, their backoff and their log lines.
     pub troubles: crate::backoff::Troubles,
     /// Failures not yet handed to `troubles` (from operations outside a step's commit).
@@ -93,13 +94,102 @@ impl State {
             .position(|g| g.as_ref().is_some_and(|g| g.id == id))
     }
 
+    /// The number of trust domain `name`, a new one if it has none; `None` when every number
+    /// is taken by a domain still in use. Numbers of domains nothing uses any more are
+    /// normally forgotten as their last guest leaves (`forget_domain_if_unused`); those still
+    /// held then by slots freed later are forgotten here, once no number is left.
     pub fn domain_id(&mut self, name: &str) -> Option<u16> {
-        if let Some(i) = self.domains.iter().position(|d| d == name) {
-            return u16::try_from(i).ok();
+        if let Some(id) = self.domains.id(name) {
+            return Some(id);
         }
-        let i = u16::try_from(self.domains.len()).ok()?;
-        self.domains.push(name.to_string());
-        Some(i)
+        let mut guests = vec![false; crate::ids::MAX_DOMAINS];
+        for g in self.guests.iter().flatten() {
+            if let Some(u) = guests.get_mut(usize::from(g.domain)) {
+                *u = true;
+            }
+        }
+        for d in self.domains.known() {
+            if !guests[usize::from(d)] && self.slots.domain_slots(d) == 0 {
+                self.forget_domain(d);
+            }
+        }
+        self.domains.id(name)
+    }
+
+    /// Forgets trust domain `d` if nothing uses it any more, so that its number can go to
+    /// another domain. A domain number is used by:
+    /// - registered guests of the domain (their pages are indexed and merged under it);
+    /// - allocated pool slots of the domain (`SlotTable::domain`): slots still mapped by a
+    ///   guest, slots whose punch failed (freed by a later pass), and pinned slots, still
+    ///   mapped by memory that left the engine and kept for good: such a slot keeps its domain
+    ///   for good too;
+    /// - index entries under the domain's keys: page entries of its guests' pages (dropped
+    ///   with each guest, `ContentIndex::remove_guest`) and slot entries of its slots (dropped
+    ///   as each slot is freed, `plan::release`).
+    ///
+    /// With no guest and no slot of the domain left, nothing else can name the number (plans
+    /// live within one step, under the state lock like this), so a domain that takes it over
+    /// can neither find nor join a page or slot of the old one: two domains never share a pool
+    /// page. Its index tables are dropped all the same (they should be empty).
+    pub fn forget_domain_if_unused(&mut self, d: u16) {
+        let guests = self.guests.iter().flatten().any(|g| g.domain == d);
+        if !guests && self.slots.domain_slots(d) == 0 {
+            self.forget_domain(d);
+        }
+    }
+
+    /// Forgets trust domain `d`, which nothing uses (see `forget_domain_if_unused`).
+    fn forget_domain(&mut self, d: u16) {
+        let left = self.index.forget_domain(d);
+        if left > 0 {
+            log::error!("vm-dedup: trust domain {d} forgotten with {left} index entries left");
+        }
+        self.domains.forget(d);
+    }
+
+    /// Numbers the pages of guest `gi`'s active `regions` for the index, one range each (from
+    /// numbers given back by guests that left, first fit), and returns the number of its
+    /// trust domain `domain`; `None`, with nothing taken, when either has run out.
+    pub fn number_guest(&mut self, gi: usize, regions: &[Region], domain: &str) -> Option<u16> {
+        let lens: Vec<u32> = regions
+            .iter()
+            .map(|r| {
+                if r.active() {
+                    u32::try_from(r.pages).ok()
+                } else {
+                    Some(0)
+                }
+            })
+            .collect::<Option<_>>()?;
+        let bases = self.page_ids.take_all(&lens)?;
+        // The domain last: nothing that can fail comes after it, so it is never left taken.
+        let Some(domain) = self.domain_id(domain) else {
+            for (&base, &len) in bases.iter().zip(&lens) {
+                self.page_ids.give_back(base, len);
+            }
+            return None;
+        };
+        for (ri, (&base, &len)) in bases.iter().zip(&lens).enumerate() {
+            if len > 0 {
+                self.index.number_region(gi as u16, ri as u16, base, len);
+            }
+        }
+        Some(domain)
+    }
+
+    /// Drops the index entries and the page numbering of guest `gi` (which has left) and gives
+    /// its page numbers back for other guests.
+    ///
+    /// Why reusing them is safe: `remove_guest` drops every index entry that holds one, and
+    /// nothing else holds them: slots record no page (a new slot's donor is a place, in a plan
+    /// that lives within one step, under the state lock like this), `distrusted` names pages by
+    /// place (and the caller drops the guest's), and the stability state is the guest's page
+    /// metadata, gone with it. A number left in an entry would name another guest's page,
+    /// maybe of another trust domain.
+    pub fn unnumber_guest(&mut self, gi: usize) {
+        for (base, len) in self.index.remove_guest(gi as u16) {
+            self.page_ids.give_back(base, len);
+        }
     }
 
     /// Host address of a page.

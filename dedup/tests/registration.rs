@@ -328,3 +328,164 @@ fn memory_unmerged_in_place_stays_registered_until_rebuilt() {
     assert_eq!(pool_mappings(&b), 0);
     assert_contents(&b, &seeds);
 }
+
+/// Guests "a" of domain `da` and "b" of domain `db`, 64 pages each holding `seeds`, merged
+/// after two passes in `engine`: their memory and ids.
+fn two_merged(
+    engine: &Engine,
+    da: &str,
+    db: &str,
+    seeds: &[u64],
+) -> (Arc<Mem>, Arc<Mem>, vm_dedup::GuestId, vm_dedup::GuestId) {
+    let a = memory(64);
+    let b = memory(64);
+    fill_all(&a, seeds);
+    fill_all(&b, seeds);
+    let ida = engine
+        .register(GuestConfig::new("a", da), a.clone())
+        .unwrap();
+    let idb = engine
+        .register(GuestConfig::new("b", db), b.clone())
+        .unwrap();
+    engine.scan_pass().unwrap();
+    engine.scan_pass().unwrap();
+    (a, b, ida, idb)
+}
+
+/// Page numbers of guests that left are given back: registering and unregistering a 128 GiB
+/// guest (never touched) more often than the index's 2^31 page numbers allow for in all
+/// leaves room for the next guests, which still merge.
+#[test]
+fn page_numbers_of_guests_that_left_are_reused() {
+    let _serial = serial();
+    let engine = Engine::new(fast_config()).unwrap();
+    let pages = (128usize << 30) / PAGE;
+    let cycles = vm_dedup::index::MAX_PAGE_IDS as usize / pages + 2;
+    let t = std::time::Instant::now();
+    for i in 0..cycles {
+        let big: Arc<Mem> =
+            Arc::new(GuestMemoryMmap::from_ranges(&[(GuestAddress(0), pages * PAGE)]).unwrap());
+        let id = engine
+            .register(GuestConfig::new("big", "d"), big)
+            .unwrap_or_else(|e| panic!("registration {i} of a 128 GiB guest: {e}"));
+        if i % 2 == 0 {
+            engine.unregister(id).unwrap();
+        } else {
+            engine.release(id).unwrap();
+        }
+    }
+    eprintln!("{cycles} cycles of 128 GiB in {:?}", t.elapsed());
+    let seeds: Vec<u64> = (0..64).map(|i| if i < 32 { 7 } else { 900 + i }).collect();
+    let (a, b, ida, idb) = two_merged(&engine, "d", "d", &seeds);
+    let s = engine.stats();
+    assert_eq!((s.pages_shared, s.pages_sharing), (33, 2 * 64 - 33));
+    for p in 0..64 {
+        let (pa, pb) = (
+            engine.page_info(ida, page_gpa(&a, p)).unwrap(),
+            engine.page_info(idb, page_gpa(&b, p)).unwrap(),
+        );
+        assert_eq!(pa.state, PageState::Merged, "page {p}");
+        assert_eq!(pa.slot, pb.slot, "page {p} shares one slot");
+    }
+    assert_contents(&a, &seeds);
+    assert_contents(&b, &seeds);
+}
+
+/// Trust domains that nothing uses any more are forgotten: 70,000 guests, each in a domain of
+/// its own and a few registered at a time, all register (65,535 domain numbers). A reused
+/// domain number never lets a guest share pages with a guest of another domain, nor join a
+/// slot kept for memory of a domain whose guests left.
+#[test]
+fn domains_nothing_uses_are_forgotten() {
+    let _serial = serial();
+    // Domain "kept": b lives on after release, its slot kept (pinned) and so its domain.
+    let a = memory(64);
+    let b = memory(64);
+    fill_all(&a, &[3; 64]);
+    fill_all(&b, &[3; 64]);
+    let (engine, idb) = merged_with_cloned_b(&a, &b, "kept");
+    let pinned = engine.page_info(idb, GuestAddress(0)).unwrap().slot;
+    assert!(pinned.is_some());
+    assert!(engine.release(idb).is_err());
+    assert_eq!(engine.stats().pinned_slots, 1);
+    let ida = engine.stats().guests[0].id;
+    engine.unregister(vm_dedup::GuestId(ida)).unwrap();
+    // No guest of "kept" is left, its slot is: another domain merges the same content on a
+    // slot of its own; "kept" again still has its slot.
+    let slot_of = |domain: &str| {
+        let m = memory(64);
+        fill_all(&m, &[3; 64]);
+        let id = engine.register(GuestConfig::new("o", domain), m).unwrap();
+        engine.scan_pass().unwrap();
+        engine.scan_pass().unwrap();
+        let slot = engine.page_info(id, GuestAddress(0)).unwrap().slot;
+        engine.unregister(id).unwrap();
+        slot
+    };
+    let other = slot_of("other");
+    assert!(
+        other.is_some() && other != pinned,
+        "another domain on the kept slot"
+    );
+    assert_eq!(
+        slot_of("kept"),
+        pinned,
+        "the kept slot is still its domain's"
+    );
+    let t = std::time::Instant::now();
+    let mut live = std::collections::VecDeque::new();
+    for i in 0..70_000u32 {
+        let id = engine
+            .register(GuestConfig::new("g", format!("domain-{i}")), memory(1))
+            .unwrap_or_else(|e| panic!("registration {i}: {e}"));
+        live.push_back(id);
+        if live.len() == 3 {
+            let id = live.pop_front().unwrap();
+            if i % 2 == 0 {
+                engine.unregister(id).unwrap();
+            } else {
+                engine.release(id).unwrap();
+            }
+        }
+    }
+    for id in live {
+        engine.unregister(id).unwrap();
+    }
+    eprintln!("70,000 domains in {:?}", t.elapsed());
+    // Six non-zero contents (3 among them, the kept slot's) in two domains: each shared
+    // within its domain only, never on the kept slot.
+    let seeds: Vec<u64> = (0..64)
+        .map(|i| match i % 8 {
+            0 | 4 => 0,
+            1 => 3,
+            r => 60 + r,
+        })
+        .collect();
+    let check = |da: &str, db: &str| {
+        let (a, b, ida, idb) = two_merged(&engine, da, db, &seeds);
+        let s = engine.stats();
+        assert_eq!(s.pages_shared, 2 * 6, "one copy per content and domain");
+        assert_eq!(s.zero_pages, 2 * 16);
+        for p in (0..64).filter(|&p| seeds[p] != 0) {
+            let (pa, pb) = (
+                engine.page_info(ida, page_gpa(&a, p)).unwrap(),
+                engine.page_info(idb, page_gpa(&b, p)).unwrap(),
+            );
+            assert!(pa.slot.is_some() && pb.slot.is_some(), "page {p} merged");
+            assert_ne!(pa.slot, pb.slot, "page {p} shared across domains");
+            assert!(
+                pa.slot != pinned && pb.slot != pinned,
+                "page {p} on the kept slot"
+            );
+        }
+        assert_contents(&a, &seeds);
+        assert_contents(&b, &seeds);
+        engine.unregister(ida).unwrap();
+        engine.unregister(idb).unwrap();
+    };
+    check("red", "blue");
+    // Their numbers go to the next domains, in another order.
+    check("green", "red");
+    assert_eq!(engine.stats().pinned_slots, 1);
+    assert_contents(&b, &[3; 64]);
+}
