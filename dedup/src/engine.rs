@@ -91,6 +91,9 @@ pub enum EngineError {
     /// /proc/self/maps could not be read to check that the memory maps no pool page.
     #[error("reading /proc/self/maps")]
     Maps(#[source] std::io::Error),
+    /// /proc/self/smaps could not be read to check what the guest's memory is.
+    #[error("reading /proc/self/smaps")]
+    Smaps(#[source] std::io::Error),
 }
 
 pub(crate) struct Inner {
@@ -303,9 +306,13 @@ impl Engine {
         self.set_config(c)
     }
 
-    /// Registers a guest's memory. Regions that are not private anonymous memory (file-backed,
-    /// shared, hugetlb) are listed but never touched. The engine keeps `memory` alive until the
-    /// guest is unregistered.
+    /// Registers a guest's memory. Regions that are not private anonymous memory, readable and
+    /// writable (file-backed, shared, hugetlb, read-only, ...), are listed but never touched:
+    /// the kernel's view (/proc/self/smaps, read once per call) decides, not the regions' flags,
+    /// which vm-memory cannot know for memory mapped elsewhere. Each region's attributes
+    /// (`MADV_DONTDUMP`, `MADV_DONTFORK`, `mlock`, ...) are recorded now and given to every
+    /// mapping the engine makes inside it; a region whose VMAs differ in them is left alone.
+    /// The engine keeps `memory` alive until the guest is unregistered.
     ///
     /// Guest memory registered here must not be discarded with `MADV_DONTNEED` (balloon,
     /// reset): a merged page would read back pool content. Use [`Engine::discard`].
@@ -314,7 +321,9 @@ impl Engine {
         M: GuestMemoryBackend<R = GuestRegionMmap<B>> + Send + Sync + 'static,
         B: Bitmap + 'static,
     {
-        let regions = guest::regions_of(&*memory).map_err(EngineError::Userfaultfd)?;
+        let smaps = procfs::Smaps::read().map_err(EngineError::Smaps)?;
+        let regions = guest::regions_of(&*memory, &smaps).map_err(EngineError::Userfaultfd)?;
+        drop(smaps);
         if regions.len() > 0x7fff {
             return Err(EngineError::TooMany);
         }

@@ -10,6 +10,8 @@ use vm_memory::{GuestMemoryBackend, GuestMemoryRegion, GuestRegionMmap};
 use crate::hooks::{DirtySource, ExclusionSource};
 use crate::meta::Meta;
 use crate::sys::PAGE_SIZE;
+use crate::sys::attrs::{self, Attrs};
+use crate::sys::procfs::{Smaps, VmaFlags};
 use crate::sys::uffd::Uffd;
 
 /// Identifies a registered guest.
@@ -78,6 +80,12 @@ pub(crate) struct Region {
     pub unregistered: crate::merge::Ranges,
     /// Dirty bitmap of the current pass (`None`: unknown, hash everything).
     pub dirty: Option<Vec<u64>>,
+    /// Attributes of the region's memory at registration (`MADV_DONTDUMP`, `mlock`, ...),
+    /// given to every mapping the engine makes inside it.
+    pub attrs: Attrs,
+    /// The region's VmFlags at registration, less those that never matter (see
+    /// [`attrs::relevant`]): what a rebuilt region must have.
+    pub vma_flags: Vec<String>,
 }
 
 impl Region {
@@ -126,7 +134,8 @@ impl std::fmt::Debug for Guest {
     }
 }
 
-/// Why a region is left alone, `None` when it is private anonymous memory the engine may remap.
+/// Why a region is left alone by what vm-memory says of it, `None` when it claims to be private
+/// anonymous memory (which [`kernel_view`] then checks).
 pub(crate) fn unsuitable<B: Bitmap>(r: &GuestRegionMmap<B>) -> Option<&'static str> {
     if r.file_offset().is_some() {
         return Some("file-backed");
@@ -144,8 +153,80 @@ pub(crate) fn unsuitable<B: Bitmap>(r: &GuestRegionMmap<B>) -> Option<&'static s
     None
 }
 
+/// What the kernel says about the memory `[start, end)` of a region, from its VMAs in
+/// /proc/self/smaps (`vmas`, in address order, possibly overlapping): its relevant VmFlags
+/// (see [`attrs::relevant`]) when the engine may remap it, else why not. vm-memory's flags and
+/// file offset cannot be trusted for this: a region built over a raw pointer
+/// (`MmapRegionBuilder::with_raw_mmap_pointer`) says private anonymous whatever it maps.
+pub(crate) fn kernel_view(
+    vmas: &[VmaFlags],
+    start: usize,
+    end: usize,
+) -> Result<Vec<String>, String> {
+    const WHERE: &str = "(per /proc/self/smaps)";
+    let mut covered = start;
+    let mut flags: Option<Vec<String>> = None;
+    for v in vmas {
+        if v.start > covered {
+            break;
+        }
+        covered = covered.max(v.end);
+        let why = if !v.private() {
+            "shared"
+        } else if v.has("ht") {
+            "hugetlb"
+        } else if v.file {
+            "file-backed"
+        } else if v.has("io") || v.has("pf") {
+            "I/O or PFN-mapped"
+        } else if !v.read_write() {
+            if v.perms.starts_with('r') {
+                "read-only"
+            } else {
+                "inaccessible or write-only"
+            }
+        } else {
+            ""
+        };
+        if !why.is_empty() {
+            return Err(format!("{why} {WHERE}"));
+        }
+        let f = attrs::relevant(&v.flags);
+        match &flags {
+            Some(w) if *w != f => {
+                return Err(format!(
+                    "of VMAs whose flags differ ({w:?} and {f:?}) {WHERE}, which could never be \
+                     rebuilt as one mapping"
+                ));
+            }
+            Some(_) => {}
+            None => flags = Some(f),
+        }
+    }
+    match flags {
+        Some(f) if covered >= end => Ok(f),
+        _ => Err(format!("not mapped in full {WHERE}")),
+    }
+}
+
+fn skipped(gpa: u64, hva: usize, pages: usize) -> Region {
+    Region {
+        gpa,
+        hva,
+        pages,
+        metas: Vec::new(),
+        uffd: None,
+        unregistered: crate::merge::Ranges::new(),
+        dirty: None,
+        attrs: Attrs::NONE,
+        vma_flags: Vec::new(),
+    }
+}
+
 /// Builds the regions of a guest memory, registering the suitable ones with a userfaultfd each.
-pub(crate) fn regions_of<M, B>(memory: &M) -> io::Result<Vec<Region>>
+/// A region is suitable when vm-memory says it is private anonymous memory and the kernel
+/// (`smaps`, read before any region is registered) agrees; its attributes are recorded then.
+pub(crate) fn regions_of<M, B>(memory: &M, smaps: &Smaps) -> io::Result<Vec<Region>>
 where
     M: GuestMemoryBackend<R = GuestRegionMmap<B>>,
     B: Bitmap,
@@ -157,19 +238,24 @@ where
         let gpa = r.start_addr().0;
         if let Some(why) = unsuitable(r) {
             log::info!("vm-dedup: leaving {why} region at {gpa:#x} alone");
-            out.push(Region {
-                gpa,
-                hva,
-                pages,
-                metas: Vec::new(),
-                uffd: None,
-                unregistered: crate::merge::Ranges::new(),
-                dirty: None,
-            });
+            out.push(skipped(gpa, hva, pages));
             continue;
         }
+        let len = pages * PAGE_SIZE;
+        let vma_flags = match kernel_view(&smaps.vmas(hva, hva + len), hva, hva + len) {
+            Ok(f) => f,
+            Err(why) => {
+                log::info!("vm-dedup: leaving region at {gpa:#x} alone: {why}");
+                out.push(skipped(gpa, hva, pages));
+                continue;
+            }
+        };
+        let attrs = Attrs::from_flags(&vma_flags);
+        if !attrs.is_empty() {
+            log::debug!("vm-dedup: region at {gpa:#x} has attributes {vma_flags:?}");
+        }
         let uffd = Uffd::open()?;
-        uffd.register(hva, pages * PAGE_SIZE)?;
+        uffd.register(hva, len)?;
         out.push(Region {
             gpa,
             hva,
@@ -178,6 +264,8 @@ where
             uffd: Some(uffd),
             unregistered: crate::merge::Ranges::new(),
             dirty: None,
+            attrs,
+            vma_flags,
         });
     }
     Ok(out)
@@ -186,4 +274,71 @@ where
 /// Keeps a guest memory alive as long as the engine holds it.
 pub(crate) fn keep_alive<M: Send + Sync + 'static>(m: Arc<M>) -> Arc<dyn Any + Send + Sync> {
     m
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn vma(start: usize, end: usize, perms: &str, file: bool, flags: &[&str]) -> VmaFlags {
+        let mut flags: Vec<String> = flags.iter().map(|f| f.to_string()).collect();
+        flags.sort();
+        VmaFlags {
+            start,
+            end,
+            file,
+            perms: perms.to_string(),
+            flags,
+        }
+    }
+
+    const RW: [&str; 6] = ["rd", "wr", "mr", "mw", "me", "nr"];
+
+    #[test]
+    fn the_kernel_decides_what_is_private_anonymous_memory() {
+        let ok = vma(0x1000, 0x5000, "rw-p", false, &RW);
+        let f = kernel_view(std::slice::from_ref(&ok), 0x2000, 0x4000).unwrap();
+        assert!(f.contains(&"wr".to_string()));
+        let why = |v: VmaFlags| kernel_view(&[v], 0x2000, 0x4000).unwrap_err();
+        assert!(why(vma(0x1000, 0x5000, "rw-s", true, &RW)).starts_with("shared"));
+        let mut ht = RW.to_vec();
+        ht.push("ht");
+        assert!(why(vma(0x1000, 0x5000, "rw-p", true, &ht)).starts_with("hugetlb"));
+        assert!(why(vma(0x1000, 0x5000, "rw-p", true, &RW)).starts_with("file-backed"));
+        let mut pf = RW.to_vec();
+        pf.push("pf");
+        assert!(why(vma(0x1000, 0x5000, "rw-p", false, &pf)).starts_with("I/O"));
+        assert!(why(vma(0x1000, 0x5000, "r--p", false, &["rd"])).starts_with("read-only"));
+        assert!(why(vma(0x1000, 0x5000, "---p", false, &[])).starts_with("inaccessible"));
+        // A hole, or an end not covered.
+        let a = vma(0x1000, 0x2800, "rw-p", false, &RW);
+        let b = vma(0x3000, 0x5000, "rw-p", false, &RW);
+        assert!(
+            kernel_view(&[a.clone(), b.clone()], 0x2000, 0x4000)
+                .unwrap_err()
+                .starts_with("not mapped")
+        );
+        assert!(kernel_view(&[a], 0x2000, 0x4000).is_err());
+        assert!(kernel_view(&[], 0x2000, 0x4000).is_err());
+        // Split VMAs with the same flags are one region; listed twice (smaps read in pieces)
+        // as well. Flags that differ are not.
+        let c = vma(0x1000, 0x3000, "rw-p", false, &RW);
+        let d = vma(0x3000, 0x5000, "rw-p", false, &RW);
+        assert!(kernel_view(&[c.clone(), c.clone(), d], 0x2000, 0x4000).is_ok());
+        let mut dd = RW.to_vec();
+        dd.push("dd");
+        let e = vma(0x3000, 0x5000, "rw-p", false, &dd);
+        assert!(
+            kernel_view(&[c, e], 0x2000, 0x4000)
+                .unwrap_err()
+                .contains("differ")
+        );
+        // The engine's own userfaultfd flags do not count.
+        let mut uw = RW.to_vec();
+        uw.push("uw");
+        assert_eq!(
+            kernel_view(&[vma(0x1000, 0x5000, "rw-p", false, &uw)], 0x2000, 0x4000).unwrap(),
+            f
+        );
+    }
 }

@@ -9,6 +9,8 @@
 //! it with the guest memory around it (measured: 3 VMAs where there was 1). So a region holding
 //! merged pages is rebuilt as a whole, in a scratch mapping, and moved back in one step:
 //!
+//! 0. the scratch is given the attributes the region had at registration (advice such as
+//!    `MADV_DONTDUMP`, and `mlock`, on fault until it is filled), see [`Attrs`];
 //! 1. guard: the region's anonymous parts are registered for missing-page faults as well (from
 //!    the moment a page leaves, any access to it waits), the pool-file parts are write-protected
 //!    (writers there wait), and the scratch is registered with the region's userfaultfd;
@@ -31,7 +33,8 @@ use crate::merge::{Ranges, add_range};
 use crate::meta::{Meta, PageState};
 use crate::state::State;
 use crate::sys::PAGE_SIZE;
-use crate::sys::mem::{self, Advice, Scratch};
+use crate::sys::attrs::{self, Attrs};
+use crate::sys::mem::{self, Scratch};
 use crate::sys::pagemap::{PAGE_IS_FILE, PAGE_IS_PRESENT, PAGE_IS_SWAPPED, PageRegion, Pagemap};
 use crate::sys::procfs;
 use crate::sys::uffd::Uffd;
@@ -48,9 +51,15 @@ pub enum RebuildError {
     /// /proc/self/smaps could not be read.
     #[error("reading VMA flags")]
     Smaps(#[source] io::Error),
-    /// Guest memory has VMA flags a rebuilt mapping would lose.
-    #[error("guest memory has VMA flags {0:?} that a rebuilt mapping would not have")]
+    /// The region's VMA flags changed since registration, or a rebuilt mapping would not have
+    /// the flags the region had then (those listed differ).
+    #[error(
+        "guest memory's VMA flags differ from those at registration or of a rebuilt mapping: {0:?}"
+    )]
     Flags(Vec<String>),
+    /// Locking the filled scratch as the region is locked (`mlock`) failed.
+    #[error("locking the rebuilt mapping")]
+    Lock(#[source] io::Error),
     /// Registering or write-protecting the region failed.
     #[error("guarding the region")]
     Guard(#[source] io::Error),
@@ -91,53 +100,52 @@ pub(crate) fn parts(metas: &[Meta]) -> Vec<Part> {
     out
 }
 
-/// VmFlags that differ between a guarded region and its scratch without mattering: the
-/// userfaultfd modes (set again afterwards) and soft-dirty.
-const IGNORED_FLAGS: [&str; 4] = ["um", "uw", "ui", "sd"];
-
-fn relevant(flags: &[String]) -> Vec<String> {
-    flags
-        .iter()
-        .filter(|f| !IGNORED_FLAGS.contains(&f.as_str()))
+/// The flags in one of `a` and `b` but not both.
+fn differing(a: &[String], b: &[String]) -> Vec<String> {
+    a.iter()
+        .chain(b)
+        .filter(|f| !(a.contains(f) && b.contains(f)))
         .cloned()
         .collect()
 }
 
-/// Gives the scratch the flags of the region's anonymous VMAs (advice such as `MADV_DONTFORK`)
-/// and checks that nothing else differs.
-fn match_flags(hva: usize, len: usize, scratch: &Scratch) -> Result<(), RebuildError> {
+/// Checks that the region `[hva, hva + len)` still has the VmFlags it had at registration
+/// (`want`, see [`attrs::relevant`]) where it is still anonymous memory (memory the VMM made
+/// read-only or locked since is not rebuilt as what it was), then gives the scratch the
+/// attributes recorded at registration (`attrs`: advice such as `MADV_DONTFORK`, and `mlock`,
+/// on fault, so that nothing is allocated ahead and pages can move between the two:
+/// `UFFDIO_MOVE` wants both locked or neither) and checks that its VmFlags are then `want`.
+/// The recorded attributes count, not only those of the anonymous VMAs left in the region: a
+/// region whose every page was merged has none left.
+fn match_flags(
+    (hva, len): (usize, usize),
+    want: &[String],
+    attrs: Attrs,
+    scratch: &Scratch,
+) -> Result<(), RebuildError> {
     let region = procfs::vma_flags(hva, hva + len).map_err(RebuildError::Smaps)?;
-    let mut want: Option<Vec<String>> = None;
     for v in region.iter().filter(|v| !v.file) {
-        let f = relevant(&v.flags);
-        match &want {
-            Some(w) if *w != f => return Err(RebuildError::Flags(f)),
-            Some(_) => {}
-            None => want = Some(f),
+        let f = attrs::relevant(&v.flags);
+        if f != want {
+            return Err(RebuildError::Flags(differing(want, &f)));
         }
     }
-    let Some(want) = want else {
-        return Ok(());
-    };
-    let have = |s: &Scratch| -> Result<Vec<String>, RebuildError> {
-        let v = procfs::vma_flags(s.addr(), s.addr() + s.len()).map_err(RebuildError::Smaps)?;
-        Ok(v.first().map(|v| relevant(&v.flags)).unwrap_or_default())
-    };
-    let now = have(scratch)?;
-    for f in want.iter().filter(|f| !now.contains(f)) {
-        if let Some(a) = Advice::for_flag(f) {
-            let _ = mem::advise(scratch.addr(), scratch.len(), a);
-        }
+    if let Err(e) = attrs.apply_to_scratch(scratch.addr(), scratch.len()) {
+        log::debug!("vm-dedup: giving the unmerge scratch the region's attributes: {e}");
     }
-    let now = have(scratch)?;
+    let v = procfs::vma_flags(scratch.addr(), scratch.addr() + scratch.len())
+        .map_err(RebuildError::Smaps)?;
+    let mut now = v
+        .first()
+        .map(|v| attrs::relevant(&v.flags))
+        .unwrap_or_default();
+    if attrs.locked_ahead() {
+        // Locked on fault for now (`lf`, on kernels that show it), locked ahead once filled
+        // (`Attrs::lock_scratch`).
+        now.retain(|f| f != "lf");
+    }
     if now != want {
-        let diff = want
-            .iter()
-            .chain(&now)
-            .filter(|f| !(want.contains(f) && now.contains(f)))
-            .cloned()
-            .collect();
-        return Err(RebuildError::Flags(diff));
+        return Err(RebuildError::Flags(differing(want, &now)));
     }
     Ok(())
 }
@@ -342,12 +350,14 @@ fn rebuild(r: &mut Region, pagemap: &Pagemap, faults: &Faults) -> Result<Rebuilt
         metas,
         uffd,
         unregistered,
+        attrs,
+        vma_flags,
         ..
     } = r;
     let (hva, len) = (*hva, *pages * PAGE_SIZE);
     let uffd = uffd.as_ref().ok_or(RebuildError::Unguarded)?;
     let scratch = Scratch::new(len).map_err(RebuildError::Scratch)?;
-    match_flags(hva, len, &scratch)?;
+    match_flags((hva, len), vma_flags, *attrs, &scratch)?;
     let mut rb = Rebuild {
         uffd,
         faults,
@@ -360,7 +370,12 @@ fn rebuild(r: &mut Region, pagemap: &Pagemap, faults: &Faults) -> Result<Rebuilt
         rb.release(unregistered);
         return Err(e);
     }
-    if let Err(e) = rb.fill(pagemap) {
+    let filled = rb.fill(pagemap).and_then(|()| {
+        attrs
+            .lock_scratch(rb.scratch.addr(), len)
+            .map_err(RebuildError::Lock)
+    });
+    if let Err(e) = filled {
         rb.roll_back();
         rb.release(unregistered);
         return Err(e);
@@ -600,11 +615,5 @@ mod tests {
             ]
         );
         assert!(parts(&[]).is_empty());
-    }
-
-    #[test]
-    fn uffd_flags_do_not_count() {
-        let f = |v: &[&str]| v.iter().map(|s| s.to_string()).collect::<Vec<_>>();
-        assert_eq!(relevant(&f(&["rd", "uw", "wr", "um"])), f(&["rd", "wr"]));
     }
 }

@@ -1,6 +1,7 @@
 //! The few places where the engine talks to the kernel directly: userfaultfd, mmap/madvise and
-//! memfd, pagemap, NUMA queries and /proc. Everything above this module is safe Rust.
+//! memfd, mlock, pagemap, NUMA queries and /proc. Everything above this module is safe Rust.
 
+pub mod attrs;
 pub mod mem;
 pub mod numa;
 pub mod pagemap;

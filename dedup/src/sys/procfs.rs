@@ -1,5 +1,5 @@
 //! CPU time and address-space facts from the kernel: thread CPU clocks, `vm.max_map_count`,
-//! and VMA counts and file mappings from /proc/self/maps.
+//! VMA counts and file mappings from /proc/self/maps, and VMA flags from /proc/self/smaps.
 
 use std::io;
 
@@ -139,16 +139,54 @@ pub struct VmaFlags {
     pub start: usize,
     /// End address.
     pub end: usize,
-    /// Whether it maps a file.
+    /// Whether it maps a file (inode not 0: shared anonymous memory and hugetlb mappings
+    /// included, `[heap]` and `[stack]` not).
     pub file: bool,
+    /// Its permissions as /proc/self/maps writes them (`rw-p`, `r--s`, ...).
+    pub perms: String,
     /// Its `VmFlags` mnemonics (`rd`, `wr`, `nr`, `uw`, ...), sorted.
     pub flags: Vec<String>,
 }
 
+impl VmaFlags {
+    /// Whether the VMA is private (`p`), not shared (`s`).
+    pub fn private(&self) -> bool {
+        self.perms.as_bytes().get(3) == Some(&b'p')
+    }
+
+    /// Whether the VMA is readable and writable.
+    pub fn read_write(&self) -> bool {
+        self.perms.starts_with("rw")
+    }
+
+    /// Whether `VmFlags` holds `flag`.
+    pub fn has(&self, flag: &str) -> bool {
+        self.flags.iter().any(|f| f == flag)
+    }
+}
+
 /// The VMAs of this process that overlap `[start, end)`, with their flags.
 pub fn vma_flags(start: usize, end: usize) -> io::Result<Vec<VmaFlags>> {
-    let smaps = read_lossy("/proc/self/smaps")?;
-    Ok(parse_smaps(&smaps, start, end))
+    Ok(Smaps::read()?.vmas(start, end))
+}
+
+/// One read of /proc/self/smaps, to look up the VMAs of several ranges (reading smaps walks
+/// the page tables of every VMA of the process: read it once for all of them).
+#[derive(Debug)]
+pub struct Smaps(String);
+
+impl Smaps {
+    /// Reads /proc/self/smaps.
+    pub fn read() -> io::Result<Smaps> {
+        read_lossy("/proc/self/smaps").map(Smaps)
+    }
+
+    /// The VMAs that overlap `[start, end)`, in address order. smaps is read in pieces, between
+    /// which other threads may change the address space: a VMA of a range nobody changes is
+    /// never missing, but a VMA that grew or shrank meanwhile may be listed twice, overlapping.
+    pub fn vmas(&self, start: usize, end: usize) -> Vec<VmaFlags> {
+        parse_smaps(&self.0, start, end)
+    }
 }
 
 fn parse_smaps(smaps: &str, start: usize, end: usize) -> Vec<VmaFlags> {
@@ -174,11 +212,14 @@ fn parse_smaps(smaps: &str, start: usize, end: usize) -> Vec<VmaFlags> {
         };
         current = None;
         if a < end && b > start {
-            let inode = line.split_whitespace().nth(4).unwrap_or("0");
+            let mut fields = line.split_whitespace();
+            let perms = fields.nth(1).unwrap_or("");
+            let inode = fields.nth(2).unwrap_or("0");
             current = Some(VmaFlags {
                 start: a,
                 end: b,
                 file: inode != "0",
+                perms: perms.to_string(),
                 flags: Vec::new(),
             });
         }
@@ -261,7 +302,9 @@ VmFlags: rd mr
         assert_eq!(v.len(), 2);
         assert_eq!((v[0].start, v[0].end, v[0].file), (0x1000, 0x3000, false));
         assert_eq!(v[0].flags, ["me", "mr", "mw", "nr", "rd", "uw", "wr"]);
+        assert!(v[0].private() && v[0].read_write() && v[0].has("nr") && !v[0].has("lo"));
         assert!(v[1].file);
+        assert_eq!(v[1].perms, "rw-p");
         assert_eq!(v[1].flags.len(), 5);
         assert!(parse_smaps(smaps, 0x5000, 0x6000).is_empty());
     }
