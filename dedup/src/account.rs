@@ -6,6 +6,7 @@ use crate::meta::PageState;
 use crate::state::State;
 use crate::stats::{GuestStats, Stats};
 use crate::sys::PAGE_SIZE;
+use crate::sys::attrs::Attrs;
 use crate::sys::mem;
 
 impl State {
@@ -39,7 +40,7 @@ impl State {
             return Err(EngineError::NoAddress(r.gpa + (first * PAGE_SIZE) as u64));
         };
         if r.metas[first..first + count].iter().any(|m| m.remapped()) {
-            if let Err(e) = fresh_memory(addr, len, faults) {
+            if let Err(e) = fresh_memory(addr, len, r.attrs, faults) {
                 if mem::is_mapped(addr, len) {
                     return Err(EngineError::Discard(e));
                 }
@@ -188,18 +189,19 @@ impl State {
     }
 }
 
-/// Replaces `[addr, addr + len)` (registered guest memory being discarded) with fresh memory.
-/// Before Linux 6.12 `mmap` unmaps the range first and can still fail after that (the new
-/// VMA's allocation under memory pressure): fresh memory is then mapped into the hole, which
-/// is what the discard asked for. An error means the range is still mapped as it was, or,
-/// where [`mem::is_mapped`] says otherwise, that it is a hole.
-fn fresh_memory(addr: usize, len: usize, faults: &Faults) -> std::io::Result<()> {
+/// Replaces `[addr, addr + len)` (registered guest memory being discarded) with fresh memory,
+/// given the region's attributes `attrs`. Before Linux 6.12 `mmap` unmaps the range first and
+/// can still fail after that (the new VMA's allocation under memory pressure): fresh memory is
+/// then mapped into the hole, which is what the discard asked for. An error means the range is
+/// still mapped as it was, or, where [`mem::is_mapped`] says otherwise, that it is a hole.
+fn fresh_memory(addr: usize, len: usize, attrs: Attrs, faults: &Faults) -> std::io::Result<()> {
     // SAFETY: the range is registered guest memory whose content the VMM discards; nobody
     // writes it meanwhile (`Engine::discard`'s contract).
     let replaced = unsafe { faults.check_late(FaultPoint::DiscardLate, addr, len) }
         // SAFETY: as above.
         .and_then(|()| unsafe { mem::map_anonymous_fixed(addr, len) });
     let Err(e) = replaced else {
+        give_attrs(attrs, addr, len);
         return Ok(());
     };
     if mem::is_mapped(addr, len) {
@@ -214,8 +216,23 @@ fn fresh_memory(addr: usize, len: usize, faults: &Faults) -> std::io::Result<()>
                 "vm-dedup: discarding guest memory at {addr:#x} unmapped it ({e}); mapped fresh \
                  memory in again"
             );
+            give_attrs(attrs, addr, len);
             Ok(())
         }
         Err(_) => Err(e),
+    }
+}
+
+/// Gives fresh memory `[addr, addr + len)` the attributes of its region (no system call for a
+/// region without any). The discard stands if this fails: the error is logged.
+fn give_attrs(attrs: Attrs, addr: usize, len: usize) {
+    if attrs.is_empty() {
+        return;
+    }
+    if let Err(e) = attrs.apply_to_anonymous(addr, len) {
+        log::error!(
+            "vm-dedup: discarded guest memory at {addr:#x} ({len} bytes) lacks attributes of \
+             its region ({attrs:?}): {e}"
+        );
     }
 }

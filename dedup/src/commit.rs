@@ -63,6 +63,7 @@ struct RegionWork<'a> {
     hva: usize,
     gpa: u64,
     uffd: &'a crate::sys::uffd::Uffd,
+    attrs: crate::sys::attrs::Attrs,
     exclusion: Option<&'a dyn crate::hooks::ExclusionSource>,
     items: Vec<Item>,
     /// Index into `plan.assigns` of each item.
@@ -131,6 +132,7 @@ pub(crate) fn commit_plan(
             hva: r.hva,
             gpa: r.gpa,
             uffd,
+            attrs: r.attrs,
             exclusion: g.exclusion.as_deref(),
             items: Vec::with_capacity(to - from),
             index_of: Vec::with_capacity(to - from),
@@ -210,6 +212,7 @@ pub(crate) fn commit_plan(
                         gpa: w.gpa,
                         uffd: w.uffd,
                         unregistered: map_iters[wi].next().unwrap_or_default(),
+                        attrs: w.attrs,
                     },
                     exclusion: w.exclusion,
                     items: Vec::new(),

@@ -57,7 +57,16 @@
 //! - Dropping the last handle to the engine with guests registered unmerges those whose memory
 //!   lives on, as [`Engine::release`] does; unregistering them first says how it went.
 //! - Pages pinned for device I/O cannot be seen from userspace: report them through an
-//!   [`ExclusionSource`]. Memory shared with other processes (vhost-user) is not merged.
+//!   [`ExclusionSource`]. Memory shared with other processes (vhost-user) is not merged, nor
+//!   is file-backed, hugetlb or read-only memory: [`Engine::register`] checks each region
+//!   against /proc/self/smaps (a region over a raw pointer claims private anonymous memory
+//!   whatever it maps) and leaves such regions alone.
+//! - Give guest memory its attributes (`MADV_DONTDUMP`, `MADV_DONTFORK`, `mlock`, ...) before
+//!   registering it: they are recorded then and given to every mapping the engine makes inside
+//!   guest memory (merged pages, discarded memory, the region rebuilt by an unmerge); changes
+//!   made while it is registered are not followed (change protection or attributes only
+//!   after unregistering). Unmerging a locked region locks its rebuilt copy before it
+//!   replaces the old one, which needs `RLIMIT_MEMLOCK` room for it (or `CAP_IPC_LOCK`).
 //! - Each isolated merged page costs a VMA; the engine keeps within a budget derived from
 //!   `vm.max_map_count` ([`Config::vma_budget`]), and when that cannot hold every merge it
 //!   spends it on the longest runs first ([`demand`]).

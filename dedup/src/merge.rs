@@ -22,6 +22,7 @@ use crate::plan::Target;
 use crate::pool::Pools;
 use crate::slots::CHUNK_SLOTS;
 use crate::sys::PAGE_SIZE;
+use crate::sys::attrs::Attrs;
 use crate::sys::mem;
 use crate::sys::uffd::Uffd;
 use vm_memory::GuestAddress;
@@ -93,6 +94,8 @@ pub struct RegionGuard<'a> {
     /// pool (a remap drops the registration) are registered again only when they are about to
     /// be guarded again, which most never are. A work unit holds the ranges of its own pages.
     pub unregistered: Ranges,
+    /// Attributes of the region's memory, given to each pool mapping made in it.
+    pub attrs: Attrs,
 }
 
 /// Disjoint host address ranges, start to end.
@@ -440,7 +443,8 @@ impl Committer<'_> {
                         // A remap lies within one planned run: only the one starting at the
                         // run's first page was paid for.
                         let prepaid = it.first_of_run;
-                        self.remap(addr, len, it.node, s, j - k, prepaid, &mut rep.tally)
+                        let run = (addr, len, j - k);
+                        self.remap(run, it.node, s, prepaid, r.attrs, &mut rep.tally)
                     }
                 };
                 for m in k..j {
@@ -505,18 +509,17 @@ impl Committer<'_> {
         }
     }
 
-    /// Remaps `pages` pages onto consecutive slots. A remap that was not paid for when the plan
-    /// was admitted (see [`Item::first_of_run`]) is charged now. After a
-    /// remap failed with ENOMEM in this step, remaps are refused without trying.
-    #[allow(clippy::too_many_arguments)]
+    /// Remaps a run (`addr`, `len` bytes, `pages` pages) onto consecutive slots from `slot`,
+    /// and gives the new mapping the region's `attrs`. A remap that was not paid for when the
+    /// plan was admitted (see [`Item::first_of_run`]) is charged now. After a remap failed
+    /// with ENOMEM in this step, remaps are refused without trying.
     fn remap(
         &self,
-        addr: usize,
-        len: usize,
+        (addr, len, pages): (usize, usize, usize),
         node: u8,
         slot: u32,
-        pages: usize,
         prepaid: bool,
+        attrs: Attrs,
         tally: &mut Tally,
     ) -> Result<(), Cause> {
         if self.vma_limit_hit.load(Ordering::Relaxed) {
@@ -543,6 +546,7 @@ impl Committer<'_> {
             // and every page in it was just found equal to the slot it is mapped onto.
             .and_then(|()| unsafe { mem::map_private_fixed(addr, len, fd, offset) });
         let Err(e) = mapped else {
+            give_attrs(attrs, addr, len);
             return Ok(());
         };
         let cause = if e.raw_os_error() == Some(libc::ENOMEM) {
@@ -567,6 +571,7 @@ impl Committer<'_> {
                     "vm-dedup: a failed remap unmapped guest memory at {addr:#x} ({e}); mapped \
                      its pages' content in again"
                 );
+                give_attrs(attrs, addr, len);
                 Ok(())
             }
             Err(again) => {
@@ -619,6 +624,21 @@ impl Committer<'_> {
             log::error!("vm-dedup: cannot wake writers; replacing the region's userfaultfd");
             rep.reset_guard = true;
         }
+    }
+}
+
+/// Gives a merged run's new pool mapping `[addr, addr + len)` the attributes of its region
+/// (nothing to do, and no system call, for a region without any). The merge stands if this
+/// fails (the pages are mapped already, and writers may have gone on): the error is logged.
+fn give_attrs(attrs: Attrs, addr: usize, len: usize) {
+    if attrs.is_empty() {
+        return;
+    }
+    if let Err(e) = attrs.apply_to_file(addr, len) {
+        log::error!(
+            "vm-dedup: merged guest memory at {addr:#x} ({len} bytes) lacks attributes of its \
+             region ({attrs:?}): {e}"
+        );
     }
 }
 

@@ -1,6 +1,7 @@
 //! What the kernel says about guest memory, not what vm-memory's region says, decides whether
 //! the engine touches it: shared and read-only memory is left alone whatever the region's flags
-//! claim.
+//! claim. The VMA attributes of guest memory (`MADV_DONTDUMP`, `MADV_DONTFORK`, `mlock`) stay on
+//! every page the engine merges, discards or unmerges, and a locked guest can be unregistered.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod common;
@@ -59,6 +60,52 @@ fn smaps_in(start: usize, end: usize) -> Vec<Vma> {
         }
     }
     out
+}
+
+/// Asserts that every VMA of `mem` has each of `flags` in its VmFlags; with `lo` among them,
+/// also that every page is present and locked.
+fn assert_flags(mem: &Mem, flags: &[&str], when: &str) {
+    let (start, end) = host_range(mem);
+    let vmas = smaps_in(start, end);
+    assert!(!vmas.is_empty());
+    for v in &vmas {
+        for f in flags {
+            assert!(
+                v.flags.iter().any(|g| g == f),
+                "{when}: VMA without `{f}`: {} (VmFlags {:?})",
+                v.header,
+                v.flags
+            );
+        }
+        if flags.contains(&"lo") {
+            assert_eq!(
+                v.rss_kb, v.size_kb,
+                "{when}: pages not present: {}",
+                v.header
+            );
+            assert_eq!(v.locked_kb, v.pss_kb, "{when}: not locked: {}", v.header);
+        }
+    }
+}
+
+fn madvise(mem: &Mem, advice: libc::c_int) {
+    let (start, end) = host_range(mem);
+    // SAFETY: the test's own guest memory; the advice changes no content.
+    let rc = unsafe { libc::madvise(start as *mut libc::c_void, end - start, advice) };
+    assert_eq!(rc, 0, "{}", std::io::Error::last_os_error());
+}
+
+fn mlock(mem: &Mem) {
+    let (start, end) = host_range(mem);
+    // SAFETY: mlock changes no content.
+    let rc = unsafe { libc::mlock(start as *const libc::c_void, end - start) };
+    assert_eq!(rc, 0, "mlock: {}", std::io::Error::last_os_error());
+}
+
+fn munlock(mem: &Mem) {
+    let (start, end) = host_range(mem);
+    // SAFETY: munlock changes no content.
+    unsafe { libc::munlock(start as *const libc::c_void, end - start) };
 }
 
 /// A guest region over memory mapped elsewhere (`with_raw_mmap_pointer`): vm-memory reports it
@@ -179,4 +226,139 @@ fn read_only_memory_is_left_alone_and_stays_read_only() {
     }
     assert_contents(&mem, &[6; PAGES]);
     engine.unregister(ids[0]).unwrap();
+}
+
+/// Fills `mem` with one content everywhere, merges it fully and checks it is merged.
+fn merge_fully(mem: &Arc<Mem>, pages: usize) -> (vm_dedup::Engine, vm_dedup::GuestId) {
+    fill_all(mem, &vec![8; pages]);
+    let (engine, ids) = engine_with(fast_config(), &[("g", "d", mem.clone())]);
+    engine.scan_pass().unwrap();
+    let s = engine.scan_pass().unwrap();
+    assert_eq!((s.pages_shared, s.pages_sharing), (1, pages as u64 - 1));
+    assert!(pool_mappings(mem) > 0);
+    (engine, ids[0])
+}
+
+#[test]
+fn dontdump_and_dontfork_survive_merge_and_unregister() {
+    const PAGES: usize = 64;
+    let mem = memory(PAGES);
+    madvise(&mem, libc::MADV_DONTDUMP);
+    madvise(&mem, libc::MADV_DONTFORK);
+    let (engine, id) = merge_fully(&mem, PAGES);
+    assert_flags(&mem, &["dd", "dc"], "merged");
+    engine.unregister(id).unwrap();
+    assert_eq!(pool_mappings(&mem), 0);
+    assert_eq!(vma_count(&mem), 1);
+    assert_flags(&mem, &["dd", "dc"], "unregistered");
+    assert_contents(&mem, &[8; PAGES]);
+}
+
+#[test]
+fn mlock_survives_merge_and_unregister() {
+    const PAGES: usize = 64;
+    let mem = memory(PAGES);
+    mlock(&mem);
+    madvise(&mem, libc::MADV_DONTDUMP);
+    let (engine, id) = merge_fully(&mem, PAGES);
+    assert_flags(&mem, &["lo", "dd"], "merged");
+    engine.unregister(id).unwrap();
+    assert_eq!(pool_mappings(&mem), 0);
+    assert_eq!(vma_count(&mem), 1);
+    assert_flags(&mem, &["lo", "dd"], "unregistered");
+    let (start, end) = host_range(&mem);
+    assert!(
+        smaps_in(start, end)
+            .iter()
+            .all(|v| !v.flags.iter().any(|f| f == "lf")),
+        "locked ahead as before, not on fault"
+    );
+    assert_contents(&mem, &[8; PAGES]);
+    munlock(&mem);
+}
+
+/// Memory locked on fault (`mlock2(MLOCK_ONFAULT)`, VmFlags `lo lf`) stays so, and pages never
+/// touched are not allocated by merging or unmerging.
+#[test]
+fn memory_locked_on_fault_stays_locked_on_fault() {
+    const PAGES: usize = 64;
+    let mem = memory(PAGES);
+    let (start, end) = host_range(&mem);
+    fill_all(&mem, &[10; PAGES / 2]);
+    // SAFETY: mlock2 changes no content.
+    let rc = unsafe {
+        libc::mlock2(
+            start as *const libc::c_void,
+            end - start,
+            libc::MLOCK_ONFAULT,
+        )
+    };
+    assert_eq!(rc, 0, "mlock2: {}", std::io::Error::last_os_error());
+    let on_fault = smaps_in(start, end)[0].flags.iter().any(|f| f == "lf");
+    let (engine, ids) = engine_with(fast_config(), &[("g", "d", mem.clone())]);
+    engine.scan_pass().unwrap();
+    let s = engine.scan_pass().unwrap();
+    assert_eq!((s.pages_shared, s.pages_sharing), (1, PAGES as u64 / 2 - 1));
+    engine.unregister(ids[0]).unwrap();
+    assert_eq!(pool_mappings(&mem), 0);
+    assert_eq!(vma_count(&mem), 1);
+    let v = &smaps_in(start, end)[0];
+    assert!(v.flags.iter().any(|f| f == "lo"), "{:?}", v.flags);
+    if on_fault {
+        assert!(v.flags.iter().any(|f| f == "lf"), "{:?}", v.flags);
+    }
+    assert!(
+        v.rss_kb <= (PAGES / 2 * PAGE / 1024) as u64,
+        "untouched pages allocated: {v:?}"
+    );
+    let mut seeds = vec![10; PAGES / 2];
+    seeds.resize(PAGES, 0);
+    assert_contents(&mem, &seeds);
+    munlock(&mem);
+}
+
+#[test]
+fn discarded_memory_keeps_its_attributes() {
+    const PAGES: usize = 64;
+    let mem = memory(PAGES);
+    mlock(&mem);
+    madvise(&mem, libc::MADV_DONTDUMP);
+    madvise(&mem, libc::MADV_DONTFORK);
+    let (engine, id) = merge_fully(&mem, PAGES);
+    engine
+        .discard(id, GuestAddress(8 * PAGE as u64), 16 * PAGE as u64)
+        .unwrap();
+    let mut seeds = vec![8; PAGES];
+    seeds[8..24].iter_mut().for_each(|s| *s = 0);
+    assert_contents(&mem, &seeds);
+    assert_flags(&mem, &["lo", "dd", "dc"], "discarded");
+    engine.unregister(id).unwrap();
+    assert_flags(&mem, &["lo", "dd", "dc"], "unregistered");
+    munlock(&mem);
+}
+
+/// A locked guest with merged and unmerged pages: the rebuild's scratch is locked like the
+/// guest, so the guest is rebuilt as one locked VMA and can be unregistered.
+#[test]
+fn a_locked_half_merged_guest_unregisters() {
+    const PAGES: usize = 64;
+    let mem = memory(PAGES);
+    let seeds: Vec<u64> = (0..PAGES as u64)
+        .map(|p| if p < 32 { 9 } else { 1000 + p })
+        .collect();
+    fill_all(&mem, &seeds);
+    mlock(&mem);
+    let (engine, ids) = engine_with(fast_config(), &[("g", "d", mem.clone())]);
+    engine.scan_pass().unwrap();
+    let s = engine.scan_pass().unwrap();
+    assert_eq!((s.pages_shared, s.pages_sharing), (1, 31));
+    assert_flags(&mem, &["lo"], "merged");
+    engine.unregister(ids[0]).unwrap();
+    let s = engine.stats();
+    assert_eq!((s.rebuilt_regions, s.unmerged_in_place), (1, 0));
+    assert_eq!(pool_mappings(&mem), 0);
+    assert_eq!(vma_count(&mem), 1);
+    assert_flags(&mem, &["lo"], "unregistered");
+    assert_contents(&mem, &seeds);
+    munlock(&mem);
 }
