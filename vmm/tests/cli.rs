@@ -200,6 +200,12 @@ fn bad_files_are_usage_errors() {
             .file_type()
             .is_symlink()
     );
+    // A usage error found after the API is up removes its socket all the same.
+    let sock = dir.as_path().join("api.sock");
+    let mut args = probe_args("--api-sock", sock.to_str().unwrap()).to_vec();
+    args.extend(["--stats-json", "/dev/null"]);
+    assert_usage_error(&args, "--stats-json /dev/null");
+    assert!(!sock.exists(), "the API's socket was left behind");
 }
 
 #[test]

@@ -175,19 +175,23 @@ impl ApiServer {
     }
 
     /// Stops serving and removes the socket. Clients still sending a request are cut off; a
-    /// request being answered is finished first.
-    pub fn stop(mut self) {
-        self.shutdown();
+    /// request being answered is finished first. Dropping the server does the same, so a start
+    /// that fails after the API is up leaves no socket behind.
+    pub fn stop(self) {
+        drop(self);
     }
+}
 
-    fn shutdown(&mut self) {
+impl Drop for ApiServer {
+    fn drop(&mut self) {
+        let Some(thread) = self.thread.take() else {
+            return;
+        };
         self.stopping.store(true, Ordering::SeqCst);
         if let Err(e) = self.wake.write(1) {
             log::error!("api: cannot wake the server to stop it: {e}");
         }
-        if let Some(t) = self.thread.take()
-            && t.join().is_err()
-        {
+        if thread.join().is_err() {
             log::error!("the API thread panicked");
         }
         // Only our socket: the path may have been removed, or taken by something else.
@@ -341,6 +345,16 @@ mod tests {
         assert_eq!(status(&ask(&path, GET)), 200);
         std::fs::remove_file(&path).unwrap();
         within("stopping", move || server.stop());
+    }
+
+    #[test]
+    fn dropping_the_server_removes_its_socket() {
+        let _serial = serial();
+        let path = socket_path("dropped");
+        let server = ApiServer::start(&path, control()).unwrap();
+        assert!(path.exists());
+        within("dropping", move || drop(server));
+        assert!(!path.exists(), "the socket is removed");
     }
 
     #[test]
