@@ -93,11 +93,15 @@ pub struct Cli {
     /// Linux kernel to boot: a bzImage or an ELF vmlinux.
     #[arg(long, value_name = "PATH")]
     kernel: Option<PathBuf>,
+    // Each boot source's own flags conflict with the other source: `requires` naming a member
+    // of the `boot` group is met by either member (clap-rs/clap#4707), so it would let
+    // `--flat --initrd` and `--kernel --entry` through, silently ignored. A conflict only
+    // counts flags given on the command line, not --cmdline's default.
     /// Initramfs for the kernel.
-    #[arg(long, value_name = "PATH", requires = "kernel")]
+    #[arg(long, value_name = "PATH", conflicts_with = "flat")]
     initrd: Option<PathBuf>,
     /// Kernel command line.
-    #[arg(long, value_name = "STR", requires = "kernel", default_value = DEFAULT_CMDLINE)]
+    #[arg(long, value_name = "STR", conflicts_with = "flat", default_value = DEFAULT_CMDLINE)]
     cmdline: String,
     /// Raw binary loaded at --entry and started there in 64-bit mode with identity paging;
     /// every vCPU starts there with rdi = its index and rsi = the vCPU count. Once for every
@@ -105,7 +109,7 @@ pub struct Cli {
     #[arg(long, value_name = "PATH", requires = "entry")]
     flat: Vec<PathBuf>,
     /// Guest-physical load and start address of --flat (at least 0x100000).
-    #[arg(long, value_name = "GPA", value_parser = parse_addr, requires = "flat")]
+    #[arg(long, value_name = "GPA", value_parser = parse_addr, conflicts_with = "kernel")]
     entry: Option<u64>,
     /// Guest RAM per guest: bytes or a number with K, M, G (whole 4 KiB pages).
     #[arg(long, value_name = "SIZE", value_parser = parse_size, default_value = "256M")]

@@ -52,6 +52,24 @@ fn usage_errors_are_one_line_and_exit_2() {
         &["--kernel", "k", "--flat", "x", "--entry", "0x100000"],
         "cannot be used",
     );
+    // Each boot source's own flags are refused with the other, not ignored.
+    for (args, flags) in [
+        (with(&["--initrd", "/unused"]), ["--initrd", "--flat"]),
+        (
+            with(&["--cmdline", "console=ttyS0"]),
+            ["--cmdline", "--flat"],
+        ),
+        (
+            vec!["--kernel", "/unused", "--entry", "0x100000"],
+            ["--entry", "--kernel"],
+        ),
+    ] {
+        for expected in ["cannot be used with", flags[0], flags[1]] {
+            assert_usage_error(&args, expected);
+        }
+    }
+    assert_usage_error(&["--initrd", "/unused"], "--kernel");
+    assert_usage_error(&["--entry", "0x100000"], "--flat");
     assert_usage_error(&with(&["--mem", "1000"]), "4 KiB pages");
     assert_usage_error(&with(&["--mem", "64Q"]), "64Q");
     assert_usage_error(&with(&["--mem", "1M"]), "too small");
