@@ -87,6 +87,17 @@ pub enum Error {
         /// Guest RAM.
         mem: u64,
     },
+    /// The memory image is a stream (a pipe, a character device) with more data than guest RAM.
+    #[error(
+        "--mem-image {path} is a stream larger than the guest's {} of RAM: give the guest more --mem",
+        crate::config::format_size(*.mem)
+    )]
+    StreamTooLarge {
+        /// The image.
+        path: PathBuf,
+        /// Guest RAM.
+        mem: u64,
+    },
     /// Writing guest memory failed (an address outside RAM).
     #[error("cannot write guest memory at {addr:#x}: {source}")]
     Write {
@@ -178,25 +189,32 @@ impl GuestRam {
     }
 
     /// Copies a raw image into RAM from its first byte, skipping all-zero pages (fresh RAM
-    /// already reads as zero, and skipping them leaves them unallocated).
+    /// already reads as zero, and skipping them leaves them unallocated). The image may be a
+    /// stream (a pipe, a character device), read to its end: one with more data than RAM is
+    /// refused like a regular file larger than RAM.
     pub fn load_image(&self, path: &Path) -> Result<(), Error> {
         let read_err = |source| Error::ImageRead {
             path: path.to_path_buf(),
             source,
         };
         let mut file = File::open(path).map_err(read_err)?;
-        let len = file.metadata().map_err(read_err)?.len();
-        if len > self.size {
+        let meta = file.metadata().map_err(read_err)?;
+        // A stream's length reads as 0: only reading it tells.
+        let stream = !meta.is_file();
+        if !stream && meta.len() > self.size {
             return Err(Error::ImageTooLarge {
                 path: path.to_path_buf(),
-                len,
+                len: meta.len(),
                 mem: self.size,
             });
         }
         let mut buf = vec![0u8; IMAGE_CHUNK];
         let mut offset = 0u64;
-        loop {
-            let filled = read_full(&mut file, &mut buf).map_err(read_err)?;
+        while offset < self.size {
+            // Never past the end of RAM: the last chunk is cut to what is left.
+            let left = usize::try_from(self.size - offset).unwrap_or(usize::MAX);
+            let want = buf.len().min(left);
+            let filled = read_full(&mut file, &mut buf[..want]).map_err(read_err)?;
             for (i, page) in buf[..filled].chunks(PAGE_SIZE as usize).enumerate() {
                 if !vm_dedup::hash::is_zero(page) {
                     let at = offset + i as u64 * PAGE_SIZE;
@@ -204,10 +222,17 @@ impl GuestRam {
                 }
             }
             offset += filled as u64;
-            if filled < buf.len() || offset >= self.size {
+            if filled < want {
                 return Ok(());
             }
         }
+        if stream && read_full(&mut file, &mut [0u8; 1]).map_err(read_err)? > 0 {
+            return Err(Error::StreamTooLarge {
+                path: path.to_path_buf(),
+                mem: self.size,
+            });
+        }
+        Ok(())
     }
 
     /// The KVM slots this RAM needs, one per region, numbered from 0.
@@ -366,6 +391,50 @@ mod tests {
         let err = ram.load_image(&path).unwrap_err();
         assert!(matches!(err, Error::ImageTooLarge { .. }), "{err}");
         assert!(err.to_string().contains("--mem"));
+    }
+
+    /// Loads `len` bytes of 0xab streamed through a pipe into `mem` bytes of RAM.
+    fn load_stream(mem: u64, len: usize) -> (GuestRam, Result<(), Error>) {
+        let dir = vmm_sys_util::tempdir::TempDir::new().unwrap();
+        let fifo = dir.as_path().join("image");
+        let c_path = std::ffi::CString::new(fifo.to_str().unwrap()).unwrap();
+        // SAFETY: mkfifo(3) with a valid NUL-terminated path and mode.
+        assert_eq!(unsafe { libc::mkfifo(c_path.as_ptr(), 0o600) }, 0);
+        let to = fifo.clone();
+        let writer = std::thread::spawn(move || {
+            let mut pipe = File::options().write(true).open(to).unwrap();
+            // The reader stops at RAM's end plus a byte: the rest cannot be written.
+            let _ = pipe.write_all(&vec![0xabu8; len]);
+        });
+        let ram = GuestRam::new(mem, false).unwrap();
+        let loaded = ram.load_image(&fifo);
+        writer.join().unwrap();
+        (ram, loaded)
+    }
+
+    #[test]
+    fn a_stream_image_fills_ram_and_no_further() {
+        // RAM not a whole number of read chunks: the last chunk is cut short.
+        let mem = (2 << 20) + PAGE_SIZE;
+        for len in [PAGE_SIZE as usize + 7, mem as usize] {
+            let (ram, loaded) = load_stream(mem, len);
+            loaded.unwrap();
+            assert_eq!(read_u8(&ram, len as u64 - 1), 0xab);
+            assert_eq!(
+                read_u8(&ram, mem - 1),
+                if len as u64 == mem { 0xab } else { 0 }
+            );
+        }
+    }
+
+    #[test]
+    fn a_stream_image_larger_than_ram_is_refused() {
+        for mem in [2 << 20, (2 << 20) + PAGE_SIZE] {
+            let (_ram, loaded) = load_stream(mem, mem as usize + 1);
+            let err = loaded.unwrap_err();
+            assert!(matches!(err, Error::StreamTooLarge { .. }), "{err}");
+            assert!(err.to_string().contains("larger than the guest's"), "{err}");
+        }
     }
 
     #[test]

@@ -92,7 +92,9 @@ impl Error {
         match self {
             Error::Memory { source, .. } => matches!(
                 source,
-                memory::Error::ImageRead { .. } | memory::Error::ImageTooLarge { .. }
+                memory::Error::ImageRead { .. }
+                    | memory::Error::ImageTooLarge { .. }
+                    | memory::Error::StreamTooLarge { .. }
             ),
             Error::Setup { .. } => true,
             _ => false,

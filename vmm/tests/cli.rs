@@ -393,6 +393,39 @@ fn a_signal_ends_a_start_stuck_reading_a_memory_image() {
 }
 
 #[test]
+fn a_stream_memory_image_longer_than_ram_is_a_usage_error() {
+    if !vmm_tests::require_kvm() {
+        return;
+    }
+    let dir = vmm_sys_util::tempdir::TempDir::new().unwrap();
+    let fifo = dir.as_path().join("image");
+    let c_path = std::ffi::CString::new(fifo.to_str().unwrap()).unwrap();
+    // SAFETY: mkfifo(3) with a valid NUL-terminated path and mode.
+    assert_eq!(unsafe { libc::mkfifo(c_path.as_ptr(), 0o600) }, 0);
+    let f = file_with(PROBE);
+    // RAM not a whole number of the 1 MiB read chunks, and one byte more than it.
+    let mem = (2 << 20) + 4096;
+    let to = fifo.clone();
+    let writer = thread::spawn(move || {
+        let mut pipe = std::fs::File::options().write(true).open(to).unwrap();
+        // The VMM stops reading a byte past RAM: the rest cannot be written.
+        let _ = pipe.write_all(&vec![0xabu8; mem + 1]);
+    });
+    let args = [
+        "--flat",
+        f.as_path().to_str().unwrap(),
+        "--entry",
+        "0x100000",
+        "--mem",
+        "2052K",
+        "--mem-image",
+        fifo.to_str().unwrap(),
+    ];
+    assert_usage_error(&args, "is a stream larger than the guest's");
+    writer.join().unwrap();
+}
+
+#[test]
 fn an_ignored_sighup_stays_ignored_and_a_lost_stderr_stops_nothing() {
     if !vmm_tests::require_kvm() {
         return;
