@@ -163,15 +163,16 @@ impl Sources {
 fn describe(m: &MemoryReport) -> String {
     let mut parts = Vec::new();
     if let Some(c) = &m.cgroup {
-        let limit = c
-            .limit_bytes
-            .map_or_else(|| "no limit".to_string(), |l| human_bytes(l.into()));
         let mut s = format!(
-            "memory cgroup {} {}: working set {} of its {limit} limit",
+            "memory cgroup {} {}: working set {}",
             c.version,
             c.path,
             human_bytes(c.working_set_bytes.into()),
         );
+        match c.limit_bytes {
+            Some(l) => s.push_str(&format!(" of its {} limit", human_bytes(l.into()))),
+            None => s.push_str(", no limit"),
+        }
         if let Some(p) = c.percent {
             s.push_str(&format!(" ({p}%)"));
         }
@@ -320,5 +321,61 @@ impl Watch {
         if self.merging.join().is_err() {
             log::error!("dedup: the memory guard's pause thread panicked");
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn report(limit_bytes: Option<u64>, percent: Option<u32>) -> MemoryReport {
+        MemoryReport {
+            level: Level::Ok,
+            cgroup: Some(CgroupReport {
+                version: "v2".into(),
+                path: "/vmm".into(),
+                usage_bytes: 50 << 20,
+                working_set_bytes: 43 << 20,
+                limit_bytes,
+                percent,
+                under_oom: false,
+                oom_events: 0,
+            }),
+            host: None,
+        }
+    }
+
+    #[test]
+    fn a_cgroup_limit_is_described_with_its_share() {
+        assert_eq!(
+            describe(&report(Some(1 << 30), Some(4))),
+            "memory cgroup v2 /vmm: working set 43.0MiB of its 1.0GiB limit (4%)"
+        );
+    }
+
+    #[test]
+    fn a_cgroup_without_a_limit_says_so() {
+        assert_eq!(
+            describe(&report(None, None)),
+            "memory cgroup v2 /vmm: working set 43.0MiB, no limit"
+        );
+    }
+
+    #[test]
+    fn the_host_follows_the_cgroup() {
+        let mut m = report(None, None);
+        m.host = Some(HostReport {
+            mem_total_bytes: 8 << 30,
+            mem_available_bytes: 6 << 30,
+            used_percent: 25,
+        });
+        assert_eq!(
+            describe(&m),
+            "memory cgroup v2 /vmm: working set 43.0MiB, no limit; host RAM 25% used (6.0GiB available)"
+        );
+        assert_eq!(
+            describe(&MemoryReport::default()),
+            "memory figures unavailable"
+        );
     }
 }
