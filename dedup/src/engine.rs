@@ -321,6 +321,15 @@ impl Engine {
         M: GuestMemoryBackend<R = GuestRegionMmap<B>> + Send + Sync + 'static,
         B: Bitmap + 'static,
     {
+        // Memory registered already would fail its userfaultfd registration below (EBUSY):
+        // say what it is. (Checked again under the lock once the regions are built.)
+        let wanted: Vec<(usize, usize)> = memory
+            .iter()
+            .map(|r| (r.as_ptr() as usize, r.as_ptr() as usize + r.size()))
+            .collect();
+        if self.state()?.overlaps_guests(&wanted) {
+            return Err(EngineError::Overlap);
+        }
         let smaps = procfs::Smaps::read().map_err(EngineError::Smaps)?;
         let regions = guest::regions_of(&*memory, &smaps).map_err(EngineError::Userfaultfd)?;
         drop(smaps);

@@ -268,11 +268,20 @@ fn released_memory_that_lives_on_keeps_its_slots() {
     let c = another_guest_merged(&engine, "d");
     assert_contents(&b, &[3; 64]);
     assert_contents(&c, &[5; 64]);
-    // The same memory twice would be merged twice (and under two domains).
+    // The same memory twice would be merged twice (and under two domains), merged or not.
     assert!(matches!(
         engine.register(GuestConfig::new("c2", "e"), c.clone()),
         Err(vm_dedup::EngineError::Overlap)
     ));
+    let fresh = memory(16);
+    engine
+        .register(GuestConfig::new("f", "d"), fresh.clone())
+        .unwrap();
+    let twice = engine.register(GuestConfig::new("f2", "e"), fresh);
+    assert!(
+        matches!(twice, Err(vm_dedup::EngineError::Overlap)),
+        "{twice:?}"
+    );
 }
 
 /// Guest "b" of 64 pages whose first 32 hold one content, merged: its engine, id, memory and
