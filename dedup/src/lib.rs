@@ -87,6 +87,7 @@ pub mod meta;
 pub mod model;
 pub mod numa;
 pub mod pacing;
+pub mod pages;
 pub mod plan;
 pub mod pool;
 pub mod scan;
@@ -106,12 +107,13 @@ mod state;
 mod step;
 
 pub use config::{Config, ConfigError, RunMode};
-pub use engine::{Engine, EngineError, MergedPage, PageInfo};
+pub use engine::{Engine, EngineError};
 pub use fault::{FaultPoint, Faults};
 pub use guest::{GuestConfig, GuestId};
 pub use hooks::{DirtySource, ExclusionSource};
 pub use meta::PageState;
 pub use numa::{FakeTopology, HostTopology, Topology};
+pub use pages::{MergedPage, PageInfo};
 pub use scanner::Scanner;
 pub use stats::{Failing, Failures, GuestStats, Stats};
 
