@@ -129,6 +129,8 @@ fn watch(set: &libc::sigset_t, armed: &Mutex<Option<StopHandle>>, say: &LineSink
                     "{} again while stopping: exiting at once",
                     name(signal)
                 ));
+                // No cleanup runs from here on: the control API's socket goes now.
+                crate::api::remove_sockets_now();
                 crate::stderr::drain(EXIT_DRAIN);
                 std::process::exit(1);
             }

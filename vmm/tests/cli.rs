@@ -547,3 +547,45 @@ fn a_stdout_and_stderr_nobody_drains_hold_up_neither_the_guests_nor_the_stop() {
     assert_eq!(unsafe { libc::kill(child.id() as i32, libc::SIGTERM) }, 0);
     assert_eq!(signalled_exit(&mut child, libc::SIGTERM).code(), Some(0));
 }
+
+#[test]
+fn a_second_signal_while_stopping_exits_at_once_and_removes_the_api_socket() {
+    if !vmm_tests::require_kvm() {
+        return;
+    }
+    let f = file_with(PROBE);
+    let entry = format!("{LOAD_ADDRESS:#x}");
+    let dir = vmm_sys_util::tempdir::TempDir::new().unwrap();
+    let sock = dir.as_path().join("api.sock");
+    // A stdout nobody drains keeps the stop going for a while (its last flush waits).
+    let (write, _read) = full_pipe();
+    let mut child = vmm()
+        .args(["--flat", f.as_path().to_str().unwrap(), "--entry", &entry])
+        .args([
+            "--mem",
+            "16M",
+            "--dedup",
+            "--api-sock",
+            sock.to_str().unwrap(),
+        ])
+        .stdout(write)
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let start = Instant::now();
+    while !sock.exists() {
+        assert!(start.elapsed() < TIMEOUT, "no API socket");
+        thread::sleep(Duration::from_millis(20));
+    }
+    // SAFETY: kill(2) on our own child's pid with a valid signal number.
+    assert_eq!(unsafe { libc::kill(child.id() as i32, libc::SIGTERM) }, 0);
+    thread::sleep(Duration::from_millis(300));
+    // SAFETY: as above.
+    assert_eq!(unsafe { libc::kill(child.id() as i32, libc::SIGTERM) }, 0);
+    let status = signalled_exit(&mut child, libc::SIGTERM);
+    let mut stderr = String::new();
+    std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut stderr).unwrap();
+    assert_eq!(status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("again while stopping"), "{stderr}");
+    assert!(!sock.exists(), "the API socket was left behind");
+}

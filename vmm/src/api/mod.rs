@@ -16,8 +16,8 @@ use std::os::fd::AsRawFd;
 use std::os::unix::fs::{FileTypeExt, MetadataExt, PermissionsExt};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
 
@@ -92,6 +92,26 @@ impl std::fmt::Debug for ApiServer {
     }
 }
 
+/// The sockets of the servers running in this process, for [`remove_sockets_now`].
+static BOUND: Mutex<Vec<(PathBuf, (u64, u64))>> = Mutex::new(Vec::new());
+
+/// Whether `path` is still the socket file `(dev, ino)` (the path may have been removed, or
+/// taken by something else).
+fn still_ours(path: &Path, socket: (u64, u64)) -> bool {
+    std::fs::symlink_metadata(path).is_ok_and(|m| (m.dev(), m.ino()) == socket)
+}
+
+/// Removes the socket files of every server still running, for an exit that runs no cleanup
+/// (a second signal while stopping). The servers themselves are not stopped.
+pub fn remove_sockets_now() {
+    let bound = BOUND.lock().unwrap_or_else(PoisonError::into_inner);
+    for (path, socket) in bound.iter() {
+        if still_ours(path, *socket) {
+            let _ = std::fs::remove_file(path);
+        }
+    }
+}
+
 /// Removes a stale socket at `path` (one nobody listens on); refuses a live one or a file.
 fn clear_path(path: &Path) -> Result<(), Error> {
     let Ok(meta) = std::fs::symlink_metadata(path) else {
@@ -160,12 +180,17 @@ impl ApiServer {
             let _ = std::fs::remove_file(path);
         })?;
         log::info!("control API on {}", path.display());
+        let socket = (bound.dev(), bound.ino());
+        BOUND
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .push((path.to_path_buf(), socket));
         Ok(Self {
             stopping,
             wake,
             thread: Some(thread),
             path: path.to_path_buf(),
-            socket: (bound.dev(), bound.ino()),
+            socket,
         })
     }
 
@@ -194,10 +219,14 @@ impl Drop for ApiServer {
         if thread.join().is_err() {
             log::error!("the API thread panicked");
         }
+        BOUND
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .retain(|(_, socket)| *socket != self.socket);
         // Only our socket: the path may have been removed, or taken by something else.
-        let ours =
-            std::fs::symlink_metadata(&self.path).is_ok_and(|m| (m.dev(), m.ino()) == self.socket);
-        if ours && let Err(e) = std::fs::remove_file(&self.path) {
+        if still_ours(&self.path, self.socket)
+            && let Err(e) = std::fs::remove_file(&self.path)
+        {
             log::debug!("removing {}: {e}", self.path.display());
         }
     }
