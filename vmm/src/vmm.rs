@@ -2,6 +2,7 @@
 //! until all have stopped.
 
 use std::io::Write;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::mpsc::{self, Receiver, Sender};
 use std::thread;
@@ -67,13 +68,13 @@ impl Error {
 fn build_guests(
     host: &Host,
     config: &VmmConfig,
-    sink: &Sink,
+    sink_of: &(dyn Fn(usize) -> Sink + Sync),
     events: &Sender<Event>,
 ) -> Result<Vec<Guest>, vm::Error> {
     let prefixed = config.guests.len() > 1;
     let workers = thread::available_parallelism().map_or(1, usize::from);
     in_parallel(&config.guests, workers, |i, g| {
-        Guest::build(host, g, i, sink.clone(), prefixed, events.clone())
+        Guest::build(host, g, i, sink_of(i), prefixed, events.clone())
     })
     .into_iter()
     .collect()
@@ -170,13 +171,24 @@ impl std::fmt::Debug for Vmm {
 }
 
 impl Vmm {
-    /// Builds every guest of `config`, with console output on stdout.
+    /// Builds every guest of `config`, with console output on stdout (a lane each).
     pub fn new(config: &VmmConfig) -> Result<Self, Error> {
-        Self::with_sink(config, console::stdout_sink())
+        let stdout = console::StdoutSinks::new();
+        Self::build(config, &|i| stdout.sink(i), stdout.sink(0))
     }
 
     /// Builds every guest of `config`, with console output on `sink`.
     pub fn with_sink(config: &VmmConfig, sink: Sink) -> Result<Self, Error> {
+        Self::build(config, &|_| Arc::clone(&sink), Arc::clone(&sink))
+    }
+
+    /// Builds every guest of `config`, guest `i`'s console output on `sink_of(i)`; `sink` is
+    /// flushed once every guest has stopped.
+    fn build(
+        config: &VmmConfig,
+        sink_of: &(dyn Fn(usize) -> Sink + Sync),
+        sink: Sink,
+    ) -> Result<Self, Error> {
         config.validate()?;
         let host = Host::open()?;
         for g in &config.guests {
@@ -197,7 +209,7 @@ impl Vmm {
         }
         vcpu::install_kick_handler()?;
         let (events, receiver) = mpsc::channel();
-        let guests = build_guests(&host, config, &sink, &events)?;
+        let guests = build_guests(&host, config, sink_of, &events)?;
         Ok(Self {
             guests,
             events,

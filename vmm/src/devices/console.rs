@@ -18,19 +18,41 @@ pub type Sink = Arc<Mutex<Box<dyn Write + Send>>>;
 /// The serial port of one guest, shared by its vCPUs and the console input.
 pub type SharedSerial = Arc<Mutex<SerialPort<ConsoleOut>>>;
 
-/// A sink writing to the process's stdout through a bounded queue and a thread of its own
-/// ([`super::stdout::Forwarder`]): a slow or stuck reader costs dropped output, never a
-/// blocked vCPU. Once stdout's reader has gone (a broken pipe), one warning is logged and guest
-/// output is dropped from then on: the guests keep running.
-pub fn stdout_sink() -> Sink {
-    match super::stdout::Forwarder::spawn(DropWhenClosed::new(io::stdout())) {
-        Ok(f) => Arc::new(Mutex::new(Box::new(f))),
-        Err(e) => {
-            log::warn!(
-                "console: no output thread ({e}); guests write to stdout directly, line by line"
-            );
-            Arc::new(Mutex::new(Box::new(DropWhenClosed::new(io::stdout()))))
+/// The process's stdout for guest output: one bounded queue written by a thread of its own
+/// ([`super::stdout::Forwarder`]), so that a slow or stuck reader costs dropped output, never
+/// a blocked vCPU, with a lane per guest so that a guest flooding its console loses its own
+/// output, not its neighbours' lines. Once stdout's reader has gone (a broken pipe), one
+/// warning is logged and guest output is dropped from then on: the guests keep running.
+#[derive(Debug)]
+pub struct StdoutSinks(Option<super::stdout::Forwarder>);
+
+impl StdoutSinks {
+    /// Starts the output thread (without it, guests write to stdout directly, line by line).
+    pub fn new() -> Self {
+        match super::stdout::Forwarder::spawn(DropWhenClosed::new(io::stdout())) {
+            Ok(f) => Self(Some(f)),
+            Err(e) => {
+                log::warn!(
+                    "console: no output thread ({e}); guests write to stdout directly, line by \
+                     line"
+                );
+                Self(None)
+            }
         }
+    }
+
+    /// The sink of guest `index`.
+    pub fn sink(&self, index: usize) -> Sink {
+        match &self.0 {
+            Some(f) => Arc::new(Mutex::new(Box::new(f.for_source(index)))),
+            None => Arc::new(Mutex::new(Box::new(DropWhenClosed::new(io::stdout())))),
+        }
+    }
+}
+
+impl Default for StdoutSinks {
+    fn default() -> Self {
+        Self::new()
     }
 }
 
@@ -133,19 +155,20 @@ impl ConsoleOut {
     /// sink fails (the line is lost, not kept growing with everything the guest writes after
     /// it).
     fn emit(&mut self, newline: bool) -> io::Result<()> {
-        let mut sink = self.sink.lock().unwrap_or_else(PoisonError::into_inner);
-        let written = (|| {
-            if let Some(prefix) = &self.prefix {
-                sink.write_all(prefix.as_bytes())?;
-            }
-            sink.write_all(&self.line)?;
-            if newline {
-                sink.write_all(b"\n")?;
-            }
-            Ok(())
-        })();
+        // One write per line: guests may have sinks of their own on one stdout (a lane each
+        // of one queue), and a line written in parts could interleave with another guest's.
+        let prefix = self.prefix.as_deref().unwrap_or_default().as_bytes();
+        let mut whole = Vec::with_capacity(prefix.len() + self.line.len() + 1);
+        whole.extend_from_slice(prefix);
+        whole.extend_from_slice(&self.line);
+        if newline {
+            whole.push(b'\n');
+        }
         self.line.clear();
-        written
+        self.sink
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .write_all(&whole)
     }
 
     /// Emits a last unterminated line, if any (when the guest stops). The sink is not flushed
@@ -518,5 +541,40 @@ mod tests {
         input.forward(&data[..]).unwrap();
         assert_eq!(drain(&ports[1]), b"after\n");
         assert_eq!(drain(&ports[0]), b"last\n");
+    }
+
+    #[test]
+    fn guests_on_lanes_of_one_stdout_never_mix_their_lines() {
+        let gate = crate::devices::stdout::tests::Gate::default();
+        gate.open();
+        let forwarder = crate::devices::stdout::Forwarder::spawn(gate.clone()).unwrap();
+        let writers: Vec<_> = (0..2)
+            .map(|g| {
+                let sink: Sink = Arc::new(Mutex::new(Box::new(forwarder.for_source(g))));
+                let mut out = ConsoleOut::prefixed(sink, &format!("guest{g}"));
+                thread::spawn(move || {
+                    // As the UART does: a write per byte.
+                    for i in 0..300 {
+                        for b in format!("OK F {i:x}\n").bytes() {
+                            out.write_all(&[b]).unwrap();
+                        }
+                    }
+                })
+            })
+            .collect();
+        writers.into_iter().for_each(|w| w.join().unwrap());
+        let mut f = forwarder;
+        f.flush().unwrap();
+        let seen = gate.seen();
+        let lines: Vec<&str> = seen.lines().collect();
+        assert_eq!(lines.len(), 600);
+        for g in 0..2 {
+            let mine: Vec<&str> = lines
+                .iter()
+                .filter_map(|l| l.strip_prefix(&format!("guest{g}: ")))
+                .collect();
+            let want: Vec<String> = (0..300).map(|i| format!("OK F {i:x}")).collect();
+            assert_eq!(mine, want, "guest{g}'s lines");
+        }
     }
 }

@@ -15,11 +15,18 @@ pub const QUEUE_BYTES: usize = 1 << 20;
 pub const DRAIN_WAIT: Duration = Duration::from_secs(1);
 /// Writes join the last queued chunk while it is shorter than this.
 const CHUNK_BYTES: usize = 4096;
+/// Most bytes the output thread takes for one write.
+const BATCH_BYTES: usize = 64 << 10;
 
 #[derive(Debug, Default)]
 struct Queue {
-    chunks: VecDeque<Vec<u8>>,
+    /// Output waiting, oldest first, each chunk with the source (guest) that wrote it.
+    chunks: VecDeque<(usize, Vec<u8>)>,
+    /// Bytes waiting or being written.
     bytes: usize,
+    /// Bytes waiting, per source: when the queue is full, the source holding the most gives
+    /// way (one guest's flood cannot crowd out another guest's lines).
+    held: Vec<usize>,
     /// Bytes dropped since the last warning (the queue was full or the writer failed).
     dropped: u64,
     /// The drain thread is writing a chunk it took.
@@ -42,10 +49,13 @@ impl Shared {
     }
 }
 
-/// The writing end: cheap, never blocks on the reader. Clones write to the same queue.
+/// The writing end: cheap, never blocks on the reader. Clones write to the same queue, as the
+/// same source unless made with [`Forwarder::for_source`].
 #[derive(Debug, Clone)]
 pub struct Forwarder {
     shared: Arc<Shared>,
+    /// Who writes through this end (a guest's index), for the queue's fair share.
+    source: usize,
 }
 
 impl Forwarder {
@@ -69,7 +79,17 @@ impl Forwarder {
         thread::Builder::new()
             .name(name.into())
             .spawn(move || run(&drain, out))?;
-        Ok(Self { shared })
+        Ok(Self { shared, source: 0 })
+    }
+
+    /// Another end of the same queue, for output of `source` (a guest's index): when the
+    /// queue is full, the source holding the most of it gives way, so a guest flooding its
+    /// console loses its own output, not its neighbours' lines.
+    pub fn for_source(&self, source: usize) -> Self {
+        Self {
+            shared: Arc::clone(&self.shared),
+            source,
+        }
     }
 
     /// Waits until what was queued is written, at most `wait`; returns whether it was.
@@ -96,12 +116,19 @@ impl Forwarder {
 /// stuck reader must not keep the process from exiting).
 fn run<W: Write>(shared: &Shared, mut out: W) {
     loop {
-        // Everything queued, in one write.
+        // What is queued (up to BATCH_BYTES), in one write.
         let chunk = {
             let mut q = shared.lock();
             loop {
-                if let Some(mut c) = q.chunks.pop_front() {
-                    while let Some(more) = q.chunks.pop_front() {
+                if let Some((s, mut c)) = q.chunks.pop_front() {
+                    q.held[s] -= c.len();
+                    // At most BATCH_BYTES in one write: what waits can still give way to
+                    // another source, what is being written cannot.
+                    while c.len() < BATCH_BYTES {
+                        let Some((s, more)) = q.chunks.pop_front() else {
+                            break;
+                        };
+                        q.held[s] -= more.len();
                         c.extend_from_slice(&more);
                     }
                     // `bytes` still counts them until they are written.
@@ -146,18 +173,38 @@ fn run<W: Write>(shared: &Shared, mut out: W) {
 impl Write for Forwarder {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
         let mut q = self.shared.lock();
-        if q.bytes + buf.len() > QUEUE_BYTES {
+        if q.held.len() <= self.source {
+            q.held.resize(self.source + 1, 0);
+        }
+        while q.bytes + buf.len() > QUEUE_BYTES {
             if q.dropped == 0 && !self.shared.quiet {
                 log::warn!("console: stdout is not keeping up; guest output is dropped");
             }
-            q.dropped += buf.len() as u64;
-            return Ok(buf.len());
+            // The source holding the most waiting output gives way: its oldest chunk goes, or,
+            // when that is this writer, what it writes now.
+            let hog = (0..q.held.len()).max_by_key(|&s| (q.held[s], s == self.source));
+            let evict = hog
+                .filter(|&h| h != self.source && q.held[h] > 0)
+                .and_then(|h| q.chunks.iter().position(|&(s, _)| s == h));
+            let Some(at) = evict else {
+                q.dropped += buf.len() as u64;
+                return Ok(buf.len());
+            };
+            if let Some((s, old)) = q.chunks.remove(at) {
+                q.held[s] -= old.len();
+                q.bytes -= old.len();
+                q.dropped += old.len() as u64;
+            }
         }
         q.bytes += buf.len();
-        // Small writes (a serial port's bytes) join the last chunk.
+        q.held[self.source] += buf.len();
+        // Small writes (a serial port's bytes) join the last chunk of the same source.
+        let source = self.source;
         match q.chunks.back_mut() {
-            Some(last) if last.len() < CHUNK_BYTES => last.extend_from_slice(buf),
-            _ => q.chunks.push_back(buf.to_vec()),
+            Some((s, last)) if *s == source && last.len() < CHUNK_BYTES => {
+                last.extend_from_slice(buf);
+            }
+            _ => q.chunks.push_back((source, buf.to_vec())),
         }
         self.shared.changed.notify_all();
         Ok(buf.len())
@@ -183,6 +230,20 @@ pub(crate) mod tests {
     pub(crate) struct Gate {
         open: Arc<(Mutex<bool>, Condvar)>,
         seen: Arc<Mutex<Vec<u8>>>,
+    }
+
+    impl Gate {
+        /// Lets the writer through from now on.
+        pub(crate) fn open(&self) {
+            let (lock, cv) = &*self.open;
+            *lock.lock().unwrap() = true;
+            cv.notify_all();
+        }
+
+        /// What went through, as text.
+        pub(crate) fn seen(&self) -> String {
+            String::from_utf8_lossy(&self.seen.lock().unwrap()).into_owned()
+        }
     }
 
     impl Write for Gate {
@@ -290,5 +351,39 @@ pub(crate) mod tests {
             tail.ends_with("bytes of this output were dropped (it could not keep up)\nafter\n"),
             "{tail}"
         );
+    }
+
+    #[test]
+    fn a_source_flooding_the_queue_gives_way_to_the_others() {
+        let gate = Gate::default();
+        let flood = Forwarder::spawn(gate.clone()).unwrap();
+        let mut quiet = flood.for_source(1);
+        let mut flood = flood.for_source(0);
+        let line = vec![b'x'; 4096];
+        // Guest 0 fills the queue (and more) while the reader is stuck ...
+        for _ in 0..(2 * QUEUE_BYTES / line.len()) {
+            flood.write_all(&line).unwrap();
+        }
+        // ... guest 1's lines still get in, and guest 0's own new output is what is dropped.
+        for i in 0..10 {
+            quiet
+                .write_all(format!("guest1: line {i}\n").as_bytes())
+                .unwrap();
+            flood.write_all(&line).unwrap();
+        }
+        assert!(flood.shared.lock().bytes <= QUEUE_BYTES);
+        {
+            let (lock, cv) = &*gate.open;
+            *lock.lock().unwrap() = true;
+            cv.notify_all();
+        }
+        assert!(flood.drain(DRAIN_WAIT));
+        let seen = String::from_utf8_lossy(&gate.seen.lock().unwrap()).into_owned();
+        for i in 0..10 {
+            assert!(
+                seen.contains(&format!("guest1: line {i}\n")),
+                "line {i} lost"
+            );
+        }
     }
 }
