@@ -66,7 +66,7 @@ pub struct Config {
     /// `vm.max_map_count`, leaving the rest of the process and headroom alone.
     pub vma_budget: Option<u64>,
     /// Worker threads for scanning and merging; 0: one per CPU. Fixed when the engine is
-    /// created (a later change is ignored).
+    /// created (`Engine::set_config` refuses a change).
     pub threads: usize,
     /// Worker threads that commit merges at the same time; 0: half the worker threads, at
     /// least one. Every remap takes the process's address-space lock for writing: more

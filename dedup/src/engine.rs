@@ -57,6 +57,9 @@ pub enum EngineError {
     /// A knob that can only change while nothing is merged (like KSM's EBUSY).
     #[error("{0} can only change while no page is merged")]
     Busy(&'static str),
+    /// A knob that is fixed when the engine is created.
+    #[error("{0} is fixed when the engine is created")]
+    Fixed(&'static str),
     /// The engine's lock was poisoned by a panic.
     #[error("engine state poisoned by an earlier panic")]
     Poisoned,
@@ -239,9 +242,12 @@ impl Engine {
     /// Replaces the configuration (takes effect at the next step; a background scanner step
     /// that starts after this returns follows it, its run mode included). While anything is
     /// merged, `merge_across_nodes` cannot change and `max_page_sharing` can only grow
-    /// ([`EngineError::Busy`]).
+    /// ([`EngineError::Busy`]); `threads` never changes ([`EngineError::Fixed`]).
     pub fn set_config(&self, config: Config) -> Result<(), EngineError> {
         config.validate()?;
+        if config.threads != self.config().threads {
+            return Err(EngineError::Fixed("threads"));
+        }
         let mut st = self.state()?;
         let merged = st.slots.allocated_count() > 0;
         if merged && config.merge_across_nodes != st.rules.merge_across_nodes {

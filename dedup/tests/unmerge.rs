@@ -237,9 +237,24 @@ fn background_scanner_follows_run_mode() {
         engine.set_knob("merge_across_nodes", "0").is_err(),
         "busy while merged"
     );
+    // Raising max_page_sharing is fine while merged, lowering it is not (as documented).
+    let sharing = engine.config().max_page_sharing;
+    let raised = (sharing + 1).to_string();
+    engine.set_knob("max_page_sharing", &raised).unwrap();
+    assert!(matches!(
+        engine.set_knob("max_page_sharing", &sharing.to_string()),
+        Err(vm_dedup::EngineError::Busy("max_page_sharing"))
+    ));
     engine.unmerge_all().unwrap();
     engine.set_knob("merge_across_nodes", "0").unwrap();
     assert_contents(&b, &layout());
+    // The worker threads are fixed at creation: config() never reports a count not in force.
+    let threads = engine.config().threads;
+    assert!(matches!(
+        engine.set_knob("threads", &(threads + 3).to_string()),
+        Err(vm_dedup::EngineError::Fixed("threads"))
+    ));
+    assert_eq!(engine.config().threads, threads);
 }
 
 #[test]

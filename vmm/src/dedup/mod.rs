@@ -241,7 +241,9 @@ impl Shared {
         self.engine
             .set_config(next.engine.clone())
             .map_err(|e| match e {
-                EngineError::Busy(_) | EngineError::Config(_) => Error::Busy(e),
+                EngineError::Busy(_) | EngineError::Fixed(_) | EngineError::Config(_) => {
+                    Error::Busy(e)
+                }
                 e => Error::Runtime(e),
             })?;
         *lock(&self.tune) = next.tune;
