@@ -135,20 +135,8 @@ fn unregistering_a_guest_in_use_unmerges_it_only() {
 
 #[test]
 fn discard_reads_zero_even_for_merged_pages() {
-    let a = memory(64);
-    let b = memory(64);
-    let seeds: Vec<u64> = (0..64)
-        .map(|i| if i % 4 == 0 { 0 } else { 40 + i % 8 })
-        .collect();
-    fill_all(&a, &seeds);
-    fill_all(&b, &seeds);
-    let (engine, ids) = engine_with(
-        fast_config(),
-        &[("a", "d", a.clone()), ("b", "d", b.clone())],
-    );
-    engine.scan_pass().unwrap();
-    let before = engine.scan_pass().unwrap();
-    assert_eq!(before.pages_shared, 6);
+    let (a, b, seeds, engine, ids) = merged_pair();
+    let before = engine.stats();
     // A range whose end overflows is not in the guest's memory (and leaves the engine usable).
     let huge = u64::MAX - page_gpa(&a, 8).0 + 1 + PAGE as u64;
     assert!(matches!(

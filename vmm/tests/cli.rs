@@ -19,6 +19,19 @@ fn vmm() -> Command {
     cmd
 }
 
+/// `vmm` running the flat binary `guest` (at [`LOAD_ADDRESS`]).
+fn vmm_running(guest: &TempFile) -> Command {
+    let mut cmd = vmm();
+    let entry = format!("{LOAD_ADDRESS:#x}");
+    cmd.args([
+        "--flat",
+        guest.as_path().to_str().unwrap(),
+        "--entry",
+        &entry,
+    ]);
+    cmd
+}
+
 fn file_with(bytes: &[u8]) -> TempFile {
     let f = TempFile::new().unwrap();
     f.as_file().write_all(bytes).unwrap();
@@ -295,9 +308,7 @@ fn sigterm_stops_every_guest_with_status_0() {
         return;
     }
     let f = file_with(PROBE);
-    let entry = format!("{LOAD_ADDRESS:#x}");
-    let mut child = vmm()
-        .args(["--flat", f.as_path().to_str().unwrap(), "--entry", &entry])
+    let mut child = vmm_running(&f)
         .args(["--mem", "16M", "--guests", "2", "--vcpus", "2"])
         .stdout(Stdio::piped())
         .spawn()
@@ -365,10 +376,8 @@ fn a_signal_ends_a_start_stuck_reading_a_memory_image() {
     // SAFETY: mkfifo(3) with a valid NUL-terminated path and mode.
     assert_eq!(unsafe { libc::mkfifo(c_path.as_ptr(), 0o600) }, 0);
     let f = file_with(PROBE);
-    let entry = format!("{LOAD_ADDRESS:#x}");
     for signal in [libc::SIGTERM, libc::SIGINT, libc::SIGHUP] {
-        let mut child = vmm()
-            .args(["--flat", f.as_path().to_str().unwrap(), "--entry", &entry])
+        let mut child = vmm_running(&f)
             .args(["--mem", "16M", "--mem-image", fifo.to_str().unwrap()])
             .stderr(Stdio::piped())
             .spawn()
@@ -505,13 +514,11 @@ fn a_stdout_and_stderr_nobody_drains_hold_up_neither_the_guests_nor_the_stop() {
         return;
     }
     let f = file_with(PROBE);
-    let entry = format!("{LOAD_ADDRESS:#x}");
     let dir = vmm_sys_util::tempdir::TempDir::new().unwrap();
     let stats = dir.as_path().join("stats.json");
     let (write, _read) = full_pipe();
-    let mut child = vmm()
+    let mut child = vmm_running(&f)
         .env("RUST_LOG", "debug")
-        .args(["--flat", f.as_path().to_str().unwrap(), "--entry", &entry])
         .args([
             "--mem",
             "16M",
@@ -554,13 +561,11 @@ fn a_second_signal_while_stopping_exits_at_once_and_removes_the_api_socket() {
         return;
     }
     let f = file_with(PROBE);
-    let entry = format!("{LOAD_ADDRESS:#x}");
     let dir = vmm_sys_util::tempdir::TempDir::new().unwrap();
     let sock = dir.as_path().join("api.sock");
     // A stdout nobody drains keeps the stop going for a while (its last flush waits).
     let (write, _read) = full_pipe();
-    let mut child = vmm()
-        .args(["--flat", f.as_path().to_str().unwrap(), "--entry", &entry])
+    let mut child = vmm_running(&f)
         .args([
             "--mem",
             "16M",

@@ -251,3 +251,21 @@ pub fn pool_mappings(mem: &Mem) -> usize {
         .filter(|l| l.contains("vm-dedup-pool"))
         .count()
 }
+
+/// Guests a and b with the same content (merged and zero pages), merged.
+pub fn merged_pair() -> (Arc<Mem>, Arc<Mem>, Vec<u64>, Engine, Vec<GuestId>) {
+    let a = memory(64);
+    let b = memory(64);
+    let seeds: Vec<u64> = (0..64)
+        .map(|i| if i % 4 == 0 { 0 } else { 40 + i % 8 })
+        .collect();
+    fill_all(&a, &seeds);
+    fill_all(&b, &seeds);
+    let (engine, ids) = engine_with(
+        fast_config(),
+        &[("a", "d", a.clone()), ("b", "d", b.clone())],
+    );
+    engine.scan_pass().unwrap();
+    assert_eq!(engine.scan_pass().unwrap().pages_shared, 6);
+    (a, b, seeds, engine, ids)
+}

@@ -503,8 +503,8 @@ mod tests {
         got
     }
 
-    #[test]
-    fn forwarded_input_reaches_the_right_serial_ports() {
+    /// Console input for two guests, and their serial ports.
+    fn two_guests_input() -> (ConsoleInput, Vec<SharedSerial>) {
         let (sink, _) = sink();
         let ports: Vec<SharedSerial> = (0..2)
             .map(|i| {
@@ -512,7 +512,13 @@ mod tests {
                 Arc::new(Mutex::new(SerialPort::new(IrqLine::new().unwrap(), out)))
             })
             .collect();
-        let input = ConsoleInput::new(vec!["guest0".into(), "guest1".into()], ports.clone());
+        let names = vec!["guest0".into(), "guest1".into()];
+        (ConsoleInput::new(names, ports.clone()), ports)
+    }
+
+    #[test]
+    fn forwarded_input_reaches_the_right_serial_ports() {
+        let (input, ports) = two_guests_input();
         input
             .forward(&b"guest1: W 10 5\nboth\r\nguest0: \xe9\xff\nguest1: R 8\n"[..])
             .unwrap();
@@ -523,14 +529,7 @@ mod tests {
 
     #[test]
     fn an_input_line_too_long_to_route_is_dropped_not_kept() {
-        let (sink, _) = sink();
-        let ports: Vec<SharedSerial> = (0..2)
-            .map(|i| {
-                let out = ConsoleOut::prefixed(sink.clone(), &format!("guest{i}"));
-                Arc::new(Mutex::new(SerialPort::new(IrqLine::new().unwrap(), out)))
-            })
-            .collect();
-        let input = ConsoleInput::new(vec!["guest0".into(), "guest1".into()], ports.clone());
+        let (input, ports) = two_guests_input();
         // Three times the limit without a newline, then an ordinary line; and a line of
         // exactly the limit (with its newline just past it), then another.
         let mut data = b"guest1: ".to_vec();
