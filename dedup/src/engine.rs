@@ -321,11 +321,7 @@ impl Engine {
         let mut st = self.state()?;
         // Memory in pool mappings would read (and discard to) slots the engine may give to
         // other guests; memory registered twice would be merged under two domains.
-        let ranges: Vec<(usize, usize)> = regions
-            .iter()
-            .map(|r| (r.hva, r.hva + r.pages * PAGE_SIZE))
-            .collect();
-        if st.overlaps_guests(&ranges) || st.maps_pool_in(&ranges).map_err(EngineError::Maps)? {
+        if st.overlaps_guests(&wanted) || st.maps_pool_in(&wanted).map_err(EngineError::Maps)? {
             return Err(EngineError::Overlap);
         }
         let gi = match st.guests.iter().position(Option::is_none) {
@@ -456,7 +452,11 @@ impl Engine {
     }
 
     pub(crate) fn step_ctx(&self) -> StepCtx<'_> {
-        let config = self.config();
+        self.step_ctx_of(&self.config())
+    }
+
+    /// The step context for `config`.
+    fn step_ctx_of(&self, config: &Config) -> StepCtx<'_> {
         StepCtx {
             topology: &*self.inner.topology,
             faults: &self.inner.faults,
@@ -470,23 +470,23 @@ impl Engine {
     /// true when it completed a full pass. Statistics are refreshed at the end of each pass and
     /// at most every 100 ms in between.
     pub fn step(&self, pages: usize) -> Result<bool, EngineError> {
-        self.step_cpu(pages, false).map(|(done, _)| done)
+        self.step_cpu(Some(pages)).map(|(done, _)| done)
     }
 
-    /// [`Engine::step`], also returning the CPU time the step used (all threads), in ns. With
-    /// `only_running` (the background scanner), nothing is done unless the run mode is
-    /// [`RunMode::Run`] once the state lock is held: `set_config` changes the configuration
-    /// under that lock, so no step starts after a stop has returned.
-    pub(crate) fn step_cpu(
-        &self,
-        pages: usize,
-        only_running: bool,
-    ) -> Result<(bool, u64), EngineError> {
-        let ctx = self.step_ctx();
+    /// [`Engine::step`] of `pages` pages, also returning the CPU time the step used (all
+    /// threads), in ns. With `None` (the background scanner), the step takes `pages_to_scan`
+    /// pages, and nothing is done unless the run mode is [`RunMode::Run`].
+    pub(crate) fn step_cpu(&self, pages: Option<usize>) -> Result<(bool, u64), EngineError> {
         let mut st = self.state()?;
-        if only_running && !self.running() {
-            return Ok((false, 0));
-        }
+        // Read under the state lock, which `set_config` holds while it changes the
+        // configuration: a step that starts after a change has returned follows it.
+        let config = self.config();
+        let pages = match pages {
+            Some(p) => p,
+            None if config.run == RunMode::Run => config.pages_to_scan as usize,
+            None => return Ok((false, 0)),
+        };
+        let ctx = self.step_ctx_of(&config);
         let before = st.totals.cpu_ns;
         let done = st.step(&ctx, pages);
         let cpu = st.totals.cpu_ns.saturating_sub(before);

@@ -50,7 +50,7 @@ fn run(engine: &Engine, stop: &std::sync::atomic::AtomicBool) {
         let pause = match cfg.run {
             RunMode::Run => {
                 unmerged = false;
-                let spent = match engine.step_cpu(cfg.pages_to_scan as usize, true) {
+                let spent = match engine.step_cpu(None) {
                     Ok((_, cpu)) => cpu,
                     Err(e) => {
                         log::error!("vm-dedup: scan step failed: {e}");
