@@ -49,7 +49,7 @@ impl State {
                 // write to them still gets a private copy from the kernel.
                 log::error!(
                     "vm-dedup: discarding guest memory at {addr:#x} unmapped it and it cannot be \
-                     mapped again ({e}): the region at {:#x} is lost",
+                     mapped again ({e}): the region at {:#x} is lost; release the guest (Engine::release)",
                     r.hva
                 );
                 r.uffd = None;

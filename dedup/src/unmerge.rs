@@ -123,18 +123,18 @@ fn match_flags(
     attrs: Attrs,
     scratch: &Scratch,
 ) -> Result<(), RebuildError> {
-    let region = procfs::vma_flags(hva, hva + len).map_err(RebuildError::Smaps)?;
-    for v in region.iter().filter(|v| !v.file) {
+    if let Err(e) = attrs.apply_to_scratch(scratch.addr(), scratch.len()) {
+        log::debug!("vm-dedup: giving the unmerge scratch the region's attributes: {e}");
+    }
+    // One read of smaps (it walks every mapping of the process) for both.
+    let smaps = procfs::Smaps::read().map_err(RebuildError::Smaps)?;
+    for v in smaps.vmas(hva, hva + len).iter().filter(|v| !v.file) {
         let f = attrs::relevant(&v.flags);
         if f != want {
             return Err(RebuildError::Flags(differing(want, &f)));
         }
     }
-    if let Err(e) = attrs.apply_to_scratch(scratch.addr(), scratch.len()) {
-        log::debug!("vm-dedup: giving the unmerge scratch the region's attributes: {e}");
-    }
-    let v = procfs::vma_flags(scratch.addr(), scratch.addr() + scratch.len())
-        .map_err(RebuildError::Smaps)?;
+    let v = smaps.vmas(scratch.addr(), scratch.addr() + scratch.len());
     let mut now = v
         .first()
         .map(|v| attrs::relevant(&v.flags))
