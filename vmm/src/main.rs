@@ -46,6 +46,17 @@ fn main() -> ExitCode {
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("warn"))
         .target(env_logger::Target::Pipe(Box::new(log)))
         .init();
+    // Panic messages too (a panic caught inside the engine, say, is still reported).
+    std::panic::set_hook(Box::new(|info| {
+        let thread = std::thread::current();
+        let name = thread.name().unwrap_or("<unnamed>");
+        let trace = std::backtrace::Backtrace::capture();
+        let mut err = vmm::stderr::writer();
+        let _ = writeln!(err, "thread '{name}' {info}");
+        if trace.status() == std::backtrace::BacktraceStatus::Captured {
+            let _ = writeln!(err, "{trace}");
+        }
+    }));
     let status = run(blocked);
     vmm::stderr::drain(EXIT_DRAIN);
     status

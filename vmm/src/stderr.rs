@@ -12,36 +12,39 @@ use std::time::Duration;
 
 use crate::devices::stdout::Forwarder;
 
-static FORWARDER: OnceLock<Forwarder> = OnceLock::new();
+/// The stderr thread's queue, once [`install`]ed (`None` inside: it could not start).
+static FORWARDER: OnceLock<Option<Forwarder>> = OnceLock::new();
 
 /// Starts the thread that writes stderr; returns a writer for the logger. Later calls return
 /// another writer to the same thread.
 pub fn install() -> Writer {
-    if FORWARDER.get().is_none() {
-        match Forwarder::spawn_quiet(io::stderr(), "stderr-out") {
-            Ok(f) => {
-                let _ = FORWARDER.set(f);
-            }
-            Err(e) => {
+    FORWARDER.get_or_init(|| {
+        Forwarder::spawn_quiet(io::stderr(), "stderr-out")
+            .map_err(|e| {
                 let _ = writeln!(
                     io::stderr(),
                     "vmm: no stderr thread ({e}): writing directly"
                 );
-            }
-        }
-    }
+            })
+            .ok()
+    });
     writer()
+}
+
+/// The stderr thread's queue, if it runs.
+fn forwarder() -> Option<Forwarder> {
+    FORWARDER.get().cloned().flatten()
 }
 
 /// A writer to the process's stderr (through the thread once [`install`]ed).
 pub fn writer() -> Writer {
-    Writer(FORWARDER.get().cloned())
+    Writer(forwarder())
 }
 
 /// Waits until what was written is on stderr, at most `wait` (before the process exits);
 /// returns whether it was.
 pub fn drain(wait: Duration) -> bool {
-    FORWARDER.get().is_none_or(|f| f.drain(wait))
+    forwarder().is_none_or(|f| f.drain(wait))
 }
 
 /// Writes to stderr without ever blocking on its reader. Its `flush` does not wait either

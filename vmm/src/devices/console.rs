@@ -211,8 +211,8 @@ impl Write for ConsoleOut {
         Ok(buf.len())
     }
 
-    /// Nothing to do: the UART flushes after every byte, and the sink is flushed when the
-    /// guest stops ([`ConsoleOut::finish`]).
+    /// Nothing to do: the UART flushes after every byte, and the sink is flushed once, by
+    /// `Vmm::run`, when every guest has stopped.
     fn flush(&mut self) -> io::Result<()> {
         Ok(())
     }

@@ -1,7 +1,8 @@
-//! Guest console output to the process's stdout without ever blocking a vCPU: writes go to a
-//! bounded queue that one thread drains to stdout. A reader that is slow, stuck or gone (a
-//! pipe nobody reads, a full disk) then costs the guests dropped output, counted and logged,
-//! never a stalled vCPU, a stalled neighbour guest or a stop that does not finish.
+//! Output to a stream (guest consoles to stdout; the log and the VMM's lines to stderr,
+//! [`crate::stderr`]) without ever blocking the writer: writes go to a bounded queue that one
+//! thread drains to the stream. A reader that is slow, stuck or gone (a pipe nobody reads, a
+//! full disk) then costs dropped output, counted and reported, never a stalled vCPU, a stalled
+//! neighbour guest or a stop that does not finish.
 
 use std::collections::VecDeque;
 use std::io::{self, Write};
@@ -175,6 +176,11 @@ impl Write for Forwarder {
         let mut q = self.shared.lock();
         if q.held.len() <= self.source {
             q.held.resize(self.source + 1, 0);
+        }
+        // Larger than the whole queue: nothing may give way for it.
+        if buf.len() > QUEUE_BYTES {
+            q.dropped += buf.len() as u64;
+            return Ok(buf.len());
         }
         while q.bytes + buf.len() > QUEUE_BYTES {
             if q.dropped == 0 && !self.shared.quiet {
