@@ -28,10 +28,39 @@ struct Queue {
     /// Bytes waiting, per source: when the queue is full, the source holding the most gives
     /// way (one guest's flood cannot crowd out another guest's lines).
     held: Vec<usize>,
+    /// The source whose turn it is to be written.
+    next: usize,
     /// Bytes dropped since the last warning (the queue was full or the writer failed).
     dropped: u64,
     /// The drain thread is writing a chunk it took.
     writing: bool,
+}
+
+impl Queue {
+    /// Takes the output of the next source in turn that has some waiting, oldest first, up to
+    /// [`BATCH_BYTES`]: sources take turns, so one guest's flood already queued delays another
+    /// guest's line by one batch at most. (At most a batch at a time: what waits can still give
+    /// way to another source, what is being written cannot.)
+    fn take_batch(&mut self) -> Option<Vec<u8>> {
+        let sources = self.held.len();
+        let source = (0..sources)
+            .map(|i| (self.next + i) % sources)
+            .find(|&s| self.held[s] > 0)
+            .or_else(|| self.chunks.front().map(|&(s, _)| s))?;
+        self.next = source + 1;
+        let mut batch = Vec::new();
+        while batch.len() < BATCH_BYTES {
+            let Some(at) = self.chunks.iter().position(|&(s, _)| s == source) else {
+                break;
+            };
+            let Some((_, c)) = self.chunks.remove(at) else {
+                break;
+            };
+            self.held[source] -= c.len();
+            batch.extend_from_slice(&c);
+        }
+        Some(batch)
+    }
 }
 
 #[derive(Debug, Default)]
@@ -117,22 +146,12 @@ impl Forwarder {
 /// stuck reader must not keep the process from exiting).
 fn run<W: Write>(shared: &Shared, mut out: W) {
     loop {
-        // What is queued (up to BATCH_BYTES), in one write.
+        // One source's waiting output (up to BATCH_BYTES), in one write.
         let chunk = {
             let mut q = shared.lock();
             loop {
-                if let Some((s, mut c)) = q.chunks.pop_front() {
-                    q.held[s] -= c.len();
-                    // At most BATCH_BYTES in one write: what waits can still give way to
-                    // another source, what is being written cannot.
-                    while c.len() < BATCH_BYTES {
-                        let Some((s, more)) = q.chunks.pop_front() else {
-                            break;
-                        };
-                        q.held[s] -= more.len();
-                        c.extend_from_slice(&more);
-                    }
-                    // `bytes` still counts them until they are written.
+                if let Some(c) = q.take_batch() {
+                    // `bytes` still counts it until it is written.
                     q.writing = true;
                     break c;
                 }
@@ -173,6 +192,9 @@ fn run<W: Write>(shared: &Shared, mut out: W) {
 
 impl Write for Forwarder {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        if buf.is_empty() {
+            return Ok(0);
+        }
         let mut q = self.shared.lock();
         if q.held.len() <= self.source {
             q.held.resize(self.source + 1, 0);
@@ -391,5 +413,26 @@ pub(crate) mod tests {
                 "line {i} lost"
             );
         }
+    }
+
+    #[test]
+    fn sources_take_turns_so_a_line_waits_one_batch_at_most() {
+        let gate = Gate::default();
+        let flood = Forwarder::spawn(gate.clone()).unwrap();
+        let mut quiet = flood.for_source(1);
+        let mut flood = flood.for_source(0);
+        // Half the queue from guest 0, then a line from guest 1, while the reader is stuck.
+        let line = vec![b'x'; 4096];
+        for _ in 0..(QUEUE_BYTES / 2 / line.len()) {
+            flood.write_all(&line).unwrap();
+        }
+        quiet.write_all(b"guest1: hello\n").unwrap();
+        gate.open();
+        assert!(flood.drain(DRAIN_WAIT));
+        let seen = gate.seen();
+        let at = seen.find("guest1: hello").unwrap();
+        // Behind the chunk being written when it came and one batch of guest 0's.
+        assert!(at <= line.len() + BATCH_BYTES, "guest1's line at byte {at}");
+        assert_eq!(seen.len(), QUEUE_BYTES / 2 + "guest1: hello\n".len());
     }
 }
