@@ -319,17 +319,13 @@ pub(crate) mod tests {
         assert!(q.dropped > 0);
         drop(q);
         // Once the reader reads, what was kept arrives in order.
-        {
-            let (lock, cv) = &*gate.open;
-            *lock.lock().unwrap() = true;
-            cv.notify_all();
-        }
+        gate.open();
         assert!(f.drain(DRAIN_WAIT));
         assert_eq!(f.shared.lock().bytes, 0, "drained");
         f.write_all(b"end\n").unwrap();
         assert!(f.drain(DRAIN_WAIT));
-        let seen = gate.seen.lock().unwrap();
-        assert!(seen.ends_with(b"end\n"));
+        let seen = gate.seen();
+        assert!(seen.ends_with("end\n"));
         assert!(seen.len() <= QUEUE_BYTES + line.len() + 4);
     }
 
@@ -365,15 +361,11 @@ pub(crate) mod tests {
             f.write_all(&line).unwrap();
         }
         assert!(f.shared.lock().dropped > 0);
-        {
-            let (lock, cv) = &*gate.open;
-            *lock.lock().unwrap() = true;
-            cv.notify_all();
-        }
+        gate.open();
         assert!(f.drain(DRAIN_WAIT));
         f.write_all(b"after\n").unwrap();
         assert!(f.drain(DRAIN_WAIT));
-        let seen = String::from_utf8_lossy(&gate.seen.lock().unwrap()).into_owned();
+        let seen = gate.seen();
         let tail = &seen[seen.len().saturating_sub(200)..];
         assert!(
             tail.ends_with("bytes of this output were dropped (it could not keep up)\nafter\n"),
@@ -381,17 +373,23 @@ pub(crate) mod tests {
         );
     }
 
-    #[test]
-    fn a_source_flooding_the_queue_gives_way_to_the_others() {
+    /// A stuck reader, and `bytes` written by source 0 in 4 KiB lines: the reader, ends for
+    /// sources 0 and 1, and the line.
+    fn flooded(bytes: usize) -> (Gate, Forwarder, Forwarder, Vec<u8>) {
         let gate = Gate::default();
-        let flood = Forwarder::spawn(gate.clone()).unwrap();
-        let mut quiet = flood.for_source(1);
-        let mut flood = flood.for_source(0);
+        let first = Forwarder::spawn(gate.clone()).unwrap();
+        let (mut flood, quiet) = (first.for_source(0), first.for_source(1));
         let line = vec![b'x'; 4096];
-        // Guest 0 fills the queue (and more) while the reader is stuck ...
-        for _ in 0..(2 * QUEUE_BYTES / line.len()) {
+        for _ in 0..bytes / line.len() {
             flood.write_all(&line).unwrap();
         }
+        (gate, flood, quiet, line)
+    }
+
+    #[test]
+    fn a_source_flooding_the_queue_gives_way_to_the_others() {
+        // Guest 0 fills the queue (and more) while the reader is stuck ...
+        let (gate, mut flood, mut quiet, line) = flooded(2 * QUEUE_BYTES);
         // ... guest 1's lines still get in, and guest 0's own new output is what is dropped.
         for i in 0..10 {
             quiet
@@ -400,13 +398,9 @@ pub(crate) mod tests {
             flood.write_all(&line).unwrap();
         }
         assert!(flood.shared.lock().bytes <= QUEUE_BYTES);
-        {
-            let (lock, cv) = &*gate.open;
-            *lock.lock().unwrap() = true;
-            cv.notify_all();
-        }
+        gate.open();
         assert!(flood.drain(DRAIN_WAIT));
-        let seen = String::from_utf8_lossy(&gate.seen.lock().unwrap()).into_owned();
+        let seen = gate.seen();
         for i in 0..10 {
             assert!(
                 seen.contains(&format!("guest1: line {i}\n")),
@@ -417,15 +411,8 @@ pub(crate) mod tests {
 
     #[test]
     fn sources_take_turns_so_a_line_waits_one_batch_at_most() {
-        let gate = Gate::default();
-        let flood = Forwarder::spawn(gate.clone()).unwrap();
-        let mut quiet = flood.for_source(1);
-        let mut flood = flood.for_source(0);
         // Half the queue from guest 0, then a line from guest 1, while the reader is stuck.
-        let line = vec![b'x'; 4096];
-        for _ in 0..(QUEUE_BYTES / 2 / line.len()) {
-            flood.write_all(&line).unwrap();
-        }
+        let (gate, flood, mut quiet, line) = flooded(QUEUE_BYTES / 2);
         quiet.write_all(b"guest1: hello\n").unwrap();
         gate.open();
         assert!(flood.drain(DRAIN_WAIT));
