@@ -120,6 +120,8 @@ pub struct ConsoleOut {
     sink: Sink,
     prefix: Option<String>,
     line: Vec<u8>,
+    /// The line with its prefix, as it is written (kept to be reused).
+    whole: Vec<u8>,
 }
 
 impl std::fmt::Debug for ConsoleOut {
@@ -138,6 +140,7 @@ impl ConsoleOut {
             sink,
             prefix: None,
             line: Vec::new(),
+            whole: Vec::new(),
         }
     }
 
@@ -148,6 +151,7 @@ impl ConsoleOut {
             sink,
             prefix: Some(format!("{name}: ")),
             line: Vec::new(),
+            whole: Vec::new(),
         }
     }
 
@@ -158,17 +162,17 @@ impl ConsoleOut {
         // One write per line: guests may have sinks of their own on one stdout (a lane each
         // of one queue), and a line written in parts could interleave with another guest's.
         let prefix = self.prefix.as_deref().unwrap_or_default().as_bytes();
-        let mut whole = Vec::with_capacity(prefix.len() + self.line.len() + 1);
-        whole.extend_from_slice(prefix);
-        whole.extend_from_slice(&self.line);
+        self.whole.clear();
+        self.whole.extend_from_slice(prefix);
+        self.whole.extend_from_slice(&self.line);
         if newline {
-            whole.push(b'\n');
+            self.whole.push(b'\n');
         }
         self.line.clear();
         self.sink
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
-            .write_all(&whole)
+            .write_all(&self.whole)
     }
 
     /// Emits a last unterminated line, if any (when the guest stops). The sink is not flushed
