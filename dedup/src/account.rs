@@ -39,38 +39,34 @@ impl State {
         let Some(uffd) = r.uffd.as_ref() else {
             return Err(EngineError::NoAddress(r.gpa + (first * PAGE_SIZE) as u64));
         };
+        let mut lost = None;
         if r.metas[first..first + count].iter().any(|m| m.remapped()) {
-            if let Err(e) = fresh_memory(addr, len, r.attrs, faults) {
-                if mem::is_mapped(addr, len) {
-                    return Err(EngineError::Discard(e));
-                }
-                // The hole cannot be filled: the engine lets go of the region (never reads,
-                // scans nor merges it again). Its other merged pages keep their slots, and a
-                // write to them still gets a private copy from the kernel.
-                log::error!(
-                    "vm-dedup: discarding guest memory at {addr:#x} unmapped it and it cannot be \
-                     mapped again ({e}): the region at {:#x} is lost; release the guest (Engine::release)",
-                    r.hva
-                );
-                r.uffd = None;
-                r.unregistered.clear();
-                for m in &mut r.metas[first..first + count] {
-                    if m.state() == PageState::Merged {
-                        slots.dec(m.payload());
+            match fresh_memory(addr, len, r.attrs, faults) {
+                Ok(()) => {
+                    // Fresh memory inside merged runs splits them.
+                    if let Ok(b) = budget.get_mut() {
+                        b.charge(crate::budget::VMAS_PER_REMAP);
                     }
-                    *m = crate::meta::Meta::NEW;
+                    *vmas_changed = true;
+                    crate::merge::remove_range(&mut r.unregistered, addr, addr + len);
+                    if let Err(e) = uffd.register(addr, len) {
+                        log::warn!("vm-dedup: registering discarded memory failed: {e}");
+                        crate::merge::add_range(&mut r.unregistered, addr, addr + len);
+                    }
                 }
-                return Err(EngineError::Discard(e));
-            }
-            // Fresh memory inside merged runs splits them.
-            if let Ok(b) = budget.get_mut() {
-                b.charge(crate::budget::VMAS_PER_REMAP);
-            }
-            *vmas_changed = true;
-            crate::merge::remove_range(&mut r.unregistered, addr, addr + len);
-            if let Err(e) = uffd.register(addr, len) {
-                log::warn!("vm-dedup: registering discarded memory failed: {e}");
-                crate::merge::add_range(&mut r.unregistered, addr, addr + len);
+                Err(Unfresh::Kept(e)) => return Err(EngineError::Discard(e)),
+                Err(Unfresh::Hole(e)) => {
+                    // The engine lets go of the region. Its other merged pages keep their slots,
+                    // and a write to them still gets a private copy from the kernel.
+                    log::error!(
+                        "vm-dedup: discarding guest memory at {addr:#x} unmapped it and it \
+                         cannot be mapped again ({e}): the region at {:#x} is lost; release \
+                         the guest (Engine::release)",
+                        r.hva
+                    );
+                    r.let_go();
+                    lost = Some(e);
+                }
             }
         } else {
             // SAFETY: anonymous guest memory whose content the VMM discards.
@@ -82,7 +78,7 @@ impl State {
             }
             *m = crate::meta::Meta::NEW;
         }
-        Ok(())
+        lost.map_or(Ok(()), |e| Err(EngineError::Discard(e)))
     }
 
     /// Computes all statistics. Gauges come from page metadata, which pagemap keeps exact.
@@ -192,9 +188,8 @@ impl State {
 /// Replaces `[addr, addr + len)` (registered guest memory being discarded) with fresh memory,
 /// given the region's attributes `attrs`. Before Linux 6.12 `mmap` unmaps the range first and
 /// can still fail after that (the new VMA's allocation under memory pressure): fresh memory is
-/// then mapped into the hole, which is what the discard asked for. An error means the range is
-/// still mapped as it was, or, where [`mem::is_mapped`] says otherwise, that it is a hole.
-fn fresh_memory(addr: usize, len: usize, attrs: Attrs, faults: &Faults) -> std::io::Result<()> {
+/// then mapped into the hole, which is what the discard asked for.
+fn fresh_memory(addr: usize, len: usize, attrs: Attrs, faults: &Faults) -> Result<(), Unfresh> {
     // SAFETY: the range is registered guest memory whose content the VMM discards; nobody
     // writes it meanwhile (`Engine::discard`'s contract).
     let replaced = unsafe { faults.check_late(FaultPoint::DiscardLate, addr, len) }
@@ -205,7 +200,7 @@ fn fresh_memory(addr: usize, len: usize, attrs: Attrs, faults: &Faults) -> std::
         return Ok(());
     };
     if mem::is_mapped(addr, len) {
-        return Err(e);
+        return Err(Unfresh::Kept(e));
     }
     match faults
         .check(FaultPoint::DiscardRefill)
@@ -219,8 +214,16 @@ fn fresh_memory(addr: usize, len: usize, attrs: Attrs, faults: &Faults) -> std::
             give_attrs(attrs, addr, len);
             Ok(())
         }
-        Err(_) => Err(e),
+        Err(_) => Err(Unfresh::Hole(e)),
     }
+}
+
+/// Why [`fresh_memory`] failed, with the error of the first `mmap`.
+enum Unfresh {
+    /// Nothing changed: the range is mapped as it was.
+    Kept(std::io::Error),
+    /// The range was unmapped, and nothing could be mapped into the hole.
+    Hole(std::io::Error),
 }
 
 /// Gives fresh memory `[addr, addr + len)` the attributes of its region (no system call for a

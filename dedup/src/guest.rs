@@ -97,12 +97,18 @@ impl Region {
         self.uffd.is_some()
     }
 
+    /// Lets go of the region: the engine never reads, scans nor merges it again. Closing its
+    /// userfaultfd wakes every thread it held and clears its protection.
+    pub fn let_go(&mut self) {
+        self.uffd = None;
+        self.unregistered.clear();
+    }
+
     /// Replaces the region's userfaultfd: closing the old one wakes every thread it held and
     /// clears its protection. Without a new one the region is no longer merged.
     pub fn replace_guard(&mut self) {
         let len = self.pages * PAGE_SIZE;
-        self.uffd = None;
-        self.unregistered.clear();
+        self.let_go();
         match Uffd::open().and_then(|u| u.register(self.hva, len).map(|()| u)) {
             Ok(u) => self.uffd = Some(u),
             Err(e) => log::error!("vm-dedup: region at {:#x} left unguarded: {e}", self.hva),

@@ -510,8 +510,7 @@ impl State {
                         // the pool (its slots are freed when no other page holds them), and
                         // nothing is unmerged in place.
                         log::error!("vm-dedup: the region at {:#x} is lost: {e}", r.hva);
-                        r.uffd = None;
-                        r.unregistered.clear();
+                        r.let_go();
                         for m in r.metas.iter_mut() {
                             *m = m.anonymous().with(PageState::New, 0);
                         }
