@@ -23,7 +23,7 @@ pub fn relevant(flags: &[String]) -> Vec<String> {
         .collect()
 }
 
-/// Every advice the engine reproduces, in bit order.
+/// Every advice the engine reproduces, in bit order (the order of `Advice`'s variants).
 const ADVICE: [Advice; 6] = [
     Advice::DontFork,
     Advice::DontDump,
@@ -32,6 +32,15 @@ const ADVICE: [Advice; 6] = [
     Advice::Mergeable,
     Advice::WipeOnFork,
 ];
+
+// Each advice's bit is its variant's number: ADVICE lists them in that order.
+const _: () = {
+    let mut i = 0;
+    while i < ADVICE.len() {
+        assert!(ADVICE[i] as usize == i);
+        i += 1;
+    }
+};
 
 /// Bit of `mlock` (VmFlags `lo`).
 const LOCKED: u8 = 1 << ADVICE.len();
@@ -49,8 +58,7 @@ const FILE_ADVICE: [Advice; 2] = [Advice::DontFork, Advice::DontDump];
 pub struct Attrs(u8);
 
 fn bit(a: Advice) -> u8 {
-    let i = ADVICE.iter().position(|&b| b == a).unwrap_or(0);
-    1 << i
+    1 << a as u8
 }
 
 impl Attrs {

@@ -245,6 +245,7 @@ impl Drop for Scratch {
 /// Advice that changes how a mapping is treated, never its content; used to give a rebuilt
 /// mapping the flags of the one it replaces.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[repr(u8)]
 pub enum Advice {
     /// `MADV_DONTFORK` (`dc` in smaps' VmFlags).
     DontFork,
