@@ -581,26 +581,23 @@ pub fn run(
         .collect();
     let cap = c.duration.saturating_mul(GOAL_OVERRUN);
     loop {
+        let elapsed = start.elapsed();
+        let end = if elapsed < c.duration {
+            c.duration
+        } else {
+            cap
+        };
+        thread::sleep(every.min(end.saturating_sub(elapsed)));
         let p = Progress {
             elapsed: start.elapsed(),
             writes: writes_so_far.load(Ordering::Relaxed),
             stats: engine.stats(),
         };
+        progress(&p);
         let goal_met = c.goal.is_none_or(|g| g.met(p.writes, &p.stats));
         if (p.elapsed >= c.duration && goal_met) || p.elapsed >= cap {
             break;
         }
-        let end = if p.elapsed < c.duration {
-            c.duration
-        } else {
-            cap
-        };
-        thread::sleep(every.min(end.saturating_sub(p.elapsed)));
-        progress(&Progress {
-            elapsed: start.elapsed(),
-            writes: writes_so_far.load(Ordering::Relaxed),
-            stats: engine.stats(),
-        });
     }
     stop.store(true, Ordering::Relaxed);
     let elapsed = start.elapsed();
